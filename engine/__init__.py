@@ -1,0 +1,5 @@
+"""A minimal LLaMA runtime: paged KV cache, ragged batched decoding, prefix fork."""
+from engine.llm import LLM, RequestOutput, StreamDelta
+from engine.sequence import SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "StreamDelta"]

@@ -1,0 +1,308 @@
+"""The engine loop: requests in, one batched forward per step, tokens out.
+
+`add_request` validates everything up front (a bad request raises and changes nothing), `step`
+runs one prefill or decode batch, samples, applies stop rules and frees a finished sequence's
+blocks in the same step. `add_fork` prefills a shared prefix once and lets N children continue
+from it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.kv_cache import BlockManager, KVCache, PoolExhausted
+from engine.loader import load_model
+from engine.model import LlamaModel
+from engine.runner import ModelRunner
+from engine.sampler import sample
+from engine.scheduler import Scheduler
+from engine.sequence import SamplingParams, Sequence, Status
+from kernels import get_backend
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step did to one sequence (the unit of streaming)."""
+    seq: Sequence
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+
+
+def physical_cores() -> int:
+    """Cores, not hyper-threads: a second thread per core only slows the matmuls down."""
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
+def default_kv_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.85)
+    return 2 << 30
+
+
+@dataclass(slots=True)
+class _Detok:
+    """Incremental detokenization state: text emitted so far is never taken back."""
+    emitted: int = 0
+    stop_scan_from: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: str = "default", *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str | None = None, backend: str | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
+                 seed: int = 0, num_threads: int | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        if self.device.type == "cpu":
+            torch.set_num_threads(num_threads or physical_cores())
+        loaded = load_model(model, dtype=self.dtype, device=self.device, seed=seed)
+        self.model_name, self.config = loaded.name, loaded.config
+        self.tokenizer, self.chat_template = loaded.tokenizer, loaded.chat_template
+        self.backend = get_backend(backend, self.device)
+        self.model = LlamaModel(self.config, loaded.weights, self.backend)
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        self.cache_cfg = CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                                     memory_budget_bytes=kv_cache_memory)
+        if num_blocks is None:
+            budget = kv_cache_memory or default_kv_budget(self.device)
+            per_block = KVCache.bytes_per_block(self.config, block_size, self.dtype)
+            enough = max_num_seqs * -(-self.max_model_len // block_size)  # no use for more
+            num_blocks = min(budget // per_block, enough)
+            if num_blocks < 1:
+                raise ValueError(f"KV cache budget of {budget} bytes is below one block ({per_block} bytes)")
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.kv_cache = KVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
+                                   self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.eos_ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, Sequence] = {}
+        self._children: dict[int, list[Sequence]] = {}  # fork parent seq_id -> children waiting for it
+        self._detok: dict[int, _Detok] = {}
+        self._next_request = 0
+
+    # ---- input ---------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A string (tokenized, BOS as the model wants), token ids, or chat messages."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (random weights): pass token ids")
+            ids = self.tokenizer.encode(prompt)
+            if self.tokenizer.add_bos and self.tokenizer.bos_token_id is not None and prompt:
+                ids = [self.tokenizer.bos_token_id] + ids
+            return ids
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            if self.tokenizer is None or self.chat_template is None:
+                raise ValueError("chat messages need a model with a tokenizer and a chat template")
+            for m in prompt:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"bad chat message {m!r}: needs string 'role' and 'content'")
+            return self.tokenizer.encode(self.chat_template.render(prompt), add_special_tokens=False)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise ValueError(f"a prompt must be a string, a list of token ids or a list of chat messages, "
+                         f"got {type(prompt).__name__}")
+
+    def _validate(self, ids: list[int], params: SamplingParams, what: str = "prompt") -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        if not ids:
+            raise ValueError(f"empty {what}: nothing to condition on")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"{what} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"{what} of {len(ids)} tokens does not fit the context: max_model_len is "
+                             f"{self.max_model_len} and at least one token must be generated")
+        worst = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = self.block_manager.blocks_for(worst)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"KV pool too small: {what} of {len(ids)} tokens + max_tokens {params.max_tokens} "
+                             f"needs {need} blocks of {self.block_manager.block_size} tokens, the pool has "
+                             f"{self.block_manager.num_blocks}")
+
+    def _new_id(self, request_id: str | None) -> str:
+        if request_id is None:
+            request_id = str(self._next_request)
+            self._next_request += 1
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return request_id
+
+    def _make_seq(self, ids: list[int], params: SamplingParams, request_id: str) -> Sequence:
+        gen = None
+        if not params.greedy:
+            gen = self.generator if params.seed is None else \
+                torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(list(ids), params, request_id=request_id, generator=gen, max_len=self.max_model_len)
+        self._detok[seq.seq_id] = _Detok()
+        return seq
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self._validate(ids, params)
+        seq = self._make_seq(ids, params, self._new_id(request_id))
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def add_fork(self, prefix: Prompt, suffixes: list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Sequence]:
+        """Prefill `prefix` once; child i continues from it with `suffixes[i]` (token ids, or text
+        tokenized on its own). Children share the prefix's full blocks; they are ordinary requests."""
+        prefix_ids = self.encode(prefix)
+        if not prefix_ids:
+            raise ValueError("empty prefix")
+        if not isinstance(suffixes, list) or not suffixes:
+            raise ValueError("a fork needs a non-empty list of suffixes")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(suffixes)
+        if len(plist) != len(suffixes):
+            raise ValueError(f"{len(suffixes)} suffixes but {len(plist)} sampling params")
+        child_ids = []
+        for i, (suf, p) in enumerate(zip(suffixes, plist)):
+            ids = prefix_ids + (self.encode(suf) if suf else [])
+            self._validate(ids, p, what=f"fork child {i}")
+            child_ids.append(ids)
+        parent = Sequence(prefix_ids, SamplingParams(max_tokens=1), request_id=f"fork-parent-{id(prefix_ids)}",
+                          prefill_only=True, max_len=self.max_model_len)
+        children = [self._make_seq(ids, p, self._new_id(None)) for ids, p in zip(child_ids, plist)]
+        for c in children:
+            self.requests[c.request_id] = c
+        self._children[parent.seq_id] = children
+        self.scheduler.add(parent)
+        return children
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        for parent_id, kids in list(self._children.items()):
+            if seq in kids:
+                kids.remove(seq)
+                self._finish(seq, "abort")
+                return
+        self.scheduler.remove(seq)
+        self._finish(seq, "abort")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            if self.scheduler.waiting:
+                raise PoolExhausted("no sequence can be scheduled: the KV pool cannot hold the next "
+                                    "waiting request even with nothing running")
+            return []
+        now = time.perf_counter()
+        for s in seqs:
+            if s.timings.first_scheduled is None:
+                s.timings.first_scheduled = now
+        logits = self.runner.run(seqs, is_prefill)
+        active = [i for i, s in enumerate(seqs) if not s.prefill_only]
+        tokens = sample(logits[active], [seqs[i].params for i in active],
+                        [seqs[i].generator for i in active]) if active else []
+        outputs: list[StepOutput] = []
+        for s in seqs:
+            if s.prefill_only:
+                self._spawn_children(s)
+        for i, tok in zip(active, tokens):
+            outputs.append(self._append_token(seqs[i], tok))
+        return outputs
+
+    def _spawn_children(self, parent: Sequence) -> None:
+        """The fork parent's KV is in the pool: children take references to it, then it goes."""
+        for child in self._children.pop(parent.seq_id, []):
+            shared = len(parent) if len(child) > len(parent) else len(parent) - 1
+            try:
+                self.kv_cache.copy_blocks(self.block_manager.fork(parent, child, shared))
+                child.prefix_cached_tokens = shared
+            except PoolExhausted:
+                pass  # no block for the copy: the child recomputes its prefix instead
+            self.scheduler.add(child)
+        self.scheduler.remove(parent)
+        parent.status = Status.FINISHED
+
+    def _append_token(self, seq: Sequence, tok: int) -> StepOutput:
+        now = time.perf_counter()
+        seq.token_ids.append(tok)
+        if seq.timings.first_token is None:
+            seq.timings.first_token = now
+        p = seq.params
+        reason: str | None = None
+        if tok in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", tok
+        elif not p.ignore_eos and tok in self.eos_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= seq.max_len:
+            reason = "length"
+        new_text = ""
+        if self.tokenizer is not None:
+            new_text, hit = self._detokenize(seq)
+            if hit is not None:
+                reason, seq.stop_reason = "stop", hit
+        if reason is not None:
+            self.scheduler.remove(seq)  # blocks back in the pool in this very step
+            self._finish(seq, reason)
+        return StepOutput(seq, [tok], new_text, reason is not None)
+
+    def _detokenize(self, seq: Sequence) -> tuple[str, str | None]:
+        """Decode the whole output (exact at merges and multi-byte characters); returns the text
+        not yet emitted and the stop string that was hit, if any (the text is cut before it)."""
+        st = self._detok[seq.seq_id]
+        text = self.tokenizer.decode(seq.output_ids)
+        hit, cut = None, len(text)
+        for stop in seq.params.stop:
+            idx = text.find(stop, max(0, st.stop_scan_from - len(stop) + 1))
+            if idx != -1 and idx < cut:
+                hit, cut = stop, idx
+        text = text[:cut]
+        st.stop_scan_from = len(text)
+        # a trailing replacement char may be half a multi-byte character: hold it back
+        stable = len(text) if hit is not None else len(text.rstrip("\ufffd"))
+        new = text[st.emitted:stable] if stable > st.emitted else ""
+        st.emitted = max(st.emitted, stable)
+        seq.text = text
+        return new, hit
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.timings.finished = time.perf_counter()
+        self._detok.pop(seq.seq_id, None)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished request (its id becomes reusable)."""
+        if self.requests.get(seq.request_id) is seq and seq.is_finished:
+            del self.requests[seq.request_id]
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {"free_blocks": bm.num_free, "total_blocks": bm.num_blocks, "block_size": bm.block_size,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}

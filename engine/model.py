@@ -1,0 +1,109 @@
+"""The LLaMA forward pass over a flat ragged batch (no padding anywhere).
+
+Weights arrive in HF naming and `[out, in]` layout; q/k/v and gate/up are fused into one matrix
+each so a step runs 4 matmuls per layer. Attention, norms and RoPE go through a kernel backend
+(`kernels.get_backend`), so swapping a kernel never touches this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from kernels import Backend
+
+
+@dataclass(slots=True)
+class AttnMetadata:
+    """What attention needs to know about one step's ragged batch."""
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] pool slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    context_lens: torch.Tensor  # [B] tokens in the pool per sequence, new ones included
+    cu_seqlens_q: torch.Tensor | None  # [B+1] new-token offsets (prefill only)
+    logits_indices: torch.Tensor  # [B] row of each sequence's last new token
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (float32), with llama3-style or linear scaling from the config."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], backend: Backend) -> None:
+        self.cfg, self.backend = cfg, backend
+        w = weights  # consumed: fused matrices replace their parts, so peak memory stays ~1x
+        self.embed = w["model.embed_tokens.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.norm = w["model.norm.weight"]
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append((
+                w.pop(p + "input_layernorm.weight"),
+                torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                w.pop(p + "self_attn.o_proj.weight"),
+                w.pop(p + "post_attention_layernorm.weight"),
+                torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]),
+                w.pop(p + "mlp.down_proj.weight"),
+            ))
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(cfg))
+        dev = self.embed.device
+        self.cos, self.sin = freqs.cos().to(dev), freqs.sin().to(dev)
+        self.scale = cfg.head_dim ** -0.5
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hidden states after the final norm for every input token: [T, hidden]."""
+        cfg, kb = self.cfg, self.backend
+        t, h, kvh, d = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = F.embedding(input_ids, self.embed)
+        residual = None
+        for (ln1, wqkv, wo, ln2, wgu, wdown), (kc, vc) in zip(self.layers, kv_cache):
+            if residual is None:
+                residual, y = x, kb.rms_norm(x, ln1, cfg.rms_norm_eps)
+            else:
+                y, residual = kb.add_rms_norm(x, residual, ln1, cfg.rms_norm_eps)
+            q, k, v = F.linear(y, wqkv).split([h * d, kvh * d, kvh * d], dim=-1)
+            q = kb.apply_rope(q.view(t, h, d), cos, sin)
+            k = kb.apply_rope(k.view(t, kvh, d), cos, sin)
+            kb.store_kv(k, v.view(t, kvh, d), kc, vc, meta.slot_mapping)
+            if meta.is_prefill:
+                o = kb.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q,
+                                               meta.context_lens, self.scale)
+            else:
+                o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale)
+            x = F.linear(o.reshape(t, h * d), wo)
+            y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
+            gate, up = F.linear(y, wgu).chunk(2, dim=-1)
+            x = F.linear(F.silu(gate) * up, wdown)
+        return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,69 @@
+"""Turns a scheduled batch into flat tensors and runs the model on them.
+
+Prefill packs every sequence's new tokens (those past `num_cached_tokens`) back to back; decode
+feeds one token per sequence. Both compute logits only for each sequence's last token.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.kv_cache import KVCache
+from engine.model import AttnMetadata, LlamaModel
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device) -> None:
+        self.model, self.kv_cache, self.block_size, self.device = model, kv_cache, block_size, device
+
+    def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        for s in seqs:
+            start = s.num_cached_tokens
+            ids.extend(s.token_ids[start:])
+            positions.extend(range(start, len(s)))
+            slots.extend(self._slot(s, p) for p in range(start, len(s)))
+            cu.append(len(ids))
+        meta = AttnMetadata(
+            is_prefill=True,
+            slot_mapping=self._tensor(slots),
+            block_tables=self._block_tables(seqs),
+            context_lens=self._tensor([len(s) for s in seqs]),
+            cu_seqlens_q=self._tensor(cu, torch.int32),
+            logits_indices=self._tensor([c - 1 for c in cu[1:]]),
+        )
+        return self._tensor(ids), self._tensor(positions), meta
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        meta = AttnMetadata(
+            is_prefill=False,
+            slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs]),
+            block_tables=self._block_tables(seqs),
+            context_lens=self._tensor([len(s) for s in seqs]),
+            cu_seqlens_q=None,
+            logits_indices=torch.arange(len(seqs), device=self.device),
+        )
+        return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Logits of each sequence's last token: [B, vocab] float32. Marks the new KV as cached."""
+        ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
+        hidden = self.model.forward(ids, positions, meta, self.kv_cache.layers)
+        logits = self.model.compute_logits(hidden[meta.logits_indices])
+        for s in seqs:
+            s.num_cached_tokens = len(s)
+        return logits

@@ -1,0 +1,94 @@
+"""Continuous batching: which sequences run this step.
+
+Two queues, as in nano-vllm. A step is either a prefill of newly admitted sequences (admitted as
+soon as their blocks fit) or one decode token for every running sequence. When the pool runs dry
+during decode, the youngest running sequence is preempted (its blocks freed, recomputed later).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from engine.config import SchedulerConfig
+from engine.kv_cache import BlockManager
+from engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.cfg, self.bm = cfg, block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns (sequences, is_prefill). Blocks for this step's tokens are allocated here."""
+        batch = self._admit()
+        if batch:
+            return batch, True
+        return self._decode_batch(), False
+
+    def _admit(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            n_new = len(seq) - seq.num_cached_tokens
+            if batch and tokens + n_new > self.cfg.max_num_batched_tokens:
+                break
+            if not self.bm.can_allocate(seq):
+                if batch or self.running or not self._reclaim_from_waiting():
+                    break
+                continue
+            self.bm.allocate(seq)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            batch.append(seq)
+            tokens += n_new
+        self.running.extend(batch)
+        return batch
+
+    def _reclaim_from_waiting(self) -> bool:
+        """Nothing runs and the head of the queue does not fit: blocks held by waiting sequences
+        (forked children holding their prefix) are given up, from the back; they recompute later.
+        Returns whether anything was freed."""
+        for seq in reversed(self.waiting):
+            if seq.block_table:
+                self.bm.free(seq)
+                return True
+        return False
+
+    def _decode_batch(self) -> list[Sequence]:
+        queue = deque(self.running)
+        batch: list[Sequence] = []
+        while queue:
+            seq = queue.popleft()
+            while not self.bm.can_append(seq):
+                victim = queue.pop() if queue else seq
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.bm.append_slot(seq)
+                batch.append(seq)
+        self.running = batch
+        return list(batch)  # finishing sequences leave `running` while the caller walks this batch
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks and queue it (first) to be recomputed from its tokens so far."""
+        self.bm.free(seq)
+        seq.num_preemptions += 1
+        self.add(seq, front=True)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)

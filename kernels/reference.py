@@ -1,0 +1,108 @@
+"""Plain-torch reference kernels: the test oracle for every fast kernel and the CPU path.
+
+Layout conventions shared by all backends:
+- activations are flat over the ragged batch: `[num_tokens, heads, head_dim]`, no padding;
+- a KV pool is `[num_blocks, block_size, kv_heads, head_dim]`; a sequence's token at position p
+  lives in block `block_tables[s, p // block_size]`, row `p % block_size`;
+- `context_lens[s]` counts every token of sequence s whose K/V is in the pool, the new ones included
+  (K/V are stored before attention runs).
+Everything works in any float dtype, float64 included, so tests can compute an exact oracle.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA RMSNorm; statistics in float32 (or float64), like HF, then cast back."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add + RMSNorm: returns (norm(x + residual), x + residual)."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the HF (rotate-half) convention. x: [T, H, D]; cos/sin: [T, D/2] for x's positions."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c = cos.unsqueeze(1).to(x.dtype)
+    s = sin.unsqueeze(1).to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new K/V ([T, kv_heads, D]) into their pool slots (slot = block * block_size + row)."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` K (or V) rows from the pool: [length, kv_heads, D]."""
+    bs = cache.shape[1]
+    nblk = (length + bs - 1) // bs
+    return cache[block_table[:nblk]].flatten(0, 1)[:length]
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of packed new tokens over each sequence's whole paged context.
+
+    Sequence s owns queries `q[cu_seqlens_q[s]:cu_seqlens_q[s+1]]`, the last tokens of its
+    `context_lens[s]` (a cached prefix, e.g. a forked one, then the new tokens).
+    """
+    out = torch.empty_like(q)
+    heads, kvh = q.shape[1], k_cache.shape[2]
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    for s in range(len(lens)):
+        qs = q[cu[s]:cu[s + 1]]
+        n_new, ctx = qs.shape[0], lens[s]
+        if n_new == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[s], ctx).to(q.dtype)
+        v = gather_kv(v_cache, block_tables[s], ctx).to(q.dtype)
+        if kvh != heads:
+            k = k.repeat_interleave(heads // kvh, dim=1)
+            v = v.repeat_interleave(heads // kvh, dim=1)
+        # query i sits at position ctx - n_new + i and sees keys 0..that position
+        qpos = torch.arange(ctx - n_new, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=mask, scale=scale)
+        out[cu[s]:cu[s + 1]] = o.transpose(0, 1)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One query per sequence over its paged context: q [B, H, D] -> [B, H, D].
+
+    Gathers the whole batch's blocks at once (padded to the longest context, padding masked out),
+    so the cost in Python is a handful of ops per layer whatever the batch size.
+    """
+    b, heads, d = q.shape
+    kvh, bs = k_cache.shape[2], k_cache.shape[1]
+    max_len = int(context_lens.max())
+    nblk = (max_len + bs - 1) // bs
+    tables = block_tables[:, :nblk]
+    acc = torch.promote_types(q.dtype, torch.float32)  # half inputs: accumulate in float32
+    k = k_cache[tables].view(b, nblk * bs, kvh, d).to(acc)  # [B, L, KVH, D]
+    v = v_cache[tables].view(b, nblk * bs, kvh, d).to(acc)
+    qg = q.view(b, kvh, heads // kvh, d).to(acc)  # the query heads that share one KV head
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k).mul_(scale)
+    pad = torch.arange(nblk * bs, device=q.device)[None, :] >= context_lens[:, None]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, heads, d).to(q.dtype)

