@@ -100,7 +100,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, Sequence] = {}
-        self._children: dict[int, list[Sequence]] = {}  # fork parent seq_id -> children waiting for it
+        self._forks: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, children)
         self._detok: dict[int, _Detok] = {}
         self._next_request = 0
 
@@ -193,7 +193,7 @@ class LLMEngine:
         children = [self._make_seq(ids, p, self._new_id(None)) for ids, p in zip(child_ids, plist)]
         for c in children:
             self.requests[c.request_id] = c
-        self._children[parent.seq_id] = children
+        self._forks[parent.seq_id] = (parent, list(children))
         self.scheduler.add(parent)
         return children
 
@@ -201,9 +201,12 @@ class LLMEngine:
         seq = self.requests.get(request_id)
         if seq is None or seq.is_finished:
             return
-        for parent_id, kids in list(self._children.items()):
-            if seq in kids:
+        for parent_id, (parent, kids) in list(self._forks.items()):
+            if seq in kids:  # not spawned yet: holds no blocks
                 kids.remove(seq)
+                if not kids:  # nobody left to fork for
+                    del self._forks[parent_id]
+                    self.scheduler.remove(parent)
                 self._finish(seq, "abort")
                 return
         self.scheduler.remove(seq)
@@ -238,7 +241,7 @@ class LLMEngine:
 
     def _spawn_children(self, parent: Sequence) -> None:
         """The fork parent's KV is in the pool: children take references to it, then it goes."""
-        for child in self._children.pop(parent.seq_id, []):
+        for child in self._forks.pop(parent.seq_id, (parent, []))[1]:
             shared = len(parent) if len(child) > len(parent) else len(parent) - 1
             try:
                 self.kv_cache.copy_blocks(self.block_manager.fork(parent, child, shared))

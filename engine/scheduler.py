@@ -31,7 +31,11 @@ class Scheduler:
         batch = self._admit()
         if batch:
             return batch, True
-        return self._decode_batch(), False
+        batch = self._decode_batch()
+        if batch or not self.waiting:
+            return batch, False
+        # every running sequence was preempted: admit again (may reclaim blocks held by waiting forks)
+        return self._admit(), True
 
     def _admit(self) -> list[Sequence]:
         batch: list[Sequence] = []

@@ -44,3 +44,15 @@ def test_fork_api_and_exhausted_pool_fallback(tiny_dir):
     ref = llm.generate([prefix + s for s in suffixes], p)
     assert [o.token_ids for o in out] == [r.token_ids for r in ref]
     assert llm.stats()["free_blocks"] == 6
+
+
+def test_aborting_every_child_drops_the_unrun_parent(tiny_dir):
+    llm = LLM(str(tiny_dir), block_size=4, num_blocks=16)
+    eng = llm.engine
+    kids = eng.add_fork(list(range(1, 12)), [[3], [4]], SamplingParams(temperature=0, max_tokens=3))
+    assert llm.stats()["waiting"] == 1  # the parent
+    for k in kids:
+        eng.abort(k.request_id)
+    assert [k.finish_reason for k in kids] == ["abort", "abort"]
+    assert llm.stats()["waiting"] == 0 and not eng.has_unfinished()
+    assert llm.stats()["free_blocks"] == 16

@@ -99,7 +99,7 @@ def test_finished_sequence_released_in_its_step(tiny_dir):
     assert llm.stats()["free_blocks"] == llm.stats()["total_blocks"] == 40
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["add", "fork", "abort", "step", "step"]),
                           st.integers(0, 1000)), min_size=1, max_size=30))
 def test_engine_random_ops_leak_nothing(tiny_llm_small_pool, actions):

@@ -1,0 +1,104 @@
+"""CPU decode ms/step against batch size for the embedded SmolLM2, ours next to transformers.
+
+    python -m benchmarks.decode_cpu            # batch 1, 2, 4, 8; 32 decode steps
+    python -m benchmarks.decode_cpu --quick    # tiny random model, seconds (a smoke run)
+
+Ours: B chat prompts prefilled, then `steps` decode steps through `LLMEngine.step`, timed one by
+one (median). "Python overhead" is the share of a step spent outside torch ops (profiler).
+Transformers: `generate` on the same left-padded batch, (time for prefill + N tokens - time for
+prefill + 1 token) / (N - 1).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import write_result
+from engine import LLM, SamplingParams
+
+QUESTIONS = [
+    "How can I improve my time management skills?",
+    "What are the most effective ways to deal with stress?",
+    "What are the main differences between Python and JavaScript programming languages?",
+    "How can I increase my productivity while working from home?",
+    "Can you explain the basics of quantum computing?",
+    "What are the differences between plant-based and animal-based protein sources?",
+    "How can I develop my critical thinking skills?",
+    "What are the major challenges faced by the education sector today?",
+]
+
+
+def ours(llm: LLM, batch: int, steps: int) -> dict:
+    eng = llm.engine
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS[:batch]] if eng.chat_template else \
+        [list(range(1, 40 + i)) for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    seqs = [eng.add_request(c, params) for c in chats]
+    eng.step()  # prefill
+    times = []
+    for _ in range(steps - 4):
+        t0 = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            eng.step()
+        wall = time.perf_counter() - t0
+    op_time = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    while eng.has_unfinished():
+        eng.step()
+    for s in seqs:
+        eng.release(s)
+    return {"ms_per_step": 1000 * statistics.median(times), "python_overhead": max(0.0, 1 - op_time / wall)}
+
+
+def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    width = max(len(c) for c in tok_chats[:batch])
+    ids = torch.tensor([[2] * (width - len(c)) + c for c in tok_chats[:batch]])
+    mask = (torch.arange(width)[None, :] >= (width - torch.tensor([len(c) for c in tok_chats[:batch]]))[:, None]).long()
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=2)
+        return time.perf_counter() - t0
+
+    run(2)
+    return 1000 * (run(steps) - run(1)) / (steps - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="tiny random model, no transformers run")
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    model = "random:tiny" if args.quick else "default"
+    steps = 8 if args.quick else args.steps
+    llm = LLM(model, device="cpu", dtype=torch.float32)
+    rows = []
+    for b in map(int, args.batches.split(",")):
+        row = {"batch": b, **ours(llm, b, steps)}
+        if not (args.quick or args.no_hf):
+            from engine.loader import default_model_path
+            chats = [llm.engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
+            row["transformers_ms_per_step"] = transformers_ms(default_model_path(), chats, b, steps)
+        rows.append(row)
+        print(row, flush=True)
+    name = "decode_cpu_quick" if args.quick else "decode_cpu"
+    print("wrote", write_result(name, torch.device("cpu"), {"model": model, "steps": steps, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
