@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# SOT_BENCH_RESULTS redirects output (the smoke tests write to a temporary folder)
+RESULTS = Path(os.environ.get("SOT_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def cpu_name() -> str:

@@ -25,6 +25,7 @@ class AttnMetadata:
     context_lens: torch.Tensor  # [B] tokens in the pool per sequence, new ones included
     cu_seqlens_q: torch.Tensor | None  # [B+1] new-token offsets (prefill only)
     logits_indices: torch.Tensor  # [B] row of each sequence's last new token
+    max_context_len: int = 0  # max(context_lens), known on the host
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -90,15 +91,16 @@ class LlamaModel:
                 residual, y = x, kb.rms_norm(x, ln1, cfg.rms_norm_eps)
             else:
                 y, residual = kb.add_rms_norm(x, residual, ln1, cfg.rms_norm_eps)
-            q, k, v = F.linear(y, wqkv).split([h * d, kvh * d, kvh * d], dim=-1)
-            q = kb.apply_rope(q.view(t, h, d), cos, sin)
-            k = kb.apply_rope(k.view(t, kvh, d), cos, sin)
-            kb.store_kv(k, v.view(t, kvh, d), kc, vc, meta.slot_mapping)
+            qkv = F.linear(y, wqkv).view(t, h + 2 * kvh, d)
+            qk = kb.apply_rope(qkv[:, :h + kvh], cos, sin)  # q and k heads rotated in one call
+            q, k = qk[:, :h], qk[:, h:]
+            kb.store_kv(k, qkv[:, h + kvh:], kc, vc, meta.slot_mapping)
             if meta.is_prefill:
                 o = kb.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q,
                                                meta.context_lens, self.scale)
             else:
-                o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale)
+                o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
+                                              meta.max_context_len)
             x = F.linear(o.reshape(t, h * d), wo)
             y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
             gate, up = F.linear(y, wgu).chunk(2, dim=-1)

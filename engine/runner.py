@@ -44,6 +44,7 @@ class ModelRunner:
             context_lens=self._tensor([len(s) for s in seqs]),
             cu_seqlens_q=self._tensor(cu, torch.int32),
             logits_indices=self._tensor([c - 1 for c in cu[1:]]),
+            max_context_len=max(len(s) for s in seqs),
         )
         return self._tensor(ids), self._tensor(positions), meta
 
@@ -55,6 +56,7 @@ class ModelRunner:
             context_lens=self._tensor([len(s) for s in seqs]),
             cu_seqlens_q=None,
             logits_indices=torch.arange(len(seqs), device=self.device),
+            max_context_len=max(len(s) for s in seqs),
         )
         return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LLaMA RMSNorm; statistics in float32 (or float64), like HF, then cast back."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    xf = x.to(acc)
+    xf = x if x.dtype == acc else x.to(acc)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * (xf if xf.dtype == x.dtype else xf.to(x.dtype))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -86,15 +86,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, max_context_len: int | None = None) -> torch.Tensor:
     """One query per sequence over its paged context: q [B, H, D] -> [B, H, D].
 
     Gathers the whole batch's blocks at once (padded to the longest context, padding masked out),
     so the cost in Python is a handful of ops per layer whatever the batch size.
+    `max_context_len` (optional) spares a device-to-host read per call.
     """
     b, heads, d = q.shape
     kvh, bs = k_cache.shape[2], k_cache.shape[1]
-    max_len = int(context_lens.max())
+    max_len = max_context_len or int(context_lens.max())
     nblk = (max_len + bs - 1) // bs
     tables = block_tables[:, :nblk]
     acc = torch.promote_types(q.dtype, torch.float32)  # half inputs: accumulate in float32
