@@ -60,13 +60,14 @@ class LLM:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        eng = self.engine
-        for i, (p, sp) in enumerate(zip(prompts, plist)):  # all or nothing: validate before queueing
+        plist = [sp if sp is not None else SamplingParams() for sp in plist]
+        ids = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):  # all or nothing: check before queueing
             try:
-                eng._validate(eng.encode(p), sp if sp is not None else SamplingParams())
+                ids.append(self.engine.check(p, sp))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return [eng.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        return [self.engine.add_request(t, sp) for t, sp in zip(ids, plist)]
 
     def _drain(self, seqs: list[Sequence]) -> Iterator[StreamDelta]:
         index = {s.seq_id: i for i, s in enumerate(seqs)}

@@ -105,13 +105,14 @@ class LLMEngine:
         self._next_request = 0
 
     # ---- input ---------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
-        """A string (tokenized, BOS as the model wants), token ids, or chat messages."""
+    def encode(self, prompt: Prompt, add_bos: bool = True) -> list[int]:
+        """A string (tokenized, BOS as the model wants unless `add_bos` is off, as for a suffix
+        that continues another prompt), token ids, or chat messages."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer (random weights): pass token ids")
             ids = self.tokenizer.encode(prompt)
-            if self.tokenizer.add_bos and self.tokenizer.bos_token_id is not None and prompt:
+            if add_bos and self.tokenizer.add_bos and self.tokenizer.bos_token_id is not None and prompt:
                 ids = [self.tokenizer.bos_token_id] + ids
             return ids
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
@@ -125,6 +126,12 @@ class LLMEngine:
             return list(prompt)
         raise ValueError(f"a prompt must be a string, a list of token ids or a list of chat messages, "
                          f"got {type(prompt).__name__}")
+
+    def check(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """The prompt's token ids if the request can run; ValueError naming the problem if not."""
+        ids = self.encode(prompt)
+        self._validate(ids, params)
+        return ids
 
     def _validate(self, ids: list[int], params: SamplingParams, what: str = "prompt") -> None:
         if not isinstance(params, SamplingParams):
@@ -164,8 +171,7 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
         params = params or SamplingParams()
-        ids = self.encode(prompt)
-        self._validate(ids, params)
+        ids = self.check(prompt, params)
         seq = self._make_seq(ids, params, self._new_id(request_id))
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -185,11 +191,13 @@ class LLMEngine:
             raise ValueError(f"{len(suffixes)} suffixes but {len(plist)} sampling params")
         child_ids = []
         for i, (suf, p) in enumerate(zip(suffixes, plist)):
-            ids = prefix_ids + (self.encode(suf) if suf else [])
+            if not isinstance(suf, (str, list)) or (suf and isinstance(suf[0], dict)):
+                raise ValueError(f"fork suffix {i} must be text or token ids, got {type(suf).__name__}")
+            ids = prefix_ids + (self.encode(suf, add_bos=False) if suf else [])
             self._validate(ids, p, what=f"fork child {i}")
             child_ids.append(ids)
-        parent = Sequence(prefix_ids, SamplingParams(max_tokens=1), request_id=f"fork-parent-{id(prefix_ids)}",
-                          prefill_only=True, max_len=self.max_model_len)
+        parent = Sequence(prefix_ids, SamplingParams(max_tokens=1), prefill_only=True, max_len=self.max_model_len)
+        parent.request_id = f"fork-parent-{parent.seq_id}"
         children = [self._make_seq(ids, p, self._new_id(None)) for ids, p in zip(child_ids, plist)]
         for c in children:
             self.requests[c.request_id] = c
