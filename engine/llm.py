@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from engine.llm_engine import LLMEngine, Prompt
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import SamplingParams, Sequence, expand_params
 
 
 @dataclass(slots=True)
@@ -57,10 +57,7 @@ class LLM:
         self.tokenizer, self.config = self.engine.tokenizer, self.engine.config
 
     def _submit(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None) -> list[Sequence]:
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        plist = [sp if sp is not None else SamplingParams() for sp in plist]
+        plist = expand_params(params, len(prompts))
         ids = []
         for i, (p, sp) in enumerate(zip(prompts, plist)):  # all or nothing: check before queueing
             try:

@@ -20,7 +20,7 @@ from engine.model import LlamaModel
 from engine.runner import ModelRunner
 from engine.sampler import sample
 from engine.scheduler import Scheduler
-from engine.sequence import SamplingParams, Sequence, Status
+from engine.sequence import SamplingParams, Sequence, Status, expand_params
 from kernels import get_backend
 
 Prompt = str | list[int] | list[dict]
@@ -186,9 +186,7 @@ class LLMEngine:
             raise ValueError("empty prefix")
         if not isinstance(suffixes, list) or not suffixes:
             raise ValueError("a fork needs a non-empty list of suffixes")
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(suffixes)
-        if len(plist) != len(suffixes):
-            raise ValueError(f"{len(suffixes)} suffixes but {len(plist)} sampling params")
+        plist = expand_params(params, len(suffixes), what="suffixes")
         child_ids = []
         for i, (suf, p) in enumerate(zip(suffixes, plist)):
             if not isinstance(suf, (str, list)) or (suf and isinstance(suf[0], dict)):

@@ -51,6 +51,15 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def expand_params(params: "SamplingParams | list[SamplingParams | None] | None", n: int,
+                  what: str = "prompts") -> list["SamplingParams"]:
+    """One SamplingParams per item: a single value (or None: defaults) is repeated, a list must match."""
+    plist = params if isinstance(params, list) else [params] * n
+    if len(plist) != n:
+        raise ValueError(f"{n} {what} but {len(plist)} sampling params")
+    return [p if p is not None else SamplingParams() for p in plist]
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
