@@ -56,7 +56,8 @@ class LLM:
         self.engine = LLMEngine(model, **engine_args)
         self.tokenizer, self.config = self.engine.tokenizer, self.engine.config
 
-    def _submit(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None) -> list[Sequence]:
+    def _submit(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None,
+                keep_kv: bool = False) -> list[Sequence]:
         plist = expand_params(params, len(prompts))
         ids = []
         for i, (p, sp) in enumerate(zip(prompts, plist)):  # all or nothing: check before queueing
@@ -64,9 +65,9 @@ class LLM:
                 ids.append(self.engine.check(p, sp))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return [self.engine.add_request(t, sp) for t, sp in zip(ids, plist)]
+        return [self.engine.add_request(t, sp, keep_kv=keep_kv) for t, sp in zip(ids, plist)]
 
-    def _drain(self, seqs: list[Sequence]) -> Iterator[StreamDelta]:
+    def _drain(self, seqs: list[Sequence], keep_kv: bool = False) -> Iterator[StreamDelta]:
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         pending = set(index)
         try:
@@ -83,31 +84,56 @@ class LLM:
             for s in seqs:
                 if not s.is_finished:
                     self.engine.abort(s.request_id)
-                self.engine.release(s)
+                if not (keep_kv and s.finish_reason != "abort"):
+                    self.engine.release(s)
 
     def generate(self, prompts: Prompt | list[Prompt],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        seqs = self._submit(_as_list(prompts), params)
-        for _ in self._drain(seqs):
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 keep_kv: bool = False) -> list[RequestOutput]:
+        """With `keep_kv` the finished requests keep their KV for `fork(prefix=output)` until `release`."""
+        seqs = self._submit(_as_list(prompts), params, keep_kv)
+        for _ in self._drain(seqs, keep_kv):
             pass
         return [RequestOutput.of(s) for s in seqs]
 
     def stream(self, prompts: Prompt | list[Prompt],
-               params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamDelta]:
+               params: SamplingParams | list[SamplingParams] | None = None,
+               keep_kv: bool = False) -> Iterator[StreamDelta]:
         """Deltas as the steps produce them; breaking out of the loop aborts what is left."""
-        return self._drain(self._submit(_as_list(prompts), params))
+        seqs = self._submit(_as_list(prompts), params, keep_kv)
+        return self._drain(seqs, keep_kv)
 
-    def fork(self, prefix: Prompt, suffixes: list[Prompt],
-             params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Prefill `prefix` once and continue it with each suffix in one ragged batch."""
-        seqs = self.engine.add_fork(prefix, suffixes, params)
+    def _fork(self, prefix: Prompt | RequestOutput, suffixes: list[Prompt],
+              params: SamplingParams | list[SamplingParams] | None, prefix_len: int | None) -> list[Sequence]:
+        if isinstance(prefix, RequestOutput):
+            held = self.engine.requests.get(prefix.request_id)
+            if held is None:
+                raise ValueError(f"request {prefix.request_id!r} was released: generate it with keep_kv=True "
+                                 "and fork before release()")
+            return self.engine.add_fork(held, suffixes, params, prefix_len)
+        return self.engine.add_fork(prefix, suffixes, params, prefix_len)
+
+    def fork(self, prefix: Prompt | RequestOutput, suffixes: list[Prompt],
+             params: SamplingParams | list[SamplingParams] | None = None,
+             prefix_len: int | None = None) -> list[RequestOutput]:
+        """Prefill `prefix` once and continue it with each suffix in one ragged batch. `prefix` may be the
+        output of a request kept with `keep_kv=True`: its first `prefix_len` tokens (prompt + output, default
+        all) are continued without prefilling them again."""
+        seqs = self._fork(prefix, suffixes, params, prefix_len)
         for _ in self._drain(seqs):
             pass
         return [RequestOutput.of(s) for s in seqs]
 
-    def stream_fork(self, prefix: Prompt, suffixes: list[Prompt],
-                    params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamDelta]:
-        return self._drain(self.engine.add_fork(prefix, suffixes, params))
+    def stream_fork(self, prefix: Prompt | RequestOutput, suffixes: list[Prompt],
+                    params: SamplingParams | list[SamplingParams] | None = None,
+                    prefix_len: int | None = None) -> Iterator[StreamDelta]:
+        return self._drain(self._fork(prefix, suffixes, params, prefix_len))
+
+    def release(self, output: RequestOutput) -> None:
+        """Free the KV a `keep_kv` request kept."""
+        seq = self.engine.requests.get(output.request_id)
+        if seq is not None:
+            self.engine.release(seq)
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()

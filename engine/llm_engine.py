@@ -103,6 +103,8 @@ class LLMEngine:
         self._forks: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, children)
         self._detok: dict[int, _Detok] = {}
         self._next_request = 0
+        # cumulative work done, for benchmarks and for checking that a shared prefix was computed once
+        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
     # ---- input ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, add_bos: bool = True) -> list[int]:
@@ -169,19 +171,38 @@ class LLMEngine:
         return seq
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Sequence:
+                    request_id: str | None = None, keep_kv: bool = False) -> Sequence:
+        """Queue a request. With `keep_kv` its blocks outlive it, for `add_fork(prefix=seq)`, until
+        `release(seq)`."""
         params = params or SamplingParams()
         ids = self.check(prompt, params)
         seq = self._make_seq(ids, params, self._new_id(request_id))
+        seq.keep_kv = keep_kv
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
 
-    def add_fork(self, prefix: Prompt, suffixes: list[Prompt],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Sequence]:
+    def add_fork(self, prefix: Prompt | Sequence, suffixes: list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 prefix_len: int | None = None) -> list[Sequence]:
         """Prefill `prefix` once; child i continues from it with `suffixes[i]` (token ids, or text
-        tokenized on its own). Children share the prefix's full blocks; they are ordinary requests."""
-        prefix_ids = self.encode(prefix)
+        tokenized on its own). Children share the prefix's full blocks; they are ordinary requests.
+
+        `prefix` may also be a finished request added with `keep_kv=True`: its KV is already in the pool,
+        so the children continue from its first `prefix_len` tokens (default: all) with nothing prefilled
+        again but the tail of the last, partial block."""
+        held = prefix if isinstance(prefix, Sequence) else None
+        if held is not None:
+            if not held.is_finished:
+                raise ValueError("fork from a request that has not finished: its KV is still being written")
+            n = len(held) if prefix_len is None else prefix_len
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(held):
+                raise ValueError(f"prefix_len must be an int in [1, {len(held)}], got {prefix_len!r}")
+            prefix_ids = held.token_ids[:n]
+        else:
+            if prefix_len is not None:
+                raise ValueError("prefix_len is only for a fork from a finished request")
+            prefix_ids = self.encode(prefix)
         if not prefix_ids:
             raise ValueError("empty prefix")
         if not isinstance(suffixes, list) or not suffixes:
@@ -194,6 +215,12 @@ class LLMEngine:
             ids = prefix_ids + (self.encode(suf, add_bos=False) if suf else [])
             self._validate(ids, p, what=f"fork child {i}")
             child_ids.append(ids)
+        if held is not None:
+            children = [self._make_seq(ids, p, self._new_id(None)) for ids, p in zip(child_ids, plist)]
+            for c in children:
+                self.requests[c.request_id] = c
+                self._fork_child(held, c, min(len(prefix_ids), held.num_cached_tokens, len(c) - 1))
+            return children
         parent = Sequence(prefix_ids, SamplingParams(max_tokens=1), prefill_only=True, max_len=self.max_model_len)
         parent.request_id = f"fork-parent-{parent.seq_id}"
         children = [self._make_seq(ids, p, self._new_id(None)) for ids, p in zip(child_ids, plist)]
@@ -233,6 +260,11 @@ class LLMEngine:
         for s in seqs:
             if s.timings.first_scheduled is None:
                 s.timings.first_scheduled = now
+        self.counters["steps"] += 1
+        if is_prefill:
+            self.counters["prefill_tokens"] += sum(len(s) - s.num_cached_tokens for s in seqs)
+        else:
+            self.counters["decode_tokens"] += len(seqs)
         logits = self.runner.run(seqs, is_prefill)
         active = [i for i, s in enumerate(seqs) if not s.prefill_only]
         tokens = sample(logits[active], [seqs[i].params for i in active],
@@ -248,15 +280,19 @@ class LLMEngine:
     def _spawn_children(self, parent: Sequence) -> None:
         """The fork parent's KV is in the pool: children take references to it, then it goes."""
         for child in self._forks.pop(parent.seq_id, (parent, []))[1]:
-            shared = len(parent) if len(child) > len(parent) else len(parent) - 1
+            self._fork_child(parent, child, len(parent) if len(child) > len(parent) else len(parent) - 1)
+        self.scheduler.remove(parent)
+        parent.status = Status.FINISHED
+
+    def _fork_child(self, parent: Sequence, child: Sequence, shared: int) -> None:
+        """Queue `child` holding references to the parent's KV for its first `shared` tokens."""
+        if shared > 0 and parent.block_table:
             try:
                 self.kv_cache.copy_blocks(self.block_manager.fork(parent, child, shared))
                 child.prefix_cached_tokens = shared
             except PoolExhausted:
                 pass  # no block for the copy: the child recomputes its prefix instead
-            self.scheduler.add(child)
-        self.scheduler.remove(parent)
-        parent.status = Status.FINISHED
+        self.scheduler.add(child)
 
     def _append_token(self, seq: Sequence, tok: int) -> StepOutput:
         now = time.perf_counter()
@@ -277,7 +313,7 @@ class LLMEngine:
             if hit is not None:
                 reason, seq.stop_reason = "stop", hit
         if reason is not None:
-            self.scheduler.remove(seq)  # blocks back in the pool in this very step
+            self.scheduler.remove(seq, free=not seq.keep_kv)  # blocks back in the pool in this very step
             self._finish(seq, reason)
         return StepOutput(seq, [tok], new_text, reason is not None)
 
@@ -291,6 +327,10 @@ class LLMEngine:
             idx = text.find(stop, max(0, st.stop_scan_from - len(stop) + 1))
             if idx != -1 and idx < cut:
                 hit, cut = stop, idx
+        if seq.params.stop_fn is not None and hit is None:
+            found = self._run_stop_fn(seq, text[:cut])
+            if found is not None:
+                hit, cut = found
         text = text[:cut]
         st.stop_scan_from = len(text)
         # a trailing replacement char may be half a multi-byte character: hold it back
@@ -300,6 +340,21 @@ class LLMEngine:
         seq.text = text
         return new, hit
 
+    @staticmethod
+    def _run_stop_fn(seq: Sequence, text: str) -> tuple[str, int] | None:
+        """(stop_reason, cut) if the request's stop rule fires. A rule that raises or returns nonsense
+        stops only its own request (stop_reason "stop_fn error: ..."), never the batch's step."""
+        try:
+            found = seq.params.stop_fn(text)
+            if found is None:
+                return None
+            at, why = found
+            if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= len(text):
+                raise ValueError(f"cut {at!r} outside the text [0, {len(text)}]")
+            return str(why), at
+        except Exception as e:  # noqa: BLE001 -- user code; the other requests must go on
+            return f"stop_fn error: {type(e).__name__}: {e}", len(text)
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
@@ -307,11 +362,15 @@ class LLMEngine:
         self._detok.pop(seq.seq_id, None)
 
     def release(self, seq: Sequence) -> None:
-        """Forget a finished request (its id becomes reusable)."""
+        """Forget a finished request (its id becomes reusable) and free the blocks it kept, if any."""
         if self.requests.get(seq.request_id) is seq and seq.is_finished:
             del self.requests[seq.request_id]
+            if seq.block_table:
+                self.block_manager.free(seq)
 
     def stats(self) -> dict[str, int]:
         bm = self.block_manager
         return {"free_blocks": bm.num_free, "total_blocks": bm.num_blocks, "block_size": bm.block_size,
-                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kept": sum(1 for s in self.requests.values() if s.is_finished and s.block_table),
+                **self.counters}

@@ -89,10 +89,12 @@ class Scheduler:
         seq.num_preemptions += 1
         self.add(seq, front=True)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a sequence out (finished or aborted) and free its blocks at once."""
+    def remove(self, seq: Sequence, free: bool = True) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks at once, unless the caller
+        keeps them (a finished sequence that a fork will continue)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.bm.free(seq)
+        if free:
+            self.bm.free(seq)

@@ -6,6 +6,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -21,6 +22,10 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Beyond vLLM: a stop rule on the output text, called after every token. It returns None, or
+    # (cut, reason): the request stops, its text is cut at `cut` and `reason` becomes its stop_reason.
+    # For rules that stop strings cannot say ("a newline after some text", "a repeated phrase").
+    stop_fn: Callable[[str], tuple[int, str] | None] | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
@@ -45,6 +50,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        if self.stop_fn is not None and not callable(self.stop_fn):
+            raise bad(f"stop_fn must be callable, got {self.stop_fn!r}")
 
     @property
     def greedy(self) -> bool:
@@ -105,6 +112,7 @@ class Sequence:
     num_preemptions: int = 0
     max_len: int = 0  # context limit for this sequence (the engine's max_model_len)
     prefix_cached_tokens: int = 0  # prompt tokens that were served from a shared prefix
+    keep_kv: bool = False  # on finishing, keep the blocks (for a later fork) until the engine's release()
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
