@@ -8,7 +8,6 @@ as they are and a question that happens to contain "{skeleton}" is not expanded.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -59,6 +58,11 @@ POINT_TEMPLATE = (
     "and do not continue with other points!"
 )
 
+CONTINUATION_TEMPLATE = (
+    "Continue and only continue the writing of point {point_index}. Write it **very shortly** in 1~2 sentence "
+    "and do not continue with other points!"
+)
+
 _PLACEHOLDER = re.compile(r"\{(question|skeleton|point_index|point)\}")
 
 
@@ -73,10 +77,13 @@ class SoTPrompts:
     # point's trailing period and ending in a colon makes the model write the point's content far more often
     # (with the period it tends to start the next point or repeat the skeleton).
     point_prefill: str = "{point_index}. {point}:"
+    # Continuation mode (beyond the paper): the points are asked for in the skeleton's own conversation, so
+    # this short user turn is all a point adds to the skeleton's KV.
+    continuation_template: str = CONTINUATION_TEMPLATE
 
     def __post_init__(self) -> None:
         need = {"skeleton_template": ("question",), "point_template": ("question", "point_index"),
-                "point_prefill": ("point_index",)}
+                "point_prefill": ("point_index",), "continuation_template": ("point_index",)}
         for name, keys in need.items():
             missing = [k for k in keys if "{" + k + "}" not in getattr(self, name)]
             if missing:
@@ -113,8 +120,8 @@ def point_messages(question: str, skeleton_text: str, index: int, point: str,
                    prompts: SoTPrompts = DEFAULT_PROMPTS) -> list[dict]:
     """Point `index`'s expanding request: the user turn (Prompt 2) and the assistant prefill.
 
-    Only the point index and the prefill differ between the points of one question, which is what lets
-    `common_prefix_split` find a long shared prefix for the engine's fork.
+    Only the point index and the prefill differ between the points of one question: everything before
+    them is the common prefix the driver prefills once (`sot.driver.common_prefix_len`).
     """
     if isinstance(index, bool) or not isinstance(index, int) or index < 1:
         raise ValueError(f"point index must be an int >= 1, got {index!r}")
@@ -126,31 +133,3 @@ def point_messages(question: str, skeleton_text: str, index: int, point: str,
                 point_index=index, point=point.strip())
     return [{"role": "user", "content": user},
             {"role": "assistant", "content": point_prefill(index, point, prompts)}]
-
-
-def _safe_cut(text: str, p: int) -> bool:
-    """Is cutting `text` at p safe for BPE tokenizers that glue a space to the word after it (GPT-2/SmolLM2
-    style)? Yes right before a whitespace run, or right after a newline that a non-space follows; never
-    just after a space (" " + "word" tokenizes differently from " word")."""
-    if p <= 0 or p >= len(text):
-        return True
-    before, after = text[p - 1], text[p]
-    return (after.isspace() and not before.isspace()) or (before == "\n" and not after.isspace())
-
-
-def common_prefix_split(rendered_prompts: list[str]) -> tuple[str, list[str]]:
-    """(prefix, suffixes) with prefix + suffixes[i] == rendered_prompts[i], the prefix as long as possible but
-    cut at a boundary where tokenizing it on its own gives the same tokens as inside each prompt.
-
-    This is what the engine's `fork` prefills once and shares. The cut is text-level and holds for byte-level
-    BPE tokenizers; a sentencepiece tokenizer adds a dummy space to a standalone suffix, so for those the
-    driver should split token ids instead.
-    """
-    if not isinstance(rendered_prompts, list) or not rendered_prompts:
-        raise ValueError("common_prefix_split needs a non-empty list of prompts")
-    if not all(isinstance(t, str) for t in rendered_prompts):
-        raise ValueError("common_prefix_split needs rendered prompt strings")
-    p = len(os.path.commonprefix(rendered_prompts))
-    while p > 0 and not all(_safe_cut(t, p) for t in rendered_prompts):
-        p -= 1
-    return rendered_prompts[0][:p], [t[p:] for t in rendered_prompts]

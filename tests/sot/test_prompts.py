@@ -7,7 +7,7 @@ import pytest
 
 from conftest import smollm2_gguf
 from engine.chat import ChatTemplate
-from sot.prompts import (DEFAULT_PROMPTS, SoTPrompts, common_prefix_split, point_messages, point_prefill,
+from sot.prompts import (DEFAULT_PROMPTS, SoTPrompts, point_messages, point_prefill,
                          skeleton_messages)
 from sot.skeleton import Point, format_skeleton
 
@@ -116,53 +116,6 @@ def test_point_messages_bad_input(index, point, skeleton, match):
 
 
 # ---- the shared prefix -------------------------------------------------------------------------------
-def _at_boundary(prefix: str, suffix: str) -> bool:
-    return prefix.endswith("\n") or (not prefix[-1].isspace() and suffix[:1].isspace())
-
-
-def test_common_prefix_split_chatml_point_prompts():
-    full = point_prompts()
-    prefix, suffixes = common_prefix_split(full)
-    assert len(suffixes) == 3
-    for f, s in zip(full, suffixes):
-        assert prefix + s == f
-        assert _at_boundary(prefix, s)
-    assert QUESTION in prefix and format_skeleton(POINTS) in prefix
-    assert prefix.startswith("<|im_start|>user\nYou're responsible")
-    assert prefix.endswith("Continue and only continue the writing of point")  # the longest safe cut
-    assert suffixes[1] == (" 2. Write it **very shortly** in 1~2 sentence and do not continue with other points!"
-                           "<|im_end|>\n<|im_start|>assistant\n2. Prioritize tasks:")
-
-
-def test_common_prefix_split_ten_points_does_not_cut_a_number():
-    pts = [Point(i, f"Point number {i}") for i in range(1, 11)]
-    full = point_prompts(pts)
-    prefix, suffixes = common_prefix_split([full[0], full[9]])  # "point 1." vs "point 10."
-    assert prefix.endswith("writing of point")
-    assert suffixes[0].startswith(" 1. Write") and suffixes[1].startswith(" 10. Write")
-
-
-@pytest.mark.parametrize("prompts,want", [
-    (["ab cd", "ab ce"], ("ab", [" cd", " ce"])),             # before the space, never after it
-    (["line one\nfoo", "line one\nfar"], ("line one\n", ["foo", "far"])),
-    (["abc", "abd"], ("", ["abc", "abd"])),                     # no safe boundary at all
-    (["same text", "same text"], ("same text", ["", ""])),
-    (["ab", "ab cd"], ("ab", ["", " cd"])),                     # one prompt is a prefix of another
-    (["ab ", "ab cd"], ("ab", [" ", " cd"])),
-    (["x\n\n\ny", "x\n\n\nz"], ("x\n\n\n", ["y", "z"])),   # after the last newline of a run
-    (["x\n\n y", "x\n\n z"], ("x", ["\n\n y", "\n\n z"])),    # not inside a whitespace run
-    (["only one prompt here"], ("only one prompt here", [""])),
-])
-def test_common_prefix_split_cases(prompts, want):
-    assert common_prefix_split(prompts) == want
-
-
-@pytest.mark.parametrize("bad", [[], "not a list", [1, 2]])
-def test_common_prefix_split_bad_input(bad):
-    with pytest.raises(ValueError):
-        common_prefix_split(bad)
-
-
 @pytest.fixture(scope="module")
 def smol_tokenizer():
     path = smollm2_gguf()
@@ -173,14 +126,14 @@ def smol_tokenizer():
     return Tokenizer.from_gguf(open_gguf(path))
 
 
-def test_common_prefix_tokenizes_the_same_standalone(smol_tokenizer):
-    """The point of the safe cut: prefix tokens + suffix tokens == the full prompt's tokens (SmolLM2 BPE)."""
-    enc = smol_tokenizer.encode
-    full = point_prompts()
-    prefix, suffixes = common_prefix_split(full)
-    for f, s in zip(full, suffixes):
-        assert enc(prefix) + enc(s) == enc(f)
-    # control: a cut right after a space (here before "point") does not tokenize the same
-    k = prefix.rindex(" ") + 1
-    assert full[0][k:].startswith("point 1.")
-    assert enc(full[0][:k]) + enc(full[0][k:]) != enc(full[0])
+def test_point_prompts_share_everything_up_to_the_point_number(smol_tokenizer):
+    """The driver forks on the common token prefix of the full point prompts: it must hold the question and
+    the whole skeleton, i.e. end just before the point's own number."""
+    from sot.driver import common_prefix_len
+    ids = [smol_tokenizer.encode(t) for t in point_prompts()]
+    n = common_prefix_len(ids)
+    prefix = smol_tokenizer.decode(ids[0][:n], skip_special_tokens=False)
+    assert QUESTION in prefix and format_skeleton(POINTS) in prefix
+    assert prefix.rstrip().endswith("Continue and only continue the writing of point")
+    assert all(smol_tokenizer.decode(i[n:], skip_special_tokens=False).lstrip().startswith(str(k + 1))
+               for k, i in enumerate(ids))
