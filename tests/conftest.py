@@ -79,6 +79,32 @@ def smollm2() -> SmolLM2:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """A tiny random model with a real (small, trained here) byte-level BPE tokenizer and a ChatML template:
+    enough to drive chat prompts and SoT end to end in milliseconds. Its text is noise."""
+    import json
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from engine.chat import ChatTemplate
+    from sot.prompts import CONTINUATION_TEMPLATE, POINT_TEMPLATE, SKELETON_TEMPLATE
+    path = tmp_path_factory.mktemp("tiny_chat")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([SKELETON_TEMPLATE, POINT_TEMPLATE, CONTINUATION_TEMPLATE] * 4, trainer)
+    assert tk.get_vocab_size() <= 512
+    tk.save(str(path / "tokenizer.json"))
+    eos = tk.token_to_id("<|im_end|>")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": ChatTemplate.named("chatml").source}))
+    model = make_hf_model(shape("tiny", eos_token_ids=[eos]), seed=21)
+    save_hf(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llm_small_pool(tiny_dir):
     """A tiny model with a pool small enough that preemption and fork fallbacks happen."""
     from engine import LLM

@@ -1,0 +1,123 @@
+"""End-to-end SoT against normal decoding on a question set: `sot bench --dataset vicuna80`.
+
+Each question is answered twice on the same engine: normal decoding (the baseline) and the chosen mode
+(auto: the router decides). Per question we record the mode used and why, token counts, the latency
+breakdown and both answers, one JSON line each, written as we go; a summary with the per-category table is
+written at the end. Speed-up is the ratio of mean latencies (normal / SoT) per category.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import RESULTS, environment
+from sot.driver import Answer, SoT
+
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+DATASETS = {"vicuna80": DATA / "vicuna80.jsonl"}
+SOT_SUITED = ("generic", "knowledge", "roleplay", "common-sense", "counterfactual")
+
+
+@dataclass
+class Question:
+    id: int
+    text: str
+    category: str
+
+
+def load_dataset(name: str) -> list[Question]:
+    """A shipped set by name, or a JSONL path with fields text (or question) and category."""
+    path = DATASETS.get(name, Path(name))
+    if not path.is_file():
+        raise ValueError(f"unknown dataset {name!r}: use one of {sorted(DATASETS)} or a JSONL file")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            d = json.loads(line)
+            out.append(Question(d.get("question_id", i + 1), d.get("text") or d["question"], d.get("category", "-")))
+    return out
+
+
+def _row(q: Question, normal: Answer, ans: Answer) -> dict:
+    return {
+        "question_id": q.id, "category": q.category, "question": q.text,
+        "mode": ans.mode, "reason": ans.reason, "expansion": ans.expansion, "num_points": len(ans.points),
+        "normal_latency": normal.timings.total, "sot_latency": ans.timings.total,
+        "speedup": normal.timings.total / ans.timings.total,
+        "normal_tokens": normal.tokens.normal_output, "sot_tokens": ans.tokens.output,
+        "normal_chars": len(normal.text), "sot_chars": len(ans.text),
+        "timings": ans.to_dict()["timings"], "tokens": ans.to_dict()["tokens"],
+        "points": [{"point": p.point, "tokens": p.num_tokens, "stop": p.stop_reason} for p in ans.points],
+        "skeleton": ans.skeleton, "sot_answer": ans.text, "normal_answer": normal.text,
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per category and overall: counts, mean latencies, speed-up of the means."""
+    def agg(rs: list[dict]) -> dict:
+        n, s = statistics.fmean(r["normal_latency"] for r in rs), statistics.fmean(r["sot_latency"] for r in rs)
+        return {"n": len(rs), "sot_used": sum(r["mode"] == "sot" for r in rs), "normal_latency": n,
+                "sot_latency": s, "speedup": n / s,
+                "normal_tokens": statistics.fmean(r["normal_tokens"] for r in rs),
+                "sot_tokens": statistics.fmean(r["sot_tokens"] for r in rs)}
+    cats = sorted({r["category"] for r in rows})
+    out = {c: agg([r for r in rows if r["category"] == c]) for c in cats}
+    suited = [r for r in rows if r["category"] in SOT_SUITED]
+    if suited:
+        out["SoT-suited"] = agg(suited)
+    out["all"] = agg(rows)
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| category | n | SoT used | normal s | SoT/auto s | speed-up | normal tokens | SoT tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, a in summary.items():
+        lines.append(f"| {c} | {a['n']} | {a['sot_used']} | {a['normal_latency']:.1f} | {a['sot_latency']:.1f} "
+                     f"| {a['speedup']:.2f}x | {a['normal_tokens']:.0f} | {a['sot_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
+def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
+              categories: list[str] | None = None, mode: str = "auto", name: str | None = None,
+              out_dir: Path | None = None, log=print) -> tuple[Path, dict]:
+    """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary."""
+    qs = load_dataset(dataset)
+    if categories:
+        unknown = set(categories) - {q.category for q in qs}
+        if unknown:
+            raise ValueError(f"no questions in categories {sorted(unknown)}")
+        qs = [q for q in qs if q.category in categories]
+    if limit is not None:
+        qs = qs[:limit]
+    device = sot.llm.engine.device
+    out_dir = out_dir or RESULTS / device.type
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or f"sot_{Path(dataset).stem}_{mode}_{sot.config.expansion}"
+    jsonl = out_dir / f"{name}.jsonl"
+    rows = []
+    t0 = time.perf_counter()
+    with jsonl.open("w") as f:
+        for i, q in enumerate(qs):
+            normal = sot.answer(q.text, mode="normal")
+            ans = sot.answer(q.text, mode=mode)
+            row = _row(q, normal, ans)
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            log(f"[{i + 1}/{len(qs)}] {q.category:14s} {ans.mode:6s} normal {row['normal_latency']:5.1f}s "
+                f"{mode} {row['sot_latency']:5.1f}s  x{row['speedup']:.2f}  ({ans.reason})")
+    summary = summarize(rows)
+    cfg = sot.config
+    payload = {"env": environment(device), "model": sot.llm.engine.model_name, "dtype": str(sot.llm.engine.dtype),
+               "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit,
+               "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
+               "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,
+               "summary": summary, "table": table(summary)}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    log(table(summary))
+    return path, summary

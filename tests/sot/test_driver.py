@@ -1,0 +1,162 @@
+"""The SoT driver's mechanics, checked through the engine's own counters and block accounting.
+
+The tiny random model writes noise, so the skeleton is either given or forced through the skeleton prefill
+(the prefill holds the list, and the model's first line ends it); what is checked is what the engine did:
+one prefill of the shared prefix, all points in one batch, caps, release the step a point finishes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM
+from sot.driver import SoT, SoTConfig, common_prefix_len
+from sot.prompts import SoTPrompts
+
+POINTS = ["Read widely", "Practice every day", "Ask good questions", "Teach someone else"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_dir):
+    return LLM(str(tiny_chat_dir), dtype=torch.float64, block_size=8, num_blocks=400)
+
+
+def _idle(llm: LLM) -> None:
+    st = llm.stats()
+    assert st["free_blocks"] == st["total_blocks"], "blocks leaked"
+    assert st["running"] == st["waiting"] == st["kept"] == 0
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # every child keeps one token of its own
+    assert common_prefix_len([[7], [7, 8]]) == 0
+    assert common_prefix_len([[1, 2], [3, 4]]) == 0
+
+
+@pytest.mark.parametrize("expansion", ["paper", "continuation"])
+def test_points_share_one_prefix_prefill_and_decode_as_one_batch(llm, expansion):
+    sot = SoT(llm, SoTConfig(point_max_tokens=6, ngram=0, expansion=expansion))
+    before = dict(llm.stats())
+    running_seen, done = [], 0
+    for ev in sot.stream("How can I learn faster?", skeleton=POINTS):
+        if ev.kind == "point":
+            running_seen.append(llm.stats()["running"])
+        if ev.kind == "point_done":
+            done += 1
+            # released in the step it finished: no longer running, at most the unfinished points remain
+            assert llm.stats()["running"] <= len(POINTS) - done
+        if ev.kind == "answer":
+            ans = ev.answer
+    after = llm.stats()
+    assert ans.mode == "sot" and ans.expansion == expansion and [p.point for p in ans.points] == POINTS
+    assert max(running_seen) == len(POINTS), "the points were not decoded in one batch"
+    # the common prefix was prefilled once, each point prefilled only its own tail
+    shared = {p.cached_tokens for p in ans.points}
+    assert len(shared) == 1 and shared.pop() > 40
+    n = ans.points[0].cached_tokens
+    assert ans.tokens.expand_prompt == sum(p.prompt_tokens for p in ans.points)
+    assert ans.tokens.expand_prefilled == ans.tokens.expand_prompt - (len(POINTS) - 1) * n
+    assert after["prefill_tokens"] - before["prefill_tokens"] == ans.tokens.expand_prefilled
+    # capped, and batched: decode steps follow the longest point, not the sum of the points
+    assert all(1 <= p.num_tokens <= 6 and p.finish_reason in ("stop", "length") for p in ans.points)
+    decode_steps = after["steps"] - before["steps"] - 2  # the prefix prefill and the tails' prefill
+    assert decode_steps == max(p.num_tokens for p in ans.points) - 1
+    assert after["decode_tokens"] - before["decode_tokens"] == sum(p.num_tokens - 1 for p in ans.points)
+    _idle(llm)
+
+
+def test_continuation_reuses_the_kept_skeleton_kv(llm):
+    # the prefill holds the whole list; the model's first (noise) line ends it: 3 known points, any weights
+    listed = SoTPrompts(skeleton_prefill="1. Alpha\n2. Beta\n3. Gamma\n")
+    sot = SoT(llm, SoTConfig(prompts=listed, expansion="continuation", skeleton_max_tokens=24,
+                             point_max_tokens=4, ngram=0))
+    kept_during = []
+    for ev in sot.stream("Name three letters", mode="sot"):
+        if ev.kind == "points":
+            kept_during.append(llm.stats()["kept"])
+        if ev.kind == "answer":
+            ans = ev.answer
+    assert [p.point for p in ans.points] == ["Alpha", "Beta", "Gamma"]
+    assert kept_during == [1], "the skeleton request's KV was not kept for the points"
+    # the points continue the skeleton request itself: nothing of its prompt is prefilled again
+    assert all(p.cached_tokens >= ans.tokens.skeleton_prompt - 8 for p in ans.points)  # minus a partial block
+    assert ans.tokens.expand_prefilled == sum(p.prompt_tokens - p.cached_tokens for p in ans.points)
+    assert ans.tokens.expand_prefilled < ans.tokens.expand_prompt // 3
+    _idle(llm)
+
+
+def test_answer_text_labels_and_timings(llm):
+    sot = SoT(llm, SoTConfig(point_max_tokens=5))
+    ans = sot.answer("How can I learn faster?", skeleton=POINTS[:3])
+    lines = ans.text.split("\n")
+    assert len(lines) == 3 and all(line.startswith(f"{i + 1}. {POINTS[i]}:") for i, line in enumerate(lines))
+    bare = sot.answer("How can I learn faster?", skeleton=POINTS[:3], labels=False)
+    assert all(p not in bare.text for p in POINTS[:3] if p not in "".join(x.text for x in bare.points))
+    t = ans.timings
+    assert t.expand.prefill > 0 and t.expand.decode >= 0 and t.skeleton.total == 0 and t.normal.total == 0
+    assert t.total >= t.expand.total
+    d = ans.to_dict()
+    assert d["tokens"]["output"] == ans.tokens.expand_output and d["timings"]["expand"]["total"] == t.expand.total
+
+
+def test_one_usable_point_falls_back_to_normal(llm):
+    one = SoTPrompts(skeleton_prefill="1. Alpha\n")
+    sot = SoT(llm, SoTConfig(prompts=one, skeleton_max_tokens=12, normal_max_tokens=5))
+    kinds = [ev.kind for ev in sot.stream("Name one letter", mode="sot")]
+    ans = sot.answer("Name one letter", mode="sot")
+    assert ans.mode == "normal" and "1 usable point" in ans.reason
+    assert ans.skeleton.startswith("1. Alpha") and not ans.points
+    assert 1 <= ans.tokens.normal_output <= 5 and ans.timings.skeleton.total > 0 and ans.timings.normal.total > 0
+    assert kinds.index("fallback") < kinds.index("normal") < kinds.index("answer")
+    _idle(llm)
+
+
+@pytest.mark.parametrize("question", ["", "   \n\t", None, 42])
+def test_empty_question_is_a_clear_error(llm, question):
+    with pytest.raises(ValueError, match="empty question"):
+        SoT(llm).answer(question)
+
+
+def test_bad_arguments(llm):
+    with pytest.raises(ValueError, match="mode"):
+        SoT(llm).answer("hi", mode="fast")
+    with pytest.raises(ValueError, match="expansion"):
+        SoTConfig(expansion="tree")
+    with pytest.raises(ValueError, match="temperature"):
+        SoTConfig(temperature=-1)
+    with pytest.raises(ValueError, match="point_max_tokens"):
+        SoTConfig(point_max_tokens=0)
+    with pytest.raises(ValueError, match="skeleton"):
+        SoT(llm).answer("hi", skeleton=["ok", "  "])
+    with pytest.raises(ValueError, match="tokenizer"):
+        SoT(LLM("random:tiny"))
+    _idle(llm)
+
+
+def test_question_longer_than_the_context(llm):
+    with pytest.raises(ValueError, match="does not fit the context"):
+        SoT(llm).answer("why " * 2000)
+    _idle(llm)
+
+
+def test_skeleton_prompt_over_context_falls_back(tiny_chat_dir):
+    # the question fits for normal decoding, but not inside the long skeleton prompt
+    from sot.prompts import skeleton_messages
+    q = "tell me " * 30
+    probe = LLM(str(tiny_chat_dir))
+    n_normal = len(probe.engine.encode([{"role": "user", "content": q}]))
+    assert len(probe.engine.encode(skeleton_messages(q))) > n_normal + 20
+    llm = LLM(str(tiny_chat_dir), max_model_len=n_normal + 20, num_blocks=200, block_size=8)
+    ans = SoT(llm, SoTConfig(normal_max_tokens=4)).answer(q, mode="sot")
+    assert ans.mode == "normal" and "skeleton request was refused" in ans.reason
+    _idle(llm)
+
+
+def test_closing_the_stream_early_frees_everything(llm):
+    sot = SoT(llm, SoTConfig(point_max_tokens=20, ngram=0))
+    stream = sot.stream("How can I learn faster?", skeleton=POINTS)
+    for ev in stream:
+        if ev.kind == "point":
+            break
+    stream.close()
+    _idle(llm)
