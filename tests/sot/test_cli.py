@@ -1,0 +1,156 @@
+"""The `sot` command line, in-process on the tiny random chat model (its text is noise: check fields, not
+content), and the live view on a made-up event sequence."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sot import cli
+
+SMALL = ["--normal-max-tokens", "8", "--point-max-tokens", "8", "--skeleton-max-tokens", "16"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def model(tiny_chat_dir) -> list[str]:
+    return ["--model", str(tiny_chat_dir), *SMALL]
+
+
+def test_modes_match_driver():
+    from sot import driver
+    assert cli.MODES == driver.MODES and cli.EXPANSIONS == driver.EXPANSIONS
+
+
+@pytest.mark.parametrize("mode", ["sot", "normal"])
+def test_ask_json(capsys, model, mode):
+    rc, out, _ = run(capsys, "ask", "How do plants grow?", "--json", "--mode", mode, "--seed", "1", *model)
+    assert rc == 0
+    d = json.loads(out)
+    assert d["mode"] in ("sot", "normal") and d["reason"] and isinstance(d["text"], str)
+    assert d["timings"]["total"] > 0 and {"skeleton", "expand", "normal"} <= set(d["timings"])
+    if mode == "normal":
+        assert d["mode"] == "normal" and d["skeleton"] is None and 1 <= d["tokens"]["normal_output"] <= 8
+    elif d["mode"] == "sot":  # noise rarely parses into points; if it does, the fields must agree
+        assert len(d["points"]) >= 2 and d["tokens"]["normal_output"] == 0
+    else:  # fell back, and says why
+        assert d["skeleton"] is not None and d["tokens"]["skeleton_output"] >= 1 and "point" in d["reason"]
+
+
+def test_ask_plain(capsys, model):
+    rc, out, _ = run(capsys, "ask", "How do plants grow?", "--mode", "sot", *model)
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == "route: SoT was asked for"
+    assert "skeleton:" in lines
+    last = lines[-1]
+    assert last.startswith("[") and last.endswith("]") and " s | " in last and "tokens" in last
+    assert last.startswith("[sot:") or last.startswith("[normal:")
+
+
+def test_compare(capsys, model):
+    rc, out, err = run(capsys, "compare", "How do plants grow?", "--mode", "sot", *model)
+    assert rc == 0 and "normal decoding" in err
+    last = out.splitlines()[-1]
+    assert last.startswith("normal ") and "| SoT " in last and "speed-up" in last and last.endswith("x")
+    assert out.count("== ") == 2
+
+
+def test_compare_json(capsys, model):
+    rc, out, _ = run(capsys, "compare", "How do plants grow?", "--json", *model)
+    d = json.loads(out)
+    assert rc == 0 and d["normal"]["mode"] == "normal" and d["sot"]["mode"] in ("sot", "normal")
+    assert d["speedup"] == pytest.approx(d["normal"]["timings"]["total"] / d["sot"]["timings"]["total"])
+
+
+def test_bench(capsys, model, tmp_path):
+    data = tmp_path / "qs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "category": "generic"})
+                              for t in ("How do plants grow?", "Why is the sky blue?")) + "\n")
+    rc, out, _ = run(capsys, "bench", "--dataset", str(data), "--out", str(tmp_path), "--name", "t",
+                     "--mode", "sot", *model)
+    assert rc == 0
+    rows = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and all(json.loads(r)["category"] == "generic" for r in rows)
+    assert json.loads((tmp_path / "t.json").read_text())["summary"]["all"]["n"] == 2
+    assert f"wrote {tmp_path / 't.jsonl'}" in out and "| category |" in out
+
+
+def test_empty_question(capsys, model):
+    rc, out, err = run(capsys, "ask", "   ", *model)
+    assert rc == 2 and out == "" and err.startswith("error: empty question")
+
+
+def test_bad_dataset(capsys, model):
+    rc, _, err = run(capsys, "bench", "--dataset", "nope", *model)
+    assert rc == 2 and "unknown dataset 'nope'" in err
+
+
+def test_bad_dtype(capsys, model):
+    rc, _, err = run(capsys, "ask", "Hi there?", "--dtype", "float33", *model)
+    assert rc == 2 and "unknown dtype" in err
+
+
+def test_bad_mode(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["ask", "Hi?", "--mode", "fast"])
+    assert e.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def _events():
+    from sot.driver import Answer, Event, PointAnswer
+    from sot.skeleton import Point
+    ans = Answer("How to sleep?", "sot", "SoT was asked for", "1. Routine: Go to bed early.\n2. Screens: Avoid them.",
+                 skeleton="1. Routine\n2. Screens",
+                 points=[PointAnswer(1, "Routine", "Go to bed early.", 5, "stop", "newline", 20, 15),
+                         PointAnswer(2, "Screens", "Avoid them.", 3, "stop", "newline", 20, 15)],
+                 expansion="paper")
+    ans.timings.total, ans.timings.skeleton.decode, ans.timings.expand.decode = 1.5, 0.5, 1.0
+    return [Event("route", text="SoT was asked for"), Event("skeleton", text=" Routine\n"),
+            Event("skeleton", text="2. Screens"), Event("points", points=[Point(1, "Routine"), Point(2, "Screens")]),
+            Event("point", index=2, text=" Avoid"), Event("point", index=1, text=" Go to bed"),
+            Event("point", index=2, text=" them."), Event("point_done", index=2, text=" Avoid them."),
+            Event("point", index=1, text=" early."), Event("point_done", index=1, text=" Go to bed early."),
+            Event("answer", answer=ans)]
+
+
+def _text(renderable) -> str:
+    from rich.console import Console
+    con = Console(record=True, width=100)
+    con.print(renderable)
+    return con.export_text()
+
+
+def test_live_view_renders_points():
+    from sot.view import LiveView
+    view = LiveView("How to sleep?")
+    evs = _events()
+    for ev in evs[:6]:  # mid-way: point 2 has "Avoid", point 1 "Go to bed"
+        view.update(ev)
+    mid = _text(view.render())
+    assert "SoT was asked for" in mid and "1. Routine" in mid and "2. Screens" in mid
+    assert "Avoid" in mid and "Go to bed" in mid and "early" not in mid
+    for ev in evs[6:]:
+        view.update(ev)
+    end = _text(view.render())
+    assert "Go to bed early." in end and "Avoid them." in end and "✓" in end
+    assert "[sot: 2 points, SoT was asked for | 1.50 s" in end
+
+
+def test_plain_view_prints_points_in_finishing_order():
+    import io
+    from sot.view import PlainView
+    buf = io.StringIO()
+    view = PlainView(buf)
+    for ev in _events():
+        view.update(ev)
+    lines = buf.getvalue().splitlines()
+    assert lines[:4] == ["route: SoT was asked for", "skeleton:", "1. Routine", "2. Screens"]
+    assert lines[5:7] == ["2. Screens: Avoid them.", "1. Routine: Go to bed early."]
+    assert lines[7:10] == ["answer:", "1. Routine: Go to bed early.", "2. Screens: Avoid them."]
+    assert lines[-1].startswith("[sot: 2 points,")
