@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 MAX_POINT_WORDS = 10  # a skeleton point is meant to be 3~5 words; longer ones are cut to this many
+MAX_LINE_WORDS = 30  # a line still growing past this is prose (or a whole list on one line): stop there
 
 _NUMBERED = re.compile(r"(\d+)\s*[.)](?!\d)\s*(.*)")  # "3. Foo", "3.Foo", "3) Foo"; not "3.5 hours"
 _NON_WORD = re.compile(r"[\W_]+")
@@ -117,8 +118,12 @@ def parse_skeleton(text: str, *, prefilled: str = "1.", max_points: int = 10) ->
 def skeleton_end(text: str, *, prefilled: str = "1.", max_points: int = 10) -> int | None:
     """The streaming stop rule for the skeleton stage: once a complete line ends the list (see
     `parse_skeleton`) or repeats a point, the offset in `text` where that line starts (the list is
-    `text[:end]`); None while the list may go on. The line still being written never counts. Cheap: one
-    pass over the text, nothing before the first newline."""
+    `text[:end]`); None while the list may go on. The line still being written counts only when it runs
+    past MAX_LINE_WORDS words (the model is writing prose, or the whole list on one line). Cheap: one pass
+    over the text, nothing before the first newline."""
+    last_line = re.split(r"\r\n|\r|\n", prefilled + text)[-1]
+    if len(last_line.split()) > MAX_LINE_WORDS:
+        return len(text)  # prose, not a list of 3~5-word points: what is there is all it will be
     if "\n" not in text and "\r" not in text:
         return None
     end = _scan(text, prefilled, max_points, complete_lines_only=True, stop_on_repeat=True)[1]

@@ -73,3 +73,11 @@ def test_engine_applies_stop_fn_in_the_step(tiny_chat_dir):
     assert llm.stats()["free_blocks"] == 64
     with pytest.raises(ValueError, match="stop_fn"):
         SamplingParams(stop_fn="newline")
+
+
+def test_skeleton_stops_on_a_runaway_line():
+    prose = " Natural Selection: the process by which " + "individuals with useful traits survive " * 8
+    assert skeleton_end(prose) == len(prose)  # ends now, keeps the text: the parser takes the title
+    one_line = " Barriers: " + " ".join(f"{i}. Cultural barriers:" for i in range(1, 12))
+    assert skeleton_end(one_line) == len(one_line)
+    assert skeleton_end(" Plan your week ahead on Sunday") is None  # a normal point still being written
