@@ -279,7 +279,8 @@ class SoT:
                 {"role": "assistant", "content": ans.skeleton.rstrip()}]
             full = [engine.encode(convo + [
                 {"role": "user", "content": fill(p.continuation_template, point_index=pt.index, point=pt.text)},
-                {"role": "assistant", "content": point_prefill(pt.index, pt.text, p)}]) for pt in points]
+                {"role": "assistant", "content": point_prefill(pt.index, pt.text, p, continuation=True)}])
+                for pt in points]
             base = held.prompt_token_ids + held.token_ids if held is not None else None
         else:
             sk = format_skeleton(points)
