@@ -31,8 +31,32 @@ def decode_cpu_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def sot_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    env, cfg = d["env"], d["config"]
+    head = (f"End-to-end SoT ({d['mode']} mode, {d['expansion']} expansion) vs normal decoding on {d['dataset']}, "
+            f"{d['model']} {d['dtype'].replace('torch.', '')}, {env['device']}, {env['threads']} threads, "
+            f"{env['date']}; greedy, normal capped at {cfg['normal_max_tokens']} tokens, points at "
+            f"{cfg['point_max_tokens']} (`python -m sot bench --dataset {d['dataset']} "
+            f"--normal-max-tokens {cfg['normal_max_tokens']}`):")
+    return head + "\n\n" + d["table"]
+
+
+def router_table(path: Path) -> str:
+    d = json.loads(path.read_text())["datasets"]
+    rows = [f"| {name} | {v['n']} | {100 * v['accuracy']:.1f}% | {100 * v['precision_sot']:.1f}% | "
+            f"{100 * v['recall_sot']:.1f}% |" for name, v in d.items()]
+    return ("Router agreement with the SoT authors' labels (`python -m benchmarks.router_agreement`; rules not "
+            "tuned to them):\n\n| set | n | agreement | precision (SoT) | recall (SoT) |\n|---|---:|---:|---:|---:|\n"
+            + "\n".join(rows))
+
+
 def render() -> str:
     parts = []
+    for p in sorted((RESULTS / "cpu").glob("sot_vicuna80_*.json")):
+        parts.append(sot_table(p))
+    if (RESULTS / "router_agreement.json").exists():
+        parts.append(router_table(RESULTS / "router_agreement.json"))
     p = RESULTS / "cpu" / "decode_cpu.json"
     if p.exists():
         parts.append(decode_cpu_table(p))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,9 @@ def summarize(rows: list[dict]) -> dict:
     suited = [r for r in rows if r["category"] in SOT_SUITED]
     if suited:
         out["SoT-suited"] = agg(suited)
+    ran = [r for r in rows if r["mode"] == "sot"]
+    if ran and len(ran) < len(rows):
+        out["where SoT ran"] = agg(ran)
     out["all"] = agg(rows)
     return out
 
@@ -79,6 +83,15 @@ def table(summary: dict) -> str:
         lines.append(f"| {c} | {a['n']} | {a['sot_used']} | {a['normal_latency']:.1f} | {a['sot_latency']:.1f} "
                      f"| {a['speedup']:.2f}x | {a['normal_tokens']:.0f} | {a['sot_tokens']:.0f} |")
     return "\n".join(lines)
+
+
+def _commit() -> str | None:
+    """The code that produced the numbers (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
@@ -112,7 +125,7 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
                 f"{mode} {row['sot_latency']:5.1f}s  x{row['speedup']:.2f}  ({ans.reason})")
     summary = summarize(rows)
     cfg = sot.config
-    payload = {"env": environment(device), "model": sot.llm.engine.model_name, "dtype": str(sot.llm.engine.dtype),
+    payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name, "dtype": str(sot.llm.engine.dtype),
                "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,
