@@ -38,7 +38,9 @@ def sot_table(path: Path) -> str:
             f"{d['model']} {d['dtype'].replace('torch.', '')}, {env['device']}, {env['threads']} threads, "
             f"{env['date']}; greedy, normal capped at {cfg['normal_max_tokens']} tokens, points at "
             f"{cfg['point_max_tokens']} (`python -m sot bench --dataset {d['dataset']} "
-            f"--normal-max-tokens {cfg['normal_max_tokens']}`):")
+            f"--normal-max-tokens {cfg['normal_max_tokens']}"
+            + (f" --expansion {d['expansion']}" if d["expansion"] != "paper" else "")
+            + (f" --categories {' '.join(d['categories'])}" if d.get("categories") else "") + "`):")
     return head + "\n\n" + d["table"]
 
 
@@ -53,7 +55,7 @@ def router_table(path: Path) -> str:
 
 def render() -> str:
     parts = []
-    for p in sorted((RESULTS / "cpu").glob("sot_vicuna80_*.json")):
+    for p in sorted((RESULTS / "cpu").glob("sot_vicuna80_*.json"), key=lambda p: "paper" not in p.name):
         parts.append(sot_table(p))
     if (RESULTS / "router_agreement.json").exists():
         parts.append(router_table(RESULTS / "router_agreement.json"))

@@ -46,6 +46,7 @@ def _row(q: Question, normal: Answer, ans: Answer) -> dict:
     return {
         "question_id": q.id, "category": q.category, "question": q.text,
         "mode": ans.mode, "reason": ans.reason, "expansion": ans.expansion, "num_points": len(ans.points),
+        "empty_points": sum(not p.text for p in ans.points),  # a stop rule cut the expansion to nothing
         "normal_latency": normal.timings.total, "sot_latency": ans.timings.total,
         "speedup": normal.timings.total / ans.timings.total,
         "normal_tokens": normal.tokens.normal_output, "sot_tokens": ans.tokens.output,
