@@ -1,11 +1,14 @@
 """Kernel backends behind one interface, so a reader can swap or compare them.
 
 A backend is a bundle of functions with the signatures of `kernels.reference`. The engine asks
-`get_backend(name, device)`; `None` picks the best one available for the device. Backends from
-later work (Triton, C++, CUDA) register themselves here under their own names.
+`get_backend(name, device)`; `None` picks the first backend in `DEFAULT_ORDER` for the device whose
+toolchain is installed. Backends register here under their own names with a lazy factory, so a
+missing optional toolchain (triton, a C++ build) only matters when that backend is asked for.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +28,11 @@ class Backend:
     paged_decode_attention: Callable
 
 
-def _torch_backend() -> Backend:
+class BackendUnavailable(ValueError):
+    """The backend cannot run here (toolchain missing, wrong device); `get_backend(None, ...)` skips it."""
+
+
+def _torch_backend(device: str) -> Backend:
     return Backend(
         name="torch",
         rms_norm=reference.rms_norm,
@@ -37,10 +44,23 @@ def _torch_backend() -> Backend:
     )
 
 
-# name -> factory; factories import lazily so a missing optional toolchain only matters when asked for
-BACKENDS: dict[str, Callable[[], Backend]] = {"torch": _torch_backend}
-# preference order per device type when the user names no backend
-DEFAULT_ORDER: dict[str, list[str]] = {"cpu": ["torch"], "cuda": ["torch"]}
+def _triton_backend(device: str) -> Backend:
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailable("kernel backend 'triton' is unavailable: triton is not installed "
+                                 "(pip install triton)")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # without it triton looks for a GPU driver at the first kernel launch, deep in a forward pass
+        raise BackendUnavailable("kernel backend 'triton' on CPU runs only in Triton's interpreter: set "
+                                 "TRITON_INTERPRET=1 before triton is imported (for tests; far too slow to serve)")
+    from kernels.triton import triton_backend
+    return triton_backend()
+
+
+# name -> factory(device type); factories import lazily and raise BackendUnavailable when they cannot run
+BACKENDS: dict[str, Callable[[str], Backend]] = {"torch": _torch_backend, "triton": _triton_backend}
+# preference order per device type when the user names no backend: the first available one wins.
+# CPU stays on torch: Triton there is its interpreter, a test vehicle.
+DEFAULT_ORDER: dict[str, list[str]] = {"cpu": ["torch"], "cuda": ["triton", "torch"]}
 
 
 def available_backends() -> list[str]:
@@ -48,9 +68,16 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str | None, device: torch.device | str) -> Backend:
+    """The backend `name` (ValueError if unknown or unable to run here), or with `None` the first one in
+    the device's `DEFAULT_ORDER` that can run."""
     dev = torch.device(device).type
     if name is not None:
         if name not in BACKENDS:
             raise ValueError(f"unknown kernel backend {name!r}; available: {', '.join(BACKENDS)}")
-        return BACKENDS[name]()
-    return BACKENDS[DEFAULT_ORDER.get(dev, ["torch"])[0]]()
+        return BACKENDS[name](dev)
+    for candidate in DEFAULT_ORDER.get(dev, ["torch"]):
+        try:
+            return BACKENDS[candidate](dev)
+        except BackendUnavailable:
+            continue
+    return _torch_backend(dev)
