@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from kernels import cascade, reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,8 @@ class Backend:
     store_kv: Callable
     paged_prefill_attention: Callable
     paged_decode_attention: Callable
+    # shared-prefix decode, signature of `kernels.cascade.cascade_decode_attention`; None: not offered
+    cascade_decode_attention: Callable | None = None
 
 
 class BackendUnavailable(ValueError):
@@ -41,6 +43,7 @@ def _torch_backend(device: str) -> Backend:
         store_kv=reference.store_kv,
         paged_prefill_attention=reference.paged_prefill_attention,
         paged_decode_attention=reference.paged_decode_attention,
+        cascade_decode_attention=cascade.cascade_decode_attention,
     )
 
 

@@ -94,10 +94,11 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Ten
 
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                             groups: list[PrefixGroup]) -> torch.Tensor:
+                             groups: list[PrefixGroup], max_context_len: int | None = None) -> torch.Tensor:
     """Decode attention (one query per row, as `reference.paged_decode_attention`) with each group's shared
     prefix attended once for all its members, merged with each member's suffix by log-sum-exp. Rows in no
-    group attend to their whole context the same way (empty prefix)."""
+    group attend to their whole context the same way (empty prefix). `max_context_len` is unused here (the
+    kernels' signature)."""
     b, h, d = q.shape
     bs = k_cache.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)

@@ -16,6 +16,7 @@ from kernels import Backend
 
 def triton_backend() -> Backend:
     """The Triton kernels as a `Backend`; imported here, so importing `kernels` never needs triton."""
+    from kernels.triton.cascade import cascade_decode_attention
     from kernels.triton.decode import paged_decode_attention
     from kernels.triton.elementwise import add_rms_norm, apply_rope, rms_norm, store_kv
     from kernels.triton.prefill import paged_prefill_attention
@@ -27,4 +28,5 @@ def triton_backend() -> Backend:
         store_kv=store_kv,
         paged_prefill_attention=paged_prefill_attention,
         paged_decode_attention=paged_decode_attention,
+        cascade_decode_attention=cascade_decode_attention,
     )

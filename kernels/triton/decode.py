@@ -29,17 +29,18 @@ BLOCK_N = 64  # tokens per tile: 4 pages of 16 or 2 of 32
 MIN_PARTITION = 256  # below this a partition's fixed cost (q load, partial write, reduce) dominates
 BLOCK_P = 32  # partitions merged per step of the reduce loop
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
 def _decode_partition_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, lse_ptr,
         qk_scale, partition_size,
         stride_qb, stride_qh, stride_kn, stride_kr, stride_kh, stride_vn, stride_vr, stride_vh,
-        stride_tb, stride_ob, stride_oh, stride_pb, stride_ph, stride_pp, stride_lb, stride_lh,
+        stride_tb, stride_ob, stride_oh, stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_eb,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -107,13 +108,15 @@ def _decode_partition_kernel(
     else:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if WRITE_LSE:  # natural-log units, as `kernels.cascade.attention_lse`
+            tl.store(lse_ptr + b * stride_eb + heads, (m_i + tl.log2(l_i)) * LN2, mask=g_mask)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-        part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, partition_size,
-        stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_ob, stride_oh,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+        part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, lse_ptr, partition_size,
+        stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_ob, stride_oh, stride_eb,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_LSE: tl.constexpr):
     """Merge one (sequence, head)'s partitions: out = sum_p 2^(lse_p - m) o_p / sum_p 2^(lse_p - m)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -138,8 +141,10 @@ def _decode_reduce_kernel(
                     mask=p_mask[:, None] & d_mask[None, :], other=0.0)
         l_vec += w
         acc += tl.sum(w[:, None] * o, axis=0)
-    o = acc / tl.sum(l_vec, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+    l = tl.sum(l_vec, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=d_mask)
+    if WRITE_LSE:
+        tl.store(lse_ptr + b * stride_eb + h, (m + tl.log2(l)) * LN2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,14 +170,16 @@ def workspace_numel(batch: int, heads: int, head_dim: int, num_partitions: int) 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int | None = None, *, partition_size: int | None = None,
-                           out: torch.Tensor | None = None,
-                           workspace: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
+                           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence over its paged context: q [B, H, D] -> [B, H, D] in q's dtype.
 
     As `kernels.reference.paged_decode_attention`; every `context_lens[s] >= 1`, and
     `max_context_len` (if given) must be at least their max (it sizes the grid).
     `partition_size` (tokens) overrides the split; `out` ([B, H, D], unit last stride) and
     `workspace` (flat float32, `workspace_numel(...)` elements) let a caller reuse buffers.
+    With `return_lse` it returns `(out, lse)`, lse [B, H] float32: each query's log-sum-exp of its scaled
+    scores (natural log), what an exact merge with attention over other keys needs (cascade decode).
     """
     b, heads, d = q.shape
     _, page, kvh, _ = k_cache.shape
@@ -186,8 +193,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} with a unit last stride")
+    lse = torch.empty(b, heads, dtype=torch.float32, device=q.device) if return_lse else out.new_empty(1, 1)
     if b == 0:
-        return out
+        return (out, lse) if return_lse else out
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     max_len = max_context_len or int(context_lens.max())
@@ -214,17 +222,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     use_dot = group > 1
     upcast = not (on_gpu and use_dot) or q.dtype != k_cache.dtype or k_cache.dtype == torch.float32
     _decode_partition_kernel[(b, kvh, parts)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, lse,
         scale * LOG2E, psize,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), *part_out.stride()[:3], *part_lse.stride()[:2],
+        lse.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else 1,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=BLOCK_N,
         USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32", SPLIT=split,
-        num_warps=4)
+        WRITE_LSE=return_lse, num_warps=4)
     if split:
         _decode_reduce_kernel[(b, heads)](
-            part_out, part_lse, context_lens, out, psize,
-            *part_out.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=BLOCK_P, num_warps=4)
-    return out
+            part_out, part_lse, context_lens, out, lse, psize,
+            *part_out.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1), lse.stride(0),
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=BLOCK_P, WRITE_LSE=return_lse, num_warps=4)
+    return (out, lse) if return_lse else out
