@@ -67,7 +67,12 @@ class LLMEngine:
                  dtype: torch.dtype | str | None = None, backend: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 seed: int = 0, num_threads: int | None = None) -> None:
+                 seed: int = 0, num_threads: int | None = None, cascade: str = "auto") -> None:
+        """`cascade`: shared-prefix decode attention for sequences that share prefix blocks (fork children, SoT
+        points). "auto": on CUDA, for the groups the cost model accepts (`kernels.cascade.cascade_pays`);
+        "on": for every group found (tests); "off": never."""
+        if cascade not in ("auto", "on", "off"):
+            raise ValueError(f"cascade must be 'auto', 'on' or 'off', got {cascade!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -94,7 +99,9 @@ class LLMEngine:
         self.kv_cache = KVCache(self.config, num_blocks, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
                                    self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache, block_size, self.device)
+        if cascade == "auto" and self.device.type != "cuda":
+            cascade = "off"  # it pays where decode is bound by K/V reads (a GPU); the CPU path is torch's
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size, self.device, cascade=cascade)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

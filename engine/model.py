@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from kernels import Backend
+from kernels.cascade import PrefixGroup
 
 
 @dataclass(slots=True)
@@ -26,6 +27,7 @@ class AttnMetadata:
     cu_seqlens_q: torch.Tensor | None  # [B+1] new-token offsets (prefill only)
     logits_indices: torch.Tensor  # [B] row of each sequence's last new token
     max_context_len: int = 0  # max(context_lens), known on the host
+    prefix_groups: list[PrefixGroup] | None = None  # decode: rows sharing prefix blocks, for cascade attention
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -98,6 +100,9 @@ class LlamaModel:
             if meta.is_prefill:
                 o = kb.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q,
                                                meta.context_lens, self.scale)
+            elif meta.prefix_groups:
+                o = kb.cascade_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
+                                                meta.prefix_groups, meta.max_context_len)
             else:
                 o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
                                               meta.max_context_len)

@@ -10,11 +10,17 @@ import torch
 from engine.kv_cache import KVCache
 from engine.model import AttnMetadata, LlamaModel
 from engine.sequence import Sequence
+from kernels.cascade import PrefixGroup, cascade_pays, find_groups
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device,
+                 cascade: str = "off") -> None:
+        """`cascade`: "on" (shared-prefix decode whenever groups exist), "auto" (where the cost model says it
+        pays) or "off"."""
         self.model, self.kv_cache, self.block_size, self.device = model, kv_cache, block_size, device
+        self.cascade = cascade if model.backend.cascade_decode_attention is not None else "off"
+        self.cascade_steps = 0  # decode steps that ran cascade attention
 
     def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
@@ -48,6 +54,20 @@ class ModelRunner:
         )
         return self._tensor(ids), self._tensor(positions), meta
 
+    def prefix_groups(self, seqs: list[Sequence]) -> list[PrefixGroup] | None:
+        """Groups of decode rows sharing prefix blocks (a fork's children), those worth cascade attention."""
+        if self.cascade == "off":
+            return None
+        lens = [len(s) for s in seqs]
+        groups = find_groups([s.block_table for s in seqs], lens, self.block_size)
+        if self.cascade == "auto":
+            cfg = self.model.cfg
+            groups = [g for g in groups if cascade_pays(
+                len(g.members), g.num_blocks * self.block_size,
+                max(lens[r] for r in g.members.tolist()) - g.num_blocks * self.block_size,
+                cfg.num_heads // cfg.num_kv_heads)]
+        return groups or None
+
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
         meta = AttnMetadata(
             is_prefill=False,
@@ -57,7 +77,9 @@ class ModelRunner:
             cu_seqlens_q=None,
             logits_indices=torch.arange(len(seqs), device=self.device),
             max_context_len=max(len(s) for s in seqs),
+            prefix_groups=self.prefix_groups(seqs),
         )
+        self.cascade_steps += meta.prefix_groups is not None
         return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
 
     @torch.inference_mode()
