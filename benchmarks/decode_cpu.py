@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode_cpu            # batch 1, 2, 4, 8; 32 decode steps
     python -m benchmarks.decode_cpu --quick    # tiny random model, seconds (a smoke run)
+    python -m benchmarks.decode_cpu --no-hf --backends torch,cpp   # kernel backends side by side
 
 Ours: B chat prompts prefilled, then `steps` decode steps through `LLMEngine.step`, timed one by
 one (median). "Python overhead" is the share of a step spent outside torch ops (profiler).
@@ -50,7 +51,7 @@ def ours(llm: LLM, batch: int, steps: int) -> dict:
         wall = time.perf_counter() - t0
     ka = prof.key_averages()
     op_time = sum(e.self_cpu_time_total for e in ka) / 1e6
-    mm_time = sum(e.self_cpu_time_total for e in ka if e.key in ("aten::mm", "aten::addmm")) / 1e6
+    mm_time = sum(e.self_cpu_time_total for e in ka if e.key in ("aten::mm", "aten::addmm", "sot_cpp::linear")) / 1e6
     while eng.has_unfinished():
         eng.step()
     for s in seqs:
@@ -88,19 +89,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny random model, no transformers run")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated kernel backends to time (torch, cpp; default: the engine's CPU "
+                         "default); unavailable ones are skipped")
     args = ap.parse_args()
     model = "random:tiny" if args.quick else "default"
     steps = 8 if args.quick else args.steps
-    llm = LLM(model, device="cpu", dtype=torch.float32)
-    rows = []
-    for b in map(int, args.batches.split(",")):
-        row = {"batch": b, **ours(llm, b, steps)}
-        if not (args.quick or args.no_hf):
+    from kernels import BackendUnavailable, get_backend
+    rows, llm = [], None
+    names = args.backends.split(",") if args.backends else [get_backend(None, "cpu").name]
+    for backend in names:
+        try:
+            get_backend(backend, "cpu")
+        except BackendUnavailable as e:
+            print(f"skipping backend {backend!r}: {e}", flush=True)
+            continue
+        llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend)  # the last one encodes below
+        for b in map(int, args.batches.split(",")):
+            row = {"backend": backend, "batch": b, **ours(llm, b, steps)}
+            rows.append(row)
+            print(row, flush=True)
+    for row in rows:
+        b = row["batch"]
+        if not (args.quick or args.no_hf) and row["backend"] == rows[0]["backend"]:
             from engine.loader import default_model_path
             chats = [llm.engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
             row["transformers_ms_per_step"] = transformers_ms(default_model_path(), chats, b, steps)
-        rows.append(row)
-        print(row, flush=True)
+            print(row, flush=True)
     name = "decode_cpu_quick" if args.quick else "decode_cpu"
     label = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)" if model == "default" else model
     print("wrote", write_result(name, torch.device("cpu"), {"model": label, "steps": steps, "rows": rows}))

@@ -19,14 +19,14 @@ def decode_cpu_table(path: Path) -> str:
     env = d["env"]
     lines = [f"CPU decode, {d['model']} fp32, {env['device']}, {env['threads']} threads, torch {env['torch']}, "
              f"{env['date']} (`python -m benchmarks.decode_cpu`):", "",
-             "| batch | ours ms/step | transformers ms/step | ours vs transformers | Python overhead | matmul share |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| backend | batch | ours ms/step | transformers ms/step | ours vs transformers | Python overhead "
+             "| matmul share |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in d["rows"]:
         hf = r.get("transformers_ms_per_step")
         ratio = f"{hf / r['ms_per_step']:.2f}x" if hf else "-"
-        lines.append(f"| {r['batch']} | {r['ms_per_step']:.1f} | {hf:.1f} | {ratio} | {100 * r['python_overhead']:.0f}% "
-                     f"| {100 * r['matmul_share']:.0f}% |" if hf else
-                     f"| {r['batch']} | {r['ms_per_step']:.1f} | - | - | {100 * r['python_overhead']:.0f}% "
+        lines.append(f"| {r.get('backend', 'torch')} | {r['batch']} | {r['ms_per_step']:.1f} | "
+                     f"{f'{hf:.1f}' if hf else '-'} | {ratio} | {100 * r['python_overhead']:.0f}% "
                      f"| {100 * r['matmul_share']:.0f}% |")
     return "\n".join(lines)
 
