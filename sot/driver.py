@@ -173,6 +173,19 @@ class _StageClock:
         return Stage(prefill=mid - self.start, decode=end - mid)
 
 
+def _single(stream: Iterator[StreamDelta], kind: str):
+    """Drain a one-request stream, its text as `kind` events; returns (its output, the stage's times)."""
+    clock, out = _StageClock(1), None
+    with closing(stream):
+        for d in stream:
+            clock.saw(d)
+            if d.text:
+                yield Event(kind, text=d.text)
+            if d.finished:
+                out = d.output
+    return out, clock.stage()
+
+
 class SoT:
     """Skeleton-of-Thought on an `engine.LLM`: `SoT(llm).answer(question, mode="auto") -> Answer`."""
 
@@ -252,15 +265,7 @@ class SoT:
             stream = self.llm.stream(msgs, params, keep_kv=keep)
         except ValueError as e:  # e.g. the skeleton prompt does not fit the context
             return [], None, f"SoT does not fit: the skeleton request was refused ({e})"
-        clock, out = _StageClock(1), None
-        with closing(stream):
-            for d in stream:
-                clock.saw(d)
-                if d.text:
-                    yield Event("skeleton", text=d.text)
-                if d.finished:
-                    out = d.output
-        ans.timings.skeleton = clock.stage()
+        out, ans.timings.skeleton = yield from _single(stream, "skeleton")
         ans.skeleton = p.skeleton_prefill + out.text
         ans.tokens.skeleton_prompt, ans.tokens.skeleton_output = len(out.prompt_token_ids), len(out.token_ids)
         points = parse_skeleton(out.text, prefilled=p.skeleton_prefill, max_points=cfg.max_points)
@@ -321,17 +326,9 @@ class SoT:
 
     def _normal(self, ans: Answer, cfg: SoTConfig, reason: str):
         ans.mode, ans.reason = NORMAL, reason
-        clock, out = _StageClock(1), None
         stream = self.llm.stream([{"role": "user", "content": ans.question}],
                                  self._params(cfg, cfg.normal_max_tokens))
-        with closing(stream):
-            for d in stream:
-                clock.saw(d)
-                if d.text:
-                    yield Event("normal", text=d.text)
-                if d.finished:
-                    out = d.output
-        ans.timings.normal = clock.stage()
+        out, ans.timings.normal = yield from _single(stream, "normal")
         ans.tokens.normal_prompt, ans.tokens.normal_output = len(out.prompt_token_ids), len(out.token_ids)
         ans.text = out.text.strip()
 
