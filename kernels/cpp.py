@@ -6,9 +6,11 @@ extension was not built.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from kernels import Backend, BackendUnavailable, cascade, reference
+from kernels import BACKENDS, Backend, BackendUnavailable, reference
 
 try:
     from kernels import _cpp
@@ -31,14 +33,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def cpp_backend() -> Backend:
-    return Backend(
-        name="cpp",
-        rms_norm=reference.rms_norm,
-        add_rms_norm=reference.add_rms_norm,
-        apply_rope=reference.apply_rope,
-        store_kv=reference.store_kv,
-        paged_prefill_attention=reference.paged_prefill_attention,
-        paged_decode_attention=paged_decode_attention,
-        cascade_decode_attention=cascade.cascade_decode_attention,
-        linear=_cpp.linear,  # falls back to at::linear itself outside its fp32 / few-rows case
-    )
+    """The torch backend with the C++ decode attention and weight matmul swapped in."""
+    return replace(BACKENDS["torch"]("cpu"), name="cpp", paged_decode_attention=paged_decode_attention,
+                   linear=_cpp.linear)  # _cpp.linear falls back to at::linear outside its fp32 / few-rows case

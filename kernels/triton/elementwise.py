@@ -46,17 +46,26 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     tl.store(out_ptr + row * stride_o + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LLaMA RMSNorm over the last dim; statistics in float32, output in x's dtype."""
+def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One kernel for both norms: (norm(x [+ residual]), x + residual or None)."""
     x2 = _rows(x)
+    r2 = x2 if residual is None else _rows(residual)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    res_out = out if residual is None else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         n = x2.shape[1]
         block = triton.next_power_of_2(n)
-        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), x2.stride(0),
-                                         out.stride(0), out.stride(0), n, eps,
-                                         HAS_RESIDUAL=False, BLOCK=block, num_warps=_num_warps(block))
-    return out.view(x.shape)
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0),
+                                         out.stride(0), res_out.stride(0), n, eps,
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                         num_warps=_num_warps(block))
+    return out.view(x.shape), None if residual is None else res_out.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA RMSNorm over the last dim; statistics in float32, output in x's dtype."""
+    return _launch_norm(x, None, weight, eps)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -68,16 +77,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     """
     if residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    x2, r2 = _rows(x), _rows(residual)
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        n = x2.shape[1]
-        block = triton.next_power_of_2(n)
-        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0),
-                                         out.stride(0), res_out.stride(0), n, eps,
-                                         HAS_RESIDUAL=True, BLOCK=block, num_warps=_num_warps(block))
-    return out.view(x.shape), res_out.view(x.shape)
+    return _launch_norm(x, residual, weight, eps)
 
 
 @triton.jit
