@@ -1,10 +1,13 @@
 """Build hook. The pure-Python packages are described in pyproject.toml; this adds the optional C++
-CPU kernels (csrc/cpu/*.cpp -> `kernels._cpp`, the "cpp" kernel backend) as a torch extension.
+CPU kernels (csrc/cpu/*.cpp -> `kernels._cpp`, the "cpp" kernel backend) as a torch extension, and,
+when torch has CUDA and nvcc is found, the CUDA kernels (csrc/cuda -> `kernels._cuda`, the "cuda"
+backend; without this build that backend compiles them on first use, see kernels/cuda.py).
 
-The extension needs torch importable at build time, so install with `--no-build-isolation` after
-torch (scripts/install.sh does). It is optional: no torch at build time, no compiler, or a failed
-compile only prints a warning, the install goes on, and the engine runs on the torch backend.
-`SOT_NO_CSRC=1` skips it on purpose.
+The extensions need torch importable at build time, so install with `--no-build-isolation` after
+torch (scripts/install.sh does). They are optional: no torch at build time, no compiler, or a failed
+compile only prints a warning, the install goes on, and the engine runs on the torch backend; a
+failed CUDA build leaves the CPU one alone. On a CPU torch nothing CUDA is attempted.
+`SOT_NO_CSRC=1` skips both on purpose.
 """
 from __future__ import annotations
 
@@ -17,8 +20,28 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 
 
-def _warn(msg: str) -> None:
-    print(f"WARNING (sot-engine): {msg}; the 'cpp' kernel backend will be unavailable", file=sys.stderr)
+CUDA_EXT = "kernels._cuda"
+
+
+CUDA_LATER = "the 'cuda' kernel backend compiles it on first use instead, where nvcc is (kernels/cuda.py)"
+
+
+def _warn(msg: str, then: str = "the 'cpp' kernel backend will be unavailable") -> None:
+    print(f"WARNING (sot-engine): {msg}; {then}", file=sys.stderr)
+
+
+def cuda_extension(torch):
+    """`kernels._cuda` from csrc/cuda, or None: a CPU torch (silently), no sources, or no nvcc (a warning)."""
+    folder = HERE / "csrc" / "cuda"
+    sources = sorted(p.relative_to(HERE).as_posix() for pat in ("*.cpp", "*.cu") for p in folder.glob(pat))
+    if not torch.version.cuda or not sources:
+        return None
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    if CUDA_HOME is None:
+        _warn("torch has CUDA but nvcc was not found (set CUDA_HOME); skipping kernels._cuda", CUDA_LATER)
+        return None
+    flags = {"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-lineinfo"]}
+    return CUDAExtension(CUDA_EXT, sources, extra_compile_args=flags, optional=True)
 
 
 def csrc_extensions() -> dict:
@@ -44,6 +67,19 @@ def csrc_extensions() -> dict:
             except Exception as e:  # noqa: BLE001 - any failure of an optional build must not fail the install
                 _warn(f"building the C++ kernels failed ({type(e).__name__}: {e})")
 
+        def build_extensions(self) -> None:
+            """A failed CUDA build (nvcc/torch CUDA version mismatch, compile error) must not cost the CPU kernels:
+            drop it and build the rest again (ninja keeps what was already compiled)."""
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001
+                if not any(x.name == CUDA_EXT for x in self.extensions):
+                    raise
+                _warn(f"building with the CUDA kernels failed ({type(e).__name__}: {e}); building the CPU "
+                      "kernels alone", CUDA_LATER)
+                self.extensions = [x for x in self.extensions if x.name != CUDA_EXT]
+                super().build_extensions()
+
         def copy_extensions_to_source(self) -> None:  # editable installs: skip what did not build
             try:
                 super().copy_extensions_to_source()
@@ -63,7 +99,9 @@ def csrc_extensions() -> dict:
         ldflags.append("-fopenmp")
     ext = CppExtension("kernels._cpp", sources, extra_compile_args=cflags, extra_link_args=ldflags,
                        optional=True)
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
+    cuda = cuda_extension(torch)
+    return {"ext_modules": [ext] + ([cuda] if cuda else []),
+            "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 
 setup(**csrc_extensions())

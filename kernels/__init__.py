@@ -69,11 +69,19 @@ def _cpp_backend(device: str) -> Backend:
     return cpp_backend()
 
 
+def _cuda_backend(device: str) -> Backend:
+    if device != "cuda":
+        raise BackendUnavailable(f"kernel backend 'cuda' runs on CUDA GPUs only, not {device!r}")
+    from kernels.cuda import cuda_backend  # raises BackendUnavailable: no GPU, no build, no nvcc to build it
+    return cuda_backend()
+
+
 # name -> factory(device type); factories import lazily and raise BackendUnavailable when they cannot run
 BACKENDS: dict[str, Callable[[str], Backend]] = {"torch": _torch_backend, "triton": _triton_backend,
-                                                   "cpp": _cpp_backend}
+                                                   "cpp": _cpp_backend, "cuda": _cuda_backend}
 # preference order per device type when the user names no backend: the first available one wins.
 # CPU: the C++ kernels when built (else torch, with a warning); Triton there is its interpreter, a test vehicle.
+# CUDA: Triton; the hand-written "cuda" decode kernel (csrc/cuda) is asked for by name until numbers say otherwise.
 DEFAULT_ORDER: dict[str, list[str]] = {"cpu": ["cpp", "torch"], "cuda": ["triton", "torch"]}
 
 
