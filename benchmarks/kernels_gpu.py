@@ -7,9 +7,10 @@
 What it measures (every kernel on the same data, outputs checked against the torch reference):
 - copy bandwidth: a large device-to-device `tensor.copy_` (bytes read + bytes written), timed like the kernels;
   it is the roof the decode numbers are compared with (not the datasheet number);
-- decode: Triton paged decode, the torch reference decode, and `F.scaled_dot_product_attention` on a
-  contiguous (non-paged) K/V of the same size ("sdpa", the flash baseline), for LLaMA-7B-like MHA, a GQA
-  shape and SmolLM2, batch x context x dtype. Bytes = K/V rows actually read + q + out;
+- decode: Triton paged decode, the hand-written CUDA paged decode (csrc/cuda, "cuda"; a row says why when
+  it cannot be built), the torch reference decode, and `F.scaled_dot_product_attention` on a contiguous
+  (non-paged) K/V of the same size ("sdpa", the flash baseline), for LLaMA-7B-like MHA, a GQA shape and
+  SmolLM2, batch (1-32) x context (512-8192) x dtype. Bytes = K/V rows actually read + q + out;
 - cascade: a SoT-shaped batch (8 points sharing a 512-2048 token prefix, 64-token suffixes) with
   `kernels.triton.cascade.cascade_decode_attention` (when that module exists) against plain Triton decode;
   rows where `kernels.cascade.cascade_pays` would pick cascade are marked;
@@ -57,13 +58,13 @@ class AttnShape:
 
 
 SHAPES = (AttnShape("llama7b", 32, 32, 128), AttnShape("gqa32/8", 32, 8, 128), AttnShape("smollm2", 9, 3, 64))
-SMOKE_SHAPE = AttnShape("smoke", 4, 2, 16)
+SMOKE_SHAPE = AttnShape("smoke", 4, 2, 64)  # head_dim 64: the CUDA kernel is compiled for it
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BATCHES = (1, 8, 32)
 CONTEXTS = (512, 2048, 8192)
 PREFIXES = (512, 1024, 2048)
 PREFILLS = ((1, 2048), (4, 512), (1, 8192))  # (sequences, new tokens each; no cached prefix)
-DECODE_KERNELS = ("triton", "reference", "sdpa")
+DECODE_KERNELS = ("triton", "cuda", "reference", "sdpa")
 PREFILL_KERNELS = ("triton", "reference", "sdpa")
 REFERENCE_MAX_KV_BYTES = 3 << 30  # the torch reference copies K/V to fp32: skip it beyond this
 
@@ -190,10 +191,15 @@ PREFILL_COLUMNS = [("shape", "shape", ""), ("dtype", "dtype", ""), ("seqs", "seq
                    ("GB/s", "gbps", ".0f"), ("max err", "max_err", ".1e"), ("note", "note", "")]
 
 
-def goal_summary(decode_rows: list[dict], cascade_rows: list[dict], copy_gbps: float | None) -> dict:
-    """The issue's goal line, evaluated on whatever rows were measured."""
-    goal = [r for r in decode_rows if r.get("kernel") == "triton" and r.get("batch") == GOAL_BATCH
+def goal_rows(decode_rows: list[dict], kernel: str) -> list[dict]:
+    return [r for r in decode_rows if r.get("kernel") == kernel and r.get("batch") == GOAL_BATCH
             and r.get("context") == GOAL_CONTEXT and r.get("frac_copy") is not None]
+
+
+def goal_summary(decode_rows: list[dict], cascade_rows: list[dict], copy_gbps: float | None) -> dict:
+    """The issue's goal line (on the Triton kernel, the default backend's), evaluated on whatever rows were
+    measured; the CUDA kernel's fractions at the same point are reported beside it."""
+    goal = goal_rows(decode_rows, "triton")
     picked = [r for r in cascade_rows if r.get("picked") and r.get("speedup") is not None]
     decode_ok = bool(goal) and all(r["frac_copy"] >= GOAL_FRACTION for r in goal)
     cascade_ok = bool(picked) and all(r["speedup"] >= 1 - NOISE for r in picked)
@@ -202,6 +208,8 @@ def goal_summary(decode_rows: list[dict], cascade_rows: list[dict], copy_gbps: f
         "decode_goal": f"paged decode >= {GOAL_FRACTION:.0%} of copy bandwidth at B={GOAL_BATCH}, context {GOAL_CONTEXT}",
         "decode_ok": decode_ok,
         "decode_fractions": {f"{r['shape']}/{r['dtype']}": round(r["frac_copy"], 3) for r in goal},
+        "cuda_decode_fractions": {f"{r['shape']}/{r['dtype']}": round(r["frac_copy"], 3)
+                                  for r in goal_rows(decode_rows, "cuda")},
         "cascade_goal": f"cascade never slower than plain decode where cascade_pays picks it (noise margin {NOISE:.0%})",
         "cascade_ok": cascade_ok if picked else None,
         "cascade_speedups": {f"{r['shape']}/{r['dtype']}/p{r['prefix']}": round(r["speedup"], 3) for r in picked},
@@ -214,9 +222,11 @@ def format_summary(s: dict) -> str:
     def verdict(ok):
         return "n/a (not measured)" if ok is None else ("MET" if ok else "NOT MET")
     copy = f"{s['copy_gbps']:.0f} GB/s" if s.get("copy_gbps") else "-"
+    cuda = s.get("cuda_decode_fractions")
     lines = [f"measured copy bandwidth: {copy}",
              f"goal: {s['decode_goal']}: {verdict(s['decode_ok'] if s['decode_fractions'] else None)} "
              f"{json.dumps(s['decode_fractions'])}",
+             f"  the CUDA kernel there: {json.dumps(cuda) if cuda else '-'}",
              f"goal: {s['cascade_goal']}: {verdict(s['cascade_ok'])} {json.dumps(s['cascade_speedups'])}"]
     if s["cascade_slower_unpicked"]:
         lines.append(f"  (cascade slower where the cost model does not pick it, as intended: {s['cascade_slower_unpicked']})")
@@ -300,12 +310,25 @@ def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).abs().max())
 
 
+def load_cuda_decode(device: torch.device) -> tuple[object | None, str]:
+    """The CUDA kernel extension (built or JIT-built now), or None and why not."""
+    if device.type != "cuda":
+        return None, "unavailable: needs a CUDA GPU"
+    try:
+        from kernels.cuda import load_extension
+        return load_extension(), ""
+    except Exception as e:  # noqa: BLE001 - BackendUnavailable, or an import problem: reported, not raised
+        return None, f"unavailable: {e}"[:300]
+
+
 class Runner:
-    def __init__(self, device: torch.device, budget_s: float, smoke: bool):
+    def __init__(self, device: torch.device, budget_s: float, smoke: bool, cuda_ext: object | None = None,
+                 cuda_note: str = ""):
         self.device, self.smoke = device, smoke
         self.deadline = time.monotonic() + budget_s
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.copy_gbps: float | None = None
+        self.cuda_ext, self.cuda_note = cuda_ext, cuda_note
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
@@ -338,6 +361,15 @@ class Runner:
         rows = []
         rows.append(self.timed({**cfg, "kernel": "triton"},
                                lambda: paged_decode_attention(q, k, v, tables, lens, scale, ctx), nbytes, ref))
+        ext = self.cuda_ext  # called directly, not through the backend, which would hand other shapes to Triton
+        if ext is None:
+            rows.append({**cfg, "kernel": "cuda", "note": self.cuda_note[:120]})  # in full: payload["cuda_note"]
+        elif shape.head_dim not in ext.HEAD_DIMS:
+            rows.append({**cfg, "kernel": "cuda", "note": f"skipped: head_dim {shape.head_dim} not compiled"})
+        else:
+            rows.append(self.timed({**cfg, "kernel": "cuda"},
+                                   lambda: ext.paged_decode_attention(q, k, v, tables, lens, scale, ctx)[0],
+                                   nbytes, ref))
         row = {**cfg, "kernel": "reference"}
         if kv_bytes(b * ctx, shape, 4) <= REFERENCE_MAX_KV_BYTES:
             rows.append(self.timed(row, lambda: reference.paged_decode_attention(q, k, v, tables, lens, scale, ctx),
@@ -452,7 +484,7 @@ def plot(decode_rows: list[dict], copy_gbps: float | None, path: Path) -> Path |
     dtype = rows[0]["dtype"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-    styles = {"triton": "-", "reference": ":", "sdpa": "--"}
+    styles = {"triton": "-", "cuda": "-.", "reference": ":", "sdpa": "--"}
     for ax, sh in zip(axes[0], shapes):
         for kern in DECODE_KERNELS:
             for b in sorted({r["batch"] for r in rows}):
@@ -477,13 +509,16 @@ def run(quick: bool = False, smoke: bool = False, out_dir: Path | None = None, d
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda" and not smoke:
         raise SystemExit("benchmarks.kernels_gpu needs CUDA (use --smoke to check the script on CPU)")
-    runner = Runner(dev, budget_s, smoke)
+    cuda_ext, cuda_note = load_cuda_decode(dev)  # before the clock starts: a first use may compile it
+    runner = Runner(dev, budget_s, smoke, cuda_ext, cuda_note)
+    if cuda_note:
+        print(f"cuda decode kernel {cuda_note}", flush=True)
     name = "kernels_gpu_smoke" if smoke else ("kernels_gpu_quick" if quick else "kernels_gpu")
     payload: dict = {"block_size": BLOCK_SIZE, "quick": quick, "smoke": smoke, "complete": False,
                      "timing": "triton.testing.do_bench, median ms, L2 flushed" if dev.type == "cuda"
                      else "perf_counter median (smoke: meaningless)",
                      "bytes": "decode: K/V rows read + q + out; cascade: prefix once (cascade) or per member (plain)",
-                     "copy": None, "decode": [], "cascade": [], "prefill": [], "skipped": []}
+                     "copy": None, "decode": [], "cascade": [], "prefill": [], "skipped": [], "cuda_note": cuda_note}
     cascade_fn, why_absent = load_cascade_kernel()
     if cascade_fn is None:
         payload["cascade_note"] = why_absent
@@ -550,7 +585,7 @@ def report(payload: dict) -> str:
     env = environment(torch.device("cuda")) if torch.cuda.is_available() else {}
     parts = [f"device: {env.get('device', 'cpu')}  torch {torch.__version__}"]
     if payload["decode"]:
-        parts += ["", "decode (paged Triton vs torch reference vs SDPA on contiguous K/V)",
+        parts += ["", "decode (paged Triton and CUDA kernels vs torch reference vs SDPA on contiguous K/V)",
                   format_table(payload["decode"], DECODE_COLUMNS)]
     if payload["cascade"]:
         parts += ["", "cascade vs plain Triton decode (B rows share a prefix; picked = kernels.cascade.cascade_pays; "
