@@ -58,8 +58,8 @@ def jit_build(verbose: bool = False) -> ModuleType:
     major, minor = torch.cuda.get_device_capability()
     arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_env or f"{major}.{minor}"  # this GPU's architecture only
-    print(f"kernels.cuda: building the CUDA extension in {path} (first use; about a minute)", file=sys.stderr,
-          flush=True)
+    print(f"kernels.cuda: loading the CUDA extension from {path} (compiled there first if needed: about a minute)",
+          file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(JIT_NAME, [str(s) for s in sources], extra_cflags=["-O3"],
                                   extra_cuda_cflags=["-O3", "-lineinfo"], build_directory=str(path),
