@@ -1,0 +1,301 @@
+"""Structured output: every guided output parses and validates (pydantic, independent of the grammar library);
+unguided requests beside it are untouched; bad schemas are refused before anything runs."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from conftest import make_hf_model, requires_smollm2, save_hf
+from engine import LLM, GuidedDecoding, SamplingParams
+from engine.config import shape
+
+pytest.importorskip("llguidance")
+TINY = {"dtype": torch.float32, "num_threads": 1}  # a 128-wide model: a second torch thread only waits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    n = torch.get_num_threads()  # LLM(num_threads=...) sets the process-wide count
+    yield
+    torch.set_num_threads(n)
+
+
+class Point(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(ge=1, le=9)
+    point: str = Field(max_length=40)
+
+
+class Points(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    points: list[Point] = Field(min_length=2, max_length=3)
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    answer: str = Field(max_length=40)
+
+
+class Short(BaseModel):  # for random-weight models: every field bounded, so any path through it ends
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=8)
+    n: int = Field(ge=0, le=99)
+    ok: bool
+    tags: list[Annotated[str, Field(max_length=6)]] = Field(min_length=1, max_length=2)
+
+
+def guided(model: type[BaseModel]) -> GuidedDecoding:
+    return GuidedDecoding(json_schema=model.model_json_schema())
+
+
+BAD_SCHEMAS = [
+    ({"type": "nope"}, "Invalid type"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+    ({"type": "string", "pattern": "(unclosed"}, "regex"),
+]
+
+
+# ---- parameters -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "exactly one"), ({"json_schema": {"type": "object"}, "json_object": True}, "exactly one"),
+    ({"json_schema": '{"type": "object"}'}, "must be a dict"), ({"json_object": 1}, "must be a bool"),
+    ({"json_schema": {"enum": {1, 2}}}, "not JSON"), ({"json_schema": {"maximum": float("nan")}}, "not JSON"),
+])
+def test_bad_guided_decoding(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GuidedDecoding(**kwargs)
+
+
+def test_sampling_params_checks_guided():
+    with pytest.raises(ValueError, match="guided must be a GuidedDecoding"):
+        SamplingParams(guided={"type": "object"})
+    assert SamplingParams(guided=GuidedDecoding(json_object=True)).guided.json_object
+
+
+# ---- SmolLM2: real outputs --------------------------------------------------------------------------------------
+def chat(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+POINTS_Q = chat('Give three short tips for better sleep. Reply with JSON: {"points": [{"index": 1, "point": "..."}, ...]}')
+ANSWER_Q = chat('What is the capital of France? Reply with JSON: {"answer": "..."}')
+OBJECT_Q = chat("What is the capital of France? Reply with a JSON object.")
+PLAIN_Q = [chat("Name a fruit."), chat("Count to five.")]
+PLAIN = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0.8, seed=5, max_tokens=12)]
+
+
+@pytest.fixture(scope="module")
+def smol_batch(smollm2):
+    """One batch: each schema greedy and with two seeds, json_object mode, and two unguided requests."""
+    llm = smollm2.llm
+    reqs = []
+    for q, g in ((POINTS_Q, guided(Points)), (ANSWER_Q, guided(Answer)), (OBJECT_Q, GuidedDecoding(json_object=True))):
+        reqs += [(q, SamplingParams(temperature=0, max_tokens=120, guided=g))]
+        reqs += [(q, SamplingParams(temperature=0.8, seed=s, max_tokens=120, guided=g)) for s in (1, 2)]
+    reqs += list(zip(PLAIN_Q, PLAIN))
+    outs = llm.generate([q for q, _ in reqs], [p for _, p in reqs])
+    return {"points": outs[0:3], "answer": outs[3:6], "object": outs[6:9], "plain": outs[9:]}
+
+
+@requires_smollm2
+@pytest.mark.parametrize("name, model", [("points", Points), ("answer", Answer)])
+def test_smollm2_schema_outputs_validate(smollm2, smol_batch, name, model):
+    for out in smol_batch[name]:  # greedy, seed 1, seed 2
+        assert out.finish_reason == "stop", f"did not complete in max_tokens: {out.text!r}"
+        model.model_validate_json(out.text)  # raises on invalid JSON or a schema violation
+        assert out.token_ids[-1] not in smollm2.llm.engine.eos_ids  # the grammar finished it, at its last "}"
+
+
+@requires_smollm2
+def test_smollm2_json_object_mode(smol_batch):
+    for out in smol_batch["object"]:
+        assert out.finish_reason == "stop", out.text
+        assert isinstance(json.loads(out.text), dict) and out.text.startswith("{")
+
+
+@requires_smollm2
+def test_smollm2_unguided_rows_untouched_by_guided_ones(smollm2, smol_batch):
+    alone = [smollm2.llm.generate(q, p)[0] for q, p in zip(PLAIN_Q, PLAIN)]
+    assert [o.token_ids for o in smol_batch["plain"]] == [a.token_ids for a in alone]
+
+
+@requires_smollm2
+def test_smollm2_schema_compiled_once_tokenizer_view_built_once(smollm2, smol_batch):
+    gd = smollm2.llm.engine.guided
+    view = gd._ll
+    assert view is not None and view.vocab_size == smollm2.llm.tokenizer.vocab_size
+    same = GuidedDecoding(json_schema=json.loads(json.dumps(Points.model_json_schema())))  # equal, not identical
+    assert gd.compile(same) is gd.compile(guided(Points)) and gd._ll is view
+
+
+# ---- tiny random models: fast, and adversarial (random logits walk anywhere the grammar allows) -------------------
+@pytest.fixture(scope="module")
+def padded_chat_dir(tiny_chat_dir, tmp_path_factory) -> Path:
+    """tiny_chat_dir's 512-id BPE tokenizer and ChatML template on a random model with 640 embedding rows: 128
+    padding ids that random logits would pick if the mask let them."""
+    d = tmp_path_factory.mktemp("padded_chat")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_chat_dir / name, d / name)
+    eos = json.loads((tiny_chat_dir / "config.json").read_text())["eos_token_id"]
+    return save_hf(make_hf_model(shape("tiny", vocab_size=640, eos_token_ids=[eos]), seed=22), d)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(padded_chat_dir):
+    llm = LLM(str(padded_chat_dir), **TINY, block_size=4, num_blocks=512, max_model_len=512)
+    assert (llm.tokenizer.vocab_size, llm.config.vocab_size) == (512, 640)
+    return llm
+
+
+def sampled(seed: int, max_tokens: int = 200, model: type[BaseModel] = Short) -> SamplingParams:
+    return SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, guided=guided(model))
+
+
+def test_padded_vocab_never_allowed(tiny_chat):
+    """Every mask along a run: nothing at or past the tokenizer's size, something below it."""
+    llm, n_tok = tiny_chat, tiny_chat.tokenizer.vocab_size
+    eng = llm.engine
+    seq = eng.add_request(chat("hi"), sampled(3))
+    while not seq.is_finished:
+        allowed = eng.guided.allowed([eng._matchers[seq.seq_id]])
+        assert allowed.shape == (1, llm.config.vocab_size)
+        assert not allowed[0, n_tok:].any() and allowed[0, :n_tok].any()
+        eng.step()
+    assert seq.finish_reason == "stop" and max(seq.output_ids) < n_tok
+    Short.model_validate_json(seq.text)
+    eng.release(seq)
+
+
+def test_random_model_outputs_validate(tiny_chat):
+    outs = tiny_chat.generate([chat(f"q{i}") for i in range(6)], [sampled(s) for s in range(6)])
+    for o in outs:
+        assert o.finish_reason == "stop", o.text
+        Short.model_validate_json(o.text)
+    o = tiny_chat.generate(chat("x"), SamplingParams(temperature=0, max_tokens=200, guided=guided(Short)))[0]
+    assert o.finish_reason == "stop", o.text
+    Short.model_validate_json(o.text)
+
+
+def test_max_tokens_first_gives_length(tiny_chat):
+    o = tiny_chat.generate(chat("x"), sampled(1, max_tokens=3))[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 3 and o.text.startswith("{")
+    with pytest.raises(ValueError):
+        Short.model_validate_json(o.text)
+
+
+@pytest.mark.parametrize("schema, match", BAD_SCHEMAS)
+def test_bad_schema_rejected_before_running_others_untouched(tiny_chat, schema, match):
+    llm = tiny_chat
+    eng = llm.engine
+    params = [sampled(7, 40), SamplingParams(temperature=0, max_tokens=10)]
+    prompts = [chat("a"), chat("b")]
+    alone = [llm.generate(q, p)[0].token_ids for q, p in zip(prompts, params)]
+    seqs = [eng.add_request(q, p) for q, p in zip(prompts, params)]
+    eng.step()
+    eng.step()
+    waiting, running = llm.stats()["waiting"], llm.stats()["running"]
+    with pytest.raises(ValueError, match=match):
+        eng.add_request(chat("c"), SamplingParams(max_tokens=5, guided=GuidedDecoding(json_schema=schema)))
+    with pytest.raises(ValueError, match=f"prompt 1: bad JSON schema.*{match}"):  # the whole call, none queued
+        llm.generate([chat("d"), chat("e")], [SamplingParams(), SamplingParams(guided=GuidedDecoding(json_schema=schema))])
+    assert (llm.stats()["waiting"], llm.stats()["running"]) == (waiting, running)
+    while eng.has_unfinished():
+        eng.step()
+    assert [s.output_ids for s in seqs] == alone
+    for s in seqs:
+        eng.release(s)
+    assert llm.stats()["free_blocks"] == llm.stats()["total_blocks"]
+
+
+def test_preempted_guided_sequences_resume_where_they_were(padded_chat_dir):
+    """A pool too small for the batch: sequences are preempted and recomputed from their tokens; a matcher that
+    were advanced again over them would fail or diverge from the same request run alone."""
+    llm = LLM(str(padded_chat_dir), **TINY, block_size=4, num_blocks=40, max_model_len=160)
+    params = [sampled(s, max_tokens=100) for s in range(5)]
+    prompts = [chat(f"question {i}") for i in range(5)]
+    alone = [llm.generate(q, p)[0] for q, p in zip(prompts, params)]
+    outs = llm.generate(prompts, params)
+    assert sum(o.num_preemptions for o in outs) > 0, "the pool was meant to run out"
+    assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
+    for o in outs:
+        assert o.finish_reason == "stop", o.text
+        Short.model_validate_json(o.text)
+    assert llm.stats()["free_blocks"] == llm.stats()["total_blocks"]
+
+
+def test_fork_children_guided(tiny_chat):
+    prefix = tiny_chat.engine.encode(chat("shared question"))
+    suffixes = [[5, 6], [7], []]
+    params = [sampled(11), sampled(12, model=Answer), SamplingParams(temperature=0, max_tokens=8)]
+    kids = tiny_chat.fork(prefix, suffixes, params)
+    full = tiny_chat.generate([prefix + s for s in suffixes], params)
+    assert [k.token_ids for k in kids] == [f.token_ids for f in full]
+    assert kids[0].finish_reason == kids[1].finish_reason == "stop"
+    Short.model_validate_json(kids[0].text)
+    Answer.model_validate_json(kids[1].text)
+
+
+# ---- a sentencepiece vocabulary (bytes + 0xFF specials, not a tokenizers JSON) -------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sp_dir(tmp_path_factory) -> Path:
+    import random
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("tiny_sp")
+    rng = random.Random(0)
+    lines = [json.dumps({"name": "".join(rng.choice("abcdé ") for _ in range(6)), "n": rng.randint(0, 99)})
+             for _ in range(1500)]
+    (d / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "sp"), model_type="bpe", vocab_size=300,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2)
+    (d / "sp.model").rename(d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    save_hf(make_hf_model(shape("tiny", eos_token_ids=[2]), seed=5), d)  # 512 ids: 212 of them padding
+    return d
+
+
+def test_sentencepiece_vocab(tiny_sp_dir):
+    llm = LLM(str(tiny_sp_dir), **TINY, max_model_len=256)
+    tok, gd = llm.tokenizer, llm.engine.guided
+    # the grammar follows the pieces' bytes: a valid document, tokenized mid-text, is accepted token by token
+    m = gd.matcher(GuidedDecoding(json_schema={"type": "object", "properties": {
+        "name": {"type": "string"}, "n": {"type": "integer"}}, "required": ["name", "n"], "additionalProperties": False}))
+    ids = tok.encode_fragment('{"name": "ab é日", "n": 42}')  # é, 日: byte-fallback pieces
+    for i in ids:
+        assert gd.allowed([m])[0, i], tok.id_to_token(i)
+        assert m.accept(i) and not m.error
+    assert m.done
+    outs = llm.generate([[1, 5, 6, 7]] * 4, [sampled(s) for s in range(4)])
+    for o in outs:
+        assert o.finish_reason == "stop", o.text
+        Short.model_validate_json(o.text)
+        assert max(o.token_ids) < tok.vocab_size
+
+
+# ---- without the library ----------------------------------------------------------------------------------------
+def test_engine_runs_without_llguidance_and_names_the_extra():
+    code = """
+import sys
+sys.modules["llguidance"] = None  # as if not installed
+from engine import LLM, GuidedDecoding, SamplingParams
+llm = LLM("random:tiny", block_size=4, num_blocks=16, num_threads=1)
+print(len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].token_ids))
+try:
+    llm.generate([[1, 2, 3]], SamplingParams(guided=GuidedDecoding(json_object=True)))
+except ValueError as e:
+    print(e)
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["2", "prompt 0: structured output needs llguidance: pip install 'sot-engine[server]'"]
