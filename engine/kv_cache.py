@@ -127,7 +127,6 @@ class BlockManager:
             seq.block_table.extend(hits)
             seq.block_hashes = hashes
             seq.num_cached_tokens = len(seq.block_table) * self.block_size
-            seq.prefix_cached_tokens = max(seq.prefix_cached_tokens, min(seq.num_cached_tokens, seq.num_prompt_tokens))
             self.hit_tokens += len(hits) * self.block_size
         seq.block_table.extend(self._take() for _ in range(fresh))
 
