@@ -134,9 +134,9 @@ class BlockManager:
         """Register the sequence's full blocks whose KV is now computed (after each step that ran it). A
         block whose hash is already registered (the same prefix computed by a sequence admitted in the
         same step) stays unregistered: the cache holds one block per hash."""
-        if not self.enable_caching:
-            return
         n = seq.num_cached_tokens // self.block_size
+        if not self.enable_caching or n == len(seq.block_hashes):  # most decode steps fill no block
+            return
         hashes = self._hashes(seq, n)
         for i in range(len(seq.block_hashes), n):
             b, h = seq.block_table[i], hashes[i]

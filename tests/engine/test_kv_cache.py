@@ -178,7 +178,7 @@ def test_cache_eviction_order_and_hits():
     bm.free(b)
     c = Sequence([1, 2, 3, 4, 6], SamplingParams())
     bm.allocate(c)
-    assert c.block_table[0] == 0 and c.num_cached_tokens == c.prefix_cached_tokens == 2 == bm.hit_tokens
+    assert c.block_table[0] == 0 and c.num_cached_tokens == 2 == bm.hit_tokens
     assert bm.ref_counts[0] == 1 and 0 not in bm.cached_free
 
 
