@@ -50,12 +50,14 @@ def test_points_share_one_prefix_prefill_and_decode_as_one_batch(llm, expansion)
     after = llm.stats()
     assert ans.mode == "sot" and ans.expansion == expansion and [p.point for p in ans.points] == POINTS
     assert max(running_seen) == len(POINTS), "the points were not decoded in one batch"
-    # the common prefix was prefilled once, each point prefilled only its own tail
+    # the common prefix was prefilled once, each point prefilled only its own tail; the engine's prefix
+    # cache may hold some of it already (an earlier answer on this engine with the same prompt template)
     shared = {p.cached_tokens for p in ans.points}
     assert len(shared) == 1 and shared.pop() > 40
     n = ans.points[0].cached_tokens
+    hits = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
     assert ans.tokens.expand_prompt == sum(p.prompt_tokens for p in ans.points)
-    assert ans.tokens.expand_prefilled == ans.tokens.expand_prompt - (len(POINTS) - 1) * n
+    assert ans.tokens.expand_prefilled == ans.tokens.expand_prompt - (len(POINTS) - 1) * n - hits
     assert after["prefill_tokens"] - before["prefill_tokens"] == ans.tokens.expand_prefilled
     # capped, and batched: decode steps follow the longest point, not the sum of the points
     assert all(1 <= p.num_tokens <= 6 and p.finish_reason in ("stop", "length") for p in ans.points)
@@ -82,6 +84,23 @@ def test_continuation_reuses_the_kept_skeleton_kv(llm):
     assert all(p.cached_tokens >= ans.tokens.skeleton_prompt - 8 for p in ans.points)  # minus a partial block
     assert ans.tokens.expand_prefilled == sum(p.prompt_tokens - p.cached_tokens for p in ans.points)
     assert ans.tokens.expand_prefilled < ans.tokens.expand_prompt // 3
+    _idle(llm)
+
+
+def test_a_repeated_question_is_served_from_the_prefix_cache(llm):
+    """The same question again (another API call): the fork's common prefix, computed by the first answer,
+    comes from the engine's prefix cache -- all its full blocks but the one holding its last token -- and
+    the answer is the same."""
+    sot = SoT(llm, SoTConfig(point_max_tokens=4, ngram=0))
+    first = sot.answer("Why is the sky blue?", skeleton=POINTS)
+    before = llm.stats()["prefix_cache_hit_tokens"]
+    again = sot.answer("Why is the sky blue?", skeleton=POINTS)
+    hits = llm.stats()["prefix_cache_hit_tokens"] - before
+    n = again.points[0].cached_tokens
+    assert n > 40 and n % 8, "the test needs a common prefix ending inside a block (the points then hit nothing)"
+    assert hits == (n - 1) // 8 * 8
+    assert again.tokens.expand_prefilled == again.tokens.expand_prompt - (len(POINTS) - 1) * n - hits
+    assert again.text == first.text
     _idle(llm)
 
 
