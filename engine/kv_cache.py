@@ -13,6 +13,8 @@ fresh block (never-cached free blocks go first, then the least recently freed ca
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 
 import torch
@@ -27,8 +29,11 @@ class PoolExhausted(RuntimeError):
 
 def chain_hash(parent: int | None, tokens: list[int]) -> int:
     """Identity of a full block: its tokens and, through `parent` (the previous block's hash), every
-    token before them -- a block's KV depends on the whole prefix."""
-    return hash((parent, tuple(tokens)))
+    token before them -- a block's KV depends on the whole prefix. SHA-256 (128 bits kept), not Python's
+    hash: a server's clients choose the tokens, and a collision would hand one request another's KV."""
+    h = hashlib.sha256((parent or 0).to_bytes(16, "little"))
+    h.update(array("q", tokens).tobytes())
+    return int.from_bytes(h.digest()[:16], "little")
 
 
 class BlockManager:
