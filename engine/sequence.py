@@ -26,6 +26,7 @@ class SamplingParams:
     # (cut, reason): the request stops, its text is cut at `cut` and `reason` becomes its stop_reason.
     # For rules that stop strings cannot say ("a newline after some text", "a repeated phrase").
     stop_fn: Callable[[str], tuple[int, str] | None] | None = None
+    guided: object = None  # TEMP STUB
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:

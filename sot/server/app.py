@@ -341,7 +341,7 @@ class Server:
                     if new:
                         yield chunk({"content": new})
                     yield chunk({}, None, "stop", self._sot_usage(ev.answer))
-                    summary = {"sot": self._sot_summary(ev.answer)}
+                    summary = {"sot": {"event": "answer", **self._sot_summary(ev.answer)}}
                     yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                                 "choices": [], **summary})
                 else:

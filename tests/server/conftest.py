@@ -65,3 +65,17 @@ def tiny_server(tiny_chat_dir):
     srv = RunningServer(LLM(str(tiny_chat_dir), max_model_len=256, num_blocks=128, block_size=4))
     yield srv
     srv.close()
+
+
+@pytest.fixture(scope="module")
+def serve_smollm2(smollm2):
+    """Start a server on its own SmolLM2 (the session's LLM stays free for reference runs)."""
+    from engine import LLM
+    started = []
+
+    def start(**app_args) -> RunningServer:
+        started.append(RunningServer(LLM("default", kv_cache_memory=256 << 20), **app_args))
+        return started[-1]
+    yield start
+    for srv in started:
+        srv.close()
