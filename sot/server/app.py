@@ -170,7 +170,8 @@ class Server:
                 forced = choice.function.name
             elif choice == "required" and len(req.tools) == 1:
                 forced = req.tools[0].function.name
-            msgs = [{"role": "system", "content": _tool_prompt(req.tools, forced)}] + msgs
+            # after the conversation, not before: requests with different tools still share its prefix blocks
+            msgs = msgs + [{"role": "system", "content": _tool_prompt(req.tools, forced)}]
             if forced is not None:
                 tool = next(t for t in req.tools if t.function.name == forced)
                 guided = GuidedDecoding(json_schema=tool.function.parameters)
