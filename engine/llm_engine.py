@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from engine.config import CacheConfig, SchedulerConfig
+from engine.guided import GuidedDecoder, Matcher
 from engine.kv_cache import BlockManager, KVCache, PoolExhausted
 from engine.loader import load_model
 from engine.model import LlamaModel
@@ -112,6 +113,9 @@ class LLMEngine:
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        # structured output; the grammar library is loaded by the first guided request
+        self.guided = GuidedDecoder(self.tokenizer, self.eos_ids, self.config.vocab_size)
+        self._matchers: dict[int, Matcher] = {}  # seq_id -> grammar state, for guided sequences
         self.requests: dict[str, Sequence] = {}
         self._forks: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, children)
         self._detok: dict[int, _Detok] = {}
@@ -169,6 +173,8 @@ class LLMEngine:
             raise ValueError(f"KV pool too small: {what} of {len(ids)} tokens + max_tokens {params.max_tokens} "
                              f"needs {need} blocks of {self.block_manager.block_size} tokens, the pool has "
                              f"{self.block_manager.num_blocks}")
+        if params.guided is not None:
+            self.guided.compile(params.guided)  # a schema that does not compile is rejected here, not mid-batch
 
     def _new_id(self, request_id: str | None) -> str:
         if request_id is None:
@@ -185,6 +191,8 @@ class LLMEngine:
                 torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(list(ids), params, request_id=request_id, generator=gen, max_len=self.max_model_len)
         self._detok[seq.seq_id] = _Detok()
+        if params.guided is not None:
+            self._matchers[seq.seq_id] = self.guided.matcher(params.guided)
         return seq
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -293,7 +301,11 @@ class LLMEngine:
             self.counters["max_decode_batch"] = max(self.counters["max_decode_batch"], len(seqs))
         logits = self.runner.run(seqs, is_prefill)
         active = [i for i, s in enumerate(seqs) if not s.prefill_only]
-        tokens = sample(logits[active], [seqs[i].params for i in active],
+        rows = logits[active]
+        guided = [(j, m) for j, i in enumerate(active) if (m := self._matchers.get(seqs[i].seq_id)) is not None]
+        if guided:
+            self.guided.apply(rows, [j for j, _ in guided], [m for _, m in guided])
+        tokens = sample(rows, [seqs[i].params for i in active],
                         [seqs[i].generator for i in active]) if active else []
         outputs: list[StepOutput] = []
         for s in seqs:
@@ -327,9 +339,15 @@ class LLMEngine:
             seq.timings.first_token = now
         p = seq.params
         reason: str | None = None
+        matcher = self._matchers.get(seq.seq_id)
+        rejected = matcher is not None and not matcher.accept(tok)  # masked, so only on a grammar failure
         if tok in p.stop_token_ids:
             reason, seq.stop_reason = "stop", tok
         elif not p.ignore_eos and tok in self.eos_ids:
+            reason = "stop"
+        elif rejected:  # like a failing stop_fn: this request ends, the batch goes on
+            reason, seq.stop_reason = "stop", f"grammar error: {matcher.error}"
+        elif matcher is not None and matcher.done:  # the JSON is complete
             reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= seq.max_len:
             reason = "length"
@@ -386,6 +404,7 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.timings.finished = time.perf_counter()
         self._detok.pop(seq.seq_id, None)
+        self._matchers.pop(seq.seq_id, None)
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished request (its id becomes reusable) and free the blocks it kept, if any."""

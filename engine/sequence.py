@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from engine.guided import GuidedDecoding
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -26,7 +28,9 @@ class SamplingParams:
     # (cut, reason): the request stops, its text is cut at `cut` and `reason` becomes its stop_reason.
     # For rules that stop strings cannot say ("a newline after some text", "a repeated phrase").
     stop_fn: Callable[[str], tuple[int, str] | None] | None = None
-    guided: object = None  # TEMP STUB
+    # Structured output: the output is constrained to a JSON schema (or any JSON object) and the request stops
+    # ("stop") when the JSON is complete; max_tokens first gives "length" and truncated JSON.
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
@@ -53,6 +57,8 @@ class SamplingParams:
             raise bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
         if self.stop_fn is not None and not callable(self.stop_fn):
             raise bad(f"stop_fn must be callable, got {self.stop_fn!r}")
+        if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            raise bad(f"guided must be a GuidedDecoding, got {type(self.guided).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -85,6 +85,17 @@ class _SPBackend:
         texts = sorted(set(self.special.values()), key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(map(re.escape, texts)) + ")") if texts else None
         self.by_text = {p: i for i, p in self.special.items()}
+        self._no_prefix: Any = None  # the same model without the dummy prefix, built on first use
+
+    def encode_fragment(self, text: str) -> list[int]:
+        if self._no_prefix is None:
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2 as pb  # needs `protobuf`
+            m = pb.ModelProto()
+            m.ParseFromString(self.sp.serialized_model_proto())
+            m.normalizer_spec.add_dummy_prefix = False
+            self._no_prefix = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+        return self._no_prefix.encode(text)
 
     def encode(self, text: str) -> list[int]:
         if not text:
@@ -119,6 +130,18 @@ class _SPBackend:
     def size(self) -> int:
         return self.sp.get_piece_size()
 
+    def piece_bytes(self) -> list[bytes]:
+        sp, out = self.sp, []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):  # <0xNN>
+                out.append(bytes([int(piece[3:-1], 16)]))
+            elif sp.is_unused(i):
+                out.append(b"")
+            else:
+                out.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
+
 
 class Tokenizer:
     """Backend-independent tokenizer. `encode(..., add_special_tokens=True)` prepends BOS when the model
@@ -146,6 +169,24 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._b.id_to_token(i)
+
+    @property
+    def hf_tokenizer(self) -> tokenizers.Tokenizer | None:
+        """The `tokenizers.Tokenizer` behind a BPE / tokenizer.json vocabulary; None for sentencepiece."""
+        return self._b.tk if isinstance(self._b, _HFBackend) else None
+
+    def piece_bytes(self) -> list[bytes]:
+        """A sentencepiece vocabulary's pieces as the bytes they add to the text (`\u2581` a space, `<0xNN>` that
+        byte, unused pieces nothing; control pieces their own text): what a grammar library needs. A `tokenizers`
+        vocabulary is read from its JSON instead (`hf_tokenizer`)."""
+        if not isinstance(self._b, _SPBackend):
+            raise ValueError("piece_bytes is for sentencepiece vocabularies; use hf_tokenizer")
+        return self._b.piece_bytes()
+
+    def encode_fragment(self, text: str) -> list[int]:
+        """Ids for text in the middle of a sequence: sentencepiece's dummy prefix (a space before the text) left
+        out. What a grammar library tokenizes forced text with."""
+        return self._b.encode_fragment(text) if isinstance(self._b, _SPBackend) else self._b.encode(text)
 
     @property
     def bos_token(self) -> str | None:

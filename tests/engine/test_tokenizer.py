@@ -176,6 +176,13 @@ def _check_sp(tok: Tokenizer, sp) -> None:
     ids = tok.encode("a 🤖 b")
     for k in range(len(ids) + 1):  # partial byte sequences decode without raising
         assert isinstance(tok.decode(ids[:k]), str)
+    # the vocabulary as bytes (what a grammar library reads): a fragment's pieces spell exactly its UTF-8 bytes
+    pieces = tok.piece_bytes()
+    assert len(pieces) == sp.get_piece_size() and tok.hf_tokenizer is None
+    for text in SP_TEXTS[1:]:
+        ids = tok.encode_fragment(text)
+        assert b"".join(pieces[i] for i in ids) == text.encode(), text
+        assert ids != tok.encode(text)  # encode() adds the dummy prefix
 
 
 def test_llama3_pretokenizer_gguf(smol, tmp_path):
