@@ -16,7 +16,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort"
     stop_reason: int | str | None  # the stop token id or stop string, None for EOS or length
-    num_cached_tokens: int  # prompt tokens taken from a shared (forked) prefix, not prefilled
+    num_cached_tokens: int  # prompt tokens taken from a shared prefix (a fork, the prefix cache), not prefilled
     ttft: float | None  # seconds from arrival to the first token
     latency: float | None  # seconds from arrival to the end
     num_preemptions: int

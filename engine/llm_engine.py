@@ -74,10 +74,15 @@ class LLMEngine:
                  dtype: torch.dtype | str | None = None, backend: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 seed: int = 0, num_threads: int | None = None, cascade: str = "auto") -> None:
+                 seed: int = 0, num_threads: int | None = None, cascade: str = "auto",
+                 enable_prefix_caching: bool = True) -> None:
         """`cascade`: shared-prefix decode attention for sequences that share prefix blocks (fork children, SoT
         points). "auto": on CUDA, for the groups the cost model accepts (`kernels.cascade.cascade_pays`);
-        "on": for every group found (tests); "off": never."""
+        "on": for every group found (tests); "off": never.
+
+        `enable_prefix_caching`: a request whose prompt starts with full blocks already computed (a system
+        prompt, SoT's question + skeleton sent again) takes their KV from the pool instead of prefilling it;
+        freed blocks stay cached until the pool needs them. Exact, hence on by default."""
         if cascade not in ("auto", "on", "off"):
             raise ValueError(f"cascade must be 'auto', 'on' or 'off', got {cascade!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -102,7 +107,7 @@ class LLMEngine:
             num_blocks = min(budget // per_block, enough)
             if num_blocks < 1:
                 raise ValueError(f"KV cache budget of {budget} bytes is below one block ({per_block} bytes)")
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.kv_cache = KVCache(self.config, num_blocks, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
                                    self.block_manager)
@@ -122,7 +127,8 @@ class LLMEngine:
         self._next_request = 0
         # cumulative work done, for benchmarks and for checking that a shared prefix was computed once;
         # max_decode_batch: the most sequences one decode step has run (did parallel requests batch?)
-        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_decode_batch": 0}
+        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefix_cache_hit_tokens": 0,
+                         "max_decode_batch": 0}
         # observers of every step, whoever drives the loop (the async server loop sees the steps a
         # synchronous caller such as the SoT driver runs): before_step() then after_step(outputs)
         self.step_hooks: list[StepHook] = []
@@ -294,12 +300,15 @@ class LLMEngine:
             if s.timings.first_scheduled is None:
                 s.timings.first_scheduled = now
         self.counters["steps"] += 1
+        self.counters["prefix_cache_hit_tokens"] = self.block_manager.hit_tokens  # hits happen in admission
         if is_prefill:
             self.counters["prefill_tokens"] += sum(len(s) - s.num_cached_tokens for s in seqs)
         else:
             self.counters["decode_tokens"] += len(seqs)
             self.counters["max_decode_batch"] = max(self.counters["max_decode_batch"], len(seqs))
         logits = self.runner.run(seqs, is_prefill)
+        for s in seqs:  # blocks filled by this step can serve later requests (before a finished one frees them)
+            self.block_manager.commit(s)
         active = [i for i, s in enumerate(seqs) if not s.prefill_only]
         rows = logits[active]
         guided = [(j, m) for j, i in enumerate(active) if (m := self._matchers.get(seqs[i].seq_id)) is not None]
@@ -416,6 +425,7 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         bm = self.block_manager
         return {"free_blocks": bm.num_free, "total_blocks": bm.num_blocks, "block_size": bm.block_size,
+                "cached_blocks": len(bm.cached),
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kept": sum(1 for s in self.requests.values() if s.is_finished and s.block_table),
                 **self.counters}

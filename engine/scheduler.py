@@ -49,11 +49,13 @@ class Scheduler:
                 if batch or self.running or not self._reclaim_from_waiting():
                     break
                 continue
-            self.bm.allocate(seq)
+            self.bm.allocate(seq)  # may take cached prefix blocks: fewer tokens to compute
+            if not seq.num_preemptions:  # first admission: the prompt tokens this request does not prefill
+                seq.prefix_cached_tokens = seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = Status.RUNNING
             batch.append(seq)
-            tokens += n_new
+            tokens += len(seq) - seq.num_cached_tokens
         self.running.extend(batch)
         return batch
 

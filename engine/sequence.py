@@ -109,6 +109,7 @@ class Sequence:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # leading tokens whose K/V are already in the pool
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the leading full blocks with KV
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
@@ -118,7 +119,7 @@ class Sequence:
     timings: Timings = field(default_factory=lambda: Timings(arrival=time.perf_counter()))
     num_preemptions: int = 0
     max_len: int = 0  # context limit for this sequence (the engine's max_model_len)
-    prefix_cached_tokens: int = 0  # prompt tokens that were served from a shared prefix
+    prefix_cached_tokens: int = 0  # prompt tokens that were served from a shared prefix (a fork, the cache)
     keep_kv: bool = False  # on finishing, keep the blocks (for a later fork) until the engine's release()
 
     def __post_init__(self) -> None:
