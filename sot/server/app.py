@@ -179,7 +179,7 @@ class Server:
                 guided = GuidedDecoding(json_schema={"anyOf": [
                     {"type": "object", "properties": {"name": {"const": t.function.name},
                                                       "arguments": t.function.parameters},
-                     "required": ["name", "arguments"]} for t in req.tools]})
+                     "required": ["name", "arguments"], "additionalProperties": False} for t in req.tools]})
         elif req.response_format is not None and req.response_format.type == "json_object":
             guided = GuidedDecoding(json_object=True)
         elif req.response_format is not None and req.response_format.type == "json_schema":
