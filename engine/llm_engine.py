@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -25,6 +26,11 @@ from engine.sequence import SamplingParams, Sequence, Status, expand_params
 from kernels import get_backend
 
 Prompt = str | list[int] | list[dict]
+
+
+class StepHook(Protocol):
+    def before_step(self) -> None: ...
+    def after_step(self, outputs: list["StepOutput"]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -119,8 +125,13 @@ class LLMEngine:
         self._forks: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, children)
         self._detok: dict[int, _Detok] = {}
         self._next_request = 0
-        # cumulative work done, for benchmarks and for checking that a shared prefix was computed once
-        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefix_cache_hit_tokens": 0}
+        # cumulative work done, for benchmarks and for checking that a shared prefix was computed once;
+        # max_decode_batch: the most sequences one decode step has run (did parallel requests batch?)
+        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefix_cache_hit_tokens": 0,
+                         "max_decode_batch": 0}
+        # observers of every step, whoever drives the loop (the async server loop sees the steps a
+        # synchronous caller such as the SoT driver runs): before_step() then after_step(outputs)
+        self.step_hooks: list[StepHook] = []
 
     # ---- input ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, add_bos: bool = True) -> list[int]:
@@ -270,6 +281,14 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[StepOutput]:
+        for hook in self.step_hooks:
+            hook.before_step()
+        outputs = self._step()
+        for hook in self.step_hooks:
+            hook.after_step(outputs)
+        return outputs
+
+    def _step(self) -> list[StepOutput]:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             if self.scheduler.waiting:
@@ -286,6 +305,7 @@ class LLMEngine:
             self.counters["prefill_tokens"] += sum(len(s) - s.num_cached_tokens for s in seqs)
         else:
             self.counters["decode_tokens"] += len(seqs)
+            self.counters["max_decode_batch"] = max(self.counters["max_decode_batch"], len(seqs))
         logits = self.runner.run(seqs, is_prefill)
         for s in seqs:  # blocks filled by this step can serve later requests (before a finished one frees them)
             self.block_manager.commit(s)
@@ -342,7 +362,7 @@ class LLMEngine:
             reason = "length"
         new_text = ""
         if self.tokenizer is not None:
-            new_text, hit = self._detokenize(seq)
+            new_text, hit = self._detokenize(seq, final=reason is not None)
             if hit is not None:
                 reason, seq.stop_reason = "stop", hit
         if reason is not None:
@@ -350,7 +370,7 @@ class LLMEngine:
             self._finish(seq, reason)
         return StepOutput(seq, [tok], new_text, reason is not None)
 
-    def _detokenize(self, seq: Sequence) -> tuple[str, str | None]:
+    def _detokenize(self, seq: Sequence, final: bool = False) -> tuple[str, str | None]:
         """Decode the whole output (exact at merges and multi-byte characters); returns the text
         not yet emitted and the stop string that was hit, if any (the text is cut before it)."""
         st = self._detok[seq.seq_id]
@@ -366,8 +386,8 @@ class LLMEngine:
                 hit, cut = found
         text = text[:cut]
         st.stop_scan_from = len(text)
-        # a trailing replacement char may be half a multi-byte character: hold it back
-        stable = len(text) if hit is not None else len(text.rstrip("\ufffd"))
+        # a trailing replacement char may be half a multi-byte character: hold it back, unless this is the end
+        stable = len(text) if hit is not None or final else len(text.rstrip("\ufffd"))
         new = text[st.emitted:stable] if stable > st.emitted else ""
         st.emitted = max(st.emitted, stable)
         seq.text = text

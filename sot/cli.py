@@ -3,6 +3,7 @@
 ask      answer one question, streaming (a live view on a terminal, plain lines otherwise, --json: the Answer)
 compare  normal decoding, then SoT, on the same question: both answers, latencies and the speed-up
 bench    normal vs SoT over a question set (`sot.bench.run_bench`), results written as JSON
+serve    an OpenAI-compatible server (`sot.server`): /v1/chat/completions (+ {"sot": "auto"}), /v1/completions
 """
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", nargs="+", default=None, help="only these categories")
     b.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>)")
     b.add_argument("--name", default=None, help="file name stem (default: sot_<dataset>_<mode>_<expansion>)")
+    v = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients use in 'model' (default: the model's own name)")
+    v.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
+    v.add_argument("--no-prefix-caching", action="store_true", help="prefill every prompt in full")
     return ap
 
 
@@ -66,7 +74,7 @@ def _dtype(name: str | None):
     return dt
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, **engine_args):
     """The SoT on the chosen model, built once per command."""
     from engine import LLM
     from sot.driver import SoT, SoTConfig
@@ -76,7 +84,7 @@ def build(args: argparse.Namespace):
     if args.no_labels:
         kw["labels"] = False
     cfg = SoTConfig(**kw)  # checked before the (slow) model load
-    return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype)), cfg)
+    return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), **engine_args), cfg)
 
 
 def _check_question(q: str) -> str:
@@ -144,10 +152,20 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from sot.server import create_app
+    sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+    app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config)
+    print(f"serving {app.state.server.names} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"ask": ask, "compare": compare, "bench": bench}[args.cmd](args)
+        return {"ask": ask, "compare": compare, "bench": bench, "serve": serve}[args.cmd](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
