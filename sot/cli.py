@@ -153,8 +153,11 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from sot.server import create_app
+    try:
+        import uvicorn
+        from sot.server import create_app
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra ({e.name} is missing): bash scripts/install.sh server") from None
     sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
     app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config)
     print(f"serving {app.state.server.names} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
