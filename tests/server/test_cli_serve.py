@@ -1,0 +1,41 @@
+"""`python -m sot serve` starts a server that answers the official client, and stops on SIGINT."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def test_sot_serve_cli(tiny_chat_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sot", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
+                             "--served-model-name", "tiny", "--no-prefix-caching"],
+                            cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.2)
+        from openai import OpenAI
+        c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.usage.completion_tokens >= 1
+        assert httpx.get(f"http://127.0.0.1:{port}/stats").json()["cached_blocks"] == 0  # caching was turned off
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)
