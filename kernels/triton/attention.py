@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: folded into the kernels' score scale, so scores are in log2 units
+# back to natural-log units in a kernel; a kernel may read only tl.constexpr globals (the compiler rejects a
+# plain float with a NameError, the interpreter does not check)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def interpreting() -> bool:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.cascade import PrefixGroup
-from kernels.triton.attention import LOG2E, attend_pages, dot_inputs, merge_partitions
+from kernels.triton.attention import LN2, LOG2E, attend_pages, dot_inputs, merge_partitions
 from kernels.triton.decode import BLOCK_N, default_partition_size, paged_decode_attention
 
 MAX_ROWS = 64  # query rows (members x heads per KV head) per prefix program; more members -> more chunks
@@ -89,7 +89,7 @@ def _merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     # start from the suffix, whose lse is finite (every suffix holds a token), and fold in the prefix partitions
     o_s = tl.load(suf_out_ptr + b * stride_sb + h * stride_sh + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-    lse_s = tl.load(suf_lse_ptr + b * stride_eb + h) * LOG2E
+    lse_s = tl.load(suf_lse_ptr + b * stride_eb + h) / LN2  # natural log -> log2 units
     acc, l, m = merge_partitions(o_s, tl.full([], 1.0, tl.float32), lse_s,
                                  part_out_ptr + b * stride_pb + h * stride_ph, part_lse_ptr + b * stride_lb + h * stride_lh,
                                  stride_pp, num_parts, HEAD_DIM, BLOCK_D, BLOCK_P)
