@@ -90,9 +90,9 @@ def _merge_kernel(
     # start from the suffix, whose lse is finite (every suffix holds a token), and fold in the prefix partitions
     o_s = tl.load(suf_out_ptr + b * stride_sb + h * stride_sh + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
     lse_s = tl.load(suf_lse_ptr + b * stride_eb + h) / LN2  # natural log -> log2 units
-    acc, l, m = merge_partitions(o_s, tl.full([], 1.0, tl.float32), lse_s,
-                                 part_out_ptr + b * stride_pb + h * stride_ph, part_lse_ptr + b * stride_lb + h * stride_lh,
-                                 stride_pp, num_parts, HEAD_DIM, BLOCK_D, BLOCK_P)
+    acc, l, m = merge_partitions(
+        o_s, tl.full([], 1.0, tl.float32), lse_s, part_out_ptr + b * stride_pb + h * stride_ph,
+        part_lse_ptr + b * stride_lb + h * stride_lh, stride_pp, num_parts, HEAD_DIM, BLOCK_D, BLOCK_P)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 

@@ -242,8 +242,8 @@ def main() -> None:
 def print_table(results: dict[str, list[dict]]) -> None:
     for call, kernels in results.items():
         for k in kernels:
-            usage = k.get("error", "")[:200] or (f"{k.get('regs', '?'):>4} registers, {k.get('stack_bytes', '?'):>5} B stack,"
-                                                 f" {k.get('local_bytes', '?')} B local")
+            usage = k.get("error", "")[:200] or (f"{k.get('regs', '?'):>4} registers, "
+                                                 f"{k.get('stack_bytes', '?'):>5} B stack, {k.get('local_bytes', '?')} B local")
             print(f"{call:36} {k['kernel']:26} {usage}")
 
 
