@@ -10,6 +10,8 @@ Three launches per call:
   table shifted by its shared block count, its length minus the shared tokens (rows in no group: all of it).
   `find_groups` leaves every member at least its last token, so no suffix is empty.
 - merge, grid (row, head): the prefix partitions and the suffix combined exactly by their log-sum-exps.
+The prefix pass runs decode's tile loop (`attention.attend_pages`) on more rows, the merge its partial-result
+fold (`attention.merge_partitions`) starting from the suffix.
 The groups arrive as `PrefixGroup`s; they are packed into a few int32 tensors (one host-to-device copy) once
 per step and reused by every layer (`_plan`, keyed on the step's group list and block table objects).
 """
@@ -22,7 +24,8 @@ import triton
 import triton.language as tl
 
 from kernels.cascade import PrefixGroup
-from kernels.triton.decode import BLOCK_N, LOG2E, default_partition_size, paged_decode_attention
+from kernels.triton.attention import LN2, LOG2E, attend_pages, dot_inputs, merge_partitions
+from kernels.triton.decode import BLOCK_N, default_partition_size, paged_decode_attention
 
 MAX_ROWS = 64  # query rows (members x heads per KV head) per prefix program; more members -> more chunks
 
@@ -51,7 +54,6 @@ def _prefix_kernel(
 
     offs_r = tl.arange(0, ROWS)  # row r: member r // GROUP, query head kvh * GROUP + r % GROUP
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     member = m_first + offs_r // GROUP
     r_mask = (offs_r < MEMBERS * GROUP) & (member < m_end)
     d_mask = offs_d < HEAD_DIM
@@ -65,28 +67,10 @@ def _prefix_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
-    for n0 in tl.range(start, end, BLOCK_N):
-        tok = n0 + offs_n
-        t_mask = tok < end
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        blk = tl.load(blocks_ptr + b_first + tok // PAGE, mask=t_mask, other=0).to(tl.int64)
-        row = (tok % PAGE).to(tl.int64)
-        k = tl.load(k_head + (blk * stride_kn + row * stride_kr)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # log2 units
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_head + (blk * stride_vn + row * stride_vr)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = attend_pages(acc, l_i, m_i, q, k_ptr + kvh.to(tl.int64) * stride_kh,
+                                 v_ptr + kvh.to(tl.int64) * stride_vh, blocks_ptr + b_first, start, end,
+                                 qk_scale, stride_kn, stride_kr, stride_vn, stride_vr,
+                                 HEAD_DIM, BLOCK_D, PAGE, BLOCK_N, True, UPCAST, DOT_PRECISION)
 
     o = acc / l_i[:, None]  # l_i >= 1 for every row, padding rows included (their q is 0)
     tl.store(part_out_ptr + seq[:, None] * stride_pb + head[:, None] * stride_ph + part * stride_pp + offs_d[None, :],
@@ -102,21 +86,15 @@ def _merge_kernel(
     """out = (sum_p 2^(lse_p - m) o_p + 2^(lse_s - m) o_s) / (sum_p 2^(lse_p - m) + 2^(lse_s - m))."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    lse_p = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + offs_p, mask=offs_p < num_parts,
-                    other=float("-inf"))
-    lse_s = tl.load(suf_lse_ptr + b * stride_eb + h) * LOG2E  # finite: every suffix holds a token
-    m = tl.maximum(tl.max(lse_p, axis=0), lse_s)
-    w_p = tl.exp2(lse_p - m)  # 0 where a partition was never written (-inf)
-    # an unwritten slot's output is garbage: never load it (0 * NaN is NaN)
-    o_p = tl.load(part_out_ptr + b * stride_pb + h * stride_ph + offs_p[:, None] * stride_pp + offs_d[None, :],
-                  mask=(lse_p > float("-inf"))[:, None] & d_mask[None, :], other=0.0)
-    w_s = tl.exp2(lse_s - m)
-    o_s = tl.load(suf_out_ptr + b * stride_sb + h * stride_sh + offs_d, mask=d_mask, other=0.0)
-    o = (tl.sum(w_p[:, None] * o_p, axis=0) + w_s * o_s) / (tl.sum(w_p, axis=0) + w_s)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+    # start from the suffix, whose lse is finite (every suffix holds a token), and fold in the prefix partitions
+    o_s = tl.load(suf_out_ptr + b * stride_sb + h * stride_sh + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+    lse_s = tl.load(suf_lse_ptr + b * stride_eb + h) / LN2  # natural log -> log2 units
+    acc, l, m = merge_partitions(
+        o_s, tl.full([], 1.0, tl.float32), lse_s, part_out_ptr + b * stride_pb + h * stride_ph,
+        part_lse_ptr + b * stride_lb + h * stride_lh, stride_pp, num_parts, HEAD_DIM, BLOCK_D, BLOCK_P)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -209,7 +187,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     parts = triton.cdiv(prefix_len, psize)
     part_out = torch.empty(b, heads, parts, d, dtype=torch.float32, device=q.device)
     part_lse = torch.full((b, heads, parts), float("-inf"), dtype=torch.float32, device=q.device)
-    upcast = q.device.type != "cuda" or q.dtype != k_cache.dtype or k_cache.dtype == torch.float32
+    upcast, precision = dot_inputs(q, k_cache)
     _prefix_kernel[(plan.num_groups, kvh, chunks * parts)](
         q, k_cache, v_cache, plan.members, plan.member_off, plan.blocks, plan.block_off, part_out, part_lse,
         scale * LOG2E, psize, parts,
@@ -217,7 +195,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, MEMBERS=members, ROWS=max(16, triton.next_power_of_2(members * group)), HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=BLOCK_N, UPCAST=upcast,
-        DOT_PRECISION="ieee" if upcast else "tf32", num_warps=4)
+        DOT_PRECISION=precision, num_warps=4)
 
     out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
     _merge_kernel[(b, heads)](

@@ -16,6 +16,8 @@ K/V row once and keep the GPU busy when the batch is small.
   until there are about two waves of programs; tests force small partitions to exercise the merge.
 Half-precision K/V feed the dots in their own dtype on a GPU (float32 accumulation); in Triton's CPU
 interpreter, where bfloat16 math is broken, everything is upcast to float32 after the load.
+The tile loop and the merge are `attention.attend_pages` and `attention.merge_partitions`, which the
+cascade kernels (`cascade.py`) share.
 """
 from __future__ import annotations
 
@@ -25,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.attention import LN2, LOG2E, attend_pages, dot_inputs, merge_partitions
+
 BLOCK_N = 64  # tokens per tile: 4 pages of 16 or 2 of 32
 MIN_PARTITION = 256  # below this a partition's fixed cost (q load, partial write, reduce) dominates
 BLOCK_P = 32  # partitions merged per step of the reduce loop
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -52,7 +54,6 @@ def _decode_partition_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
@@ -64,40 +65,10 @@ def _decode_partition_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    table = tables_ptr + b * stride_tb
-    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
-    for n0 in tl.range(start, end, BLOCK_N):
-        tok = n0 + offs_n
-        t_mask = tok < end
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        # each token finds its page, so a tile may span pages and partitions need not align to them
-        blk = tl.load(table + tok // PAGE, mask=t_mask, other=0).to(tl.int64)
-        row = (tok % PAGE).to(tl.int64)
-        k = tl.load(k_head + (blk * stride_kn + row * stride_kr)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if USE_DOT:
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        else:
-            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # log2 units
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        # masked rows must load as 0, not whatever the pool holds there: 0 * NaN is NaN
-        v = tl.load(v_head + (blk * stride_vn + row * stride_vr)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if USE_DOT:
-            if UPCAST:
-                v = v.to(tl.float32)
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    acc, l_i, m_i = attend_pages(acc, l_i, m_i, q, k_ptr + kvh.to(tl.int64) * stride_kh,
+                                 v_ptr + kvh.to(tl.int64) * stride_vh, tables_ptr + b * stride_tb, start, end,
+                                 qk_scale, stride_kn, stride_kr, stride_vn, stride_vr,
+                                 HEAD_DIM, BLOCK_D, PAGE, BLOCK_N, USE_DOT, UPCAST, DOT_PRECISION)
 
     o = acc / l_i[:, None]  # l_i >= 1: the partition holds at least one token
     o_mask = g_mask[:, None] & d_mask[None, :]
@@ -122,27 +93,13 @@ def _decode_reduce_kernel(
     h = tl.program_id(1).to(tl.int64)
     ctx = tl.load(lens_ptr + b).to(tl.int32)
     n_parts = tl.cdiv(ctx, partition_size)  # only these were written; later slots hold garbage
-    offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    lse_row = part_lse_ptr + b * stride_lb + h * stride_lh
-    out_row = part_out_ptr + b * stride_pb + h * stride_ph
-    m_vec = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for p0 in tl.range(0, n_parts, BLOCK_P):
-        lse = tl.load(lse_row + p0 + offs_p, mask=p0 + offs_p < n_parts, other=float("-inf"))
-        m_vec = tl.maximum(m_vec, lse)
-    m = tl.max(m_vec, axis=0)  # finite: partition 0 always holds a token
-    l_vec = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for p0 in tl.range(0, n_parts, BLOCK_P):
-        p_mask = p0 + offs_p < n_parts
-        w = tl.exp2(tl.load(lse_row + p0 + offs_p, mask=p_mask, other=float("-inf")) - m)
-        o = tl.load(out_row + (p0 + offs_p)[:, None] * stride_pp + offs_d[None, :],
-                    mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-        l_vec += w
-        acc += tl.sum(w[:, None] * o, axis=0)
-    l = tl.sum(l_vec, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=d_mask)
+    acc, l, m = merge_partitions(  # from an empty state: partition 0 always holds a token
+        tl.zeros([BLOCK_D], tl.float32), tl.full([], 0.0, tl.float32), tl.full([], float("-inf"), tl.float32),
+        part_out_ptr + b * stride_pb + h * stride_ph, part_lse_ptr + b * stride_lb + h * stride_lh, stride_pp,
+        n_parts, HEAD_DIM, BLOCK_D, BLOCK_P)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
     if WRITE_LSE:
         tl.store(lse_ptr + b * stride_eb + h, (m + tl.log2(l)) * LN2)
 
@@ -217,10 +174,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out = out.new_empty(1, 1, 1, 1, dtype=torch.float32)  # unused: the kernel writes out directly
         part_lse = out.new_empty(1, 1, 1, dtype=torch.float32)
 
-    on_gpu = q.device.type == "cuda"
-    # low-precision dots only on a GPU with q and K/V in one half dtype; else float32 everywhere
     use_dot = group > 1
-    upcast = not (on_gpu and use_dot) or q.dtype != k_cache.dtype or k_cache.dtype == torch.float32
+    upcast, precision = dot_inputs(q, k_cache, use_dot)
     _decode_partition_kernel[(b, kvh, parts)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, lse,
         scale * LOG2E, psize,
@@ -229,7 +184,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else 1,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=BLOCK_N,
-        USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32", SPLIT=split,
+        USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION=precision, SPLIT=split,
         WRITE_LSE=return_lse, num_warps=4)
     if split:
         _decode_reduce_kernel[(b, heads)](

@@ -25,13 +25,11 @@ Design:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
+from kernels.triton.attention import LOG2E, interpreting
 
 
 @triton.jit
@@ -121,10 +119,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, ctx_ptr, til
     tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _tile_table(cu_seqlens_q: torch.Tensor, num_tokens: int, tokens_per_tile: int) -> torch.Tensor:
     """[(sequence, first new token)] for every query tile, -1 rows padding to a host-known bound.
 
@@ -186,9 +180,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if bm < group or bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"tiles {bm} x {bn} must be powers of two >= 16 (tl.dot), block_m >= {group} heads")
     tiles = _tile_table(cu_seqlens_q, t, bm // group)
-    upcast = _interpreting() and torch.bfloat16 in (q.dtype, k_cache.dtype, v_cache.dtype)
+    upcast = interpreting() and torch.bfloat16 in (q.dtype, k_cache.dtype, v_cache.dtype)
     _prefill_kernel[(tiles.shape[0], kvh)](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, tiles, scale * _LOG2E,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, tiles, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),

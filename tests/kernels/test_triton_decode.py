@@ -83,6 +83,16 @@ def test_matches_reference(case):
     torch.testing.assert_close(out.double(), expected(q, k, v, oracle_table, lens, scale), rtol=1e-4, atol=1e-5)
 
 
+def test_reduce_over_several_steps(monkeypatch):
+    """More partitions than the reduce merges per step (BLOCK_P, shrunk from 32 to 4 to keep it small):
+    its running merge carries over steps, the last one partly past the sequence's partitions."""
+    monkeypatch.setattr(decode, "BLOCK_P", 4)
+    lens = [130, 9, 70]  # 9, 1 and 5 partitions of 16: three steps, one, two
+    q, k, v, k_bad, v_bad, table, oracle_table = paged_inputs(lens, 4, 2, 64, 16, seed=13)
+    out = run(q, k_bad, v_bad, table, lens, 0.125, partition_size=16)
+    torch.testing.assert_close(out.double(), expected(q, k, v, oracle_table, lens, 0.125), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("lens, bs", [([1], 16), ([16], 16), ([5], 32), ([1, 1, 1], 32)],
                          ids=["context1", "one-full-block", "one-partial-block", "batch-of-context1"])
 def test_tiny_contexts(lens, bs):
