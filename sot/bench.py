@@ -3,7 +3,9 @@
 Each question is answered twice on the same engine: normal decoding (the baseline) and the chosen mode
 (auto: the router decides). Per question we record the mode used and why, token counts, the latency
 breakdown and both answers, one JSON line each, written as we go; a summary with the per-category table is
-written at the end. Speed-up is the ratio of mean latencies (normal / SoT) per category.
+written at the end. Speed-up is the ratio of mean latencies (normal / SoT) per category. Each line also holds
+the engine's work counters per answer and a `trace` of every stage's token lengths, from which
+`benchmarks.sot_e2e` replays the same work on other model shapes.
 """
 from __future__ import annotations
 
@@ -42,7 +44,27 @@ def load_dataset(name: str) -> list[Question]:
     return out
 
 
-def _row(q: Question, normal: Answer, ans: Answer) -> dict:
+def trace(normal: Answer, ans: Answer) -> dict:
+    """The lengths that fix this question's work, for replaying it with forced lengths on any model shape
+    (`benchmarks.sot_e2e`): [prompt, output] tokens of the normal answer and of each SoT stage that ran, each
+    point's prompt and output, the prefix its fork shares, and whether the points continue the kept skeleton
+    request (continuation expansion) or a prefix prefilled for them (paper)."""
+    t = ans.tokens
+    sot: dict = {"mode": ans.mode, "expansion": ans.expansion}
+    if t.skeleton_prompt:
+        sot["skeleton"] = [t.skeleton_prompt, t.skeleton_output]
+    if ans.points:
+        sot["points"] = {"prompt": [p.prompt_tokens for p in ans.points],
+                         "output": [p.num_tokens for p in ans.points],
+                         "shared": max(p.cached_tokens for p in ans.points),
+                         "from_skeleton": ans.expansion == "continuation" and bool(t.skeleton_prompt)}
+    if t.normal_prompt:
+        sot["normal"] = [t.normal_prompt, t.normal_output]
+    return {"normal": [normal.tokens.normal_prompt, normal.tokens.normal_output], "sot": sot}
+
+
+def _row(q: Question, normal: Answer, ans: Answer, counters: dict | None = None) -> dict:
+    """One question's record; `counters`: the engine's work counters spent on each answer."""
     return {
         "question_id": q.id, "category": q.category, "question": q.text,
         "mode": ans.mode, "reason": ans.reason, "expansion": ans.expansion, "num_points": len(ans.points),
@@ -52,9 +74,15 @@ def _row(q: Question, normal: Answer, ans: Answer) -> dict:
         "normal_tokens": normal.tokens.normal_output, "sot_tokens": ans.tokens.output,
         "normal_chars": len(normal.text), "sot_chars": len(ans.text),
         "timings": ans.to_dict()["timings"], "tokens": ans.to_dict()["tokens"],
-        "points": [{"point": p.point, "tokens": p.num_tokens, "stop": p.stop_reason} for p in ans.points],
+        "points": [{"point": p.point, "tokens": p.num_tokens, "stop": p.stop_reason, "prompt_tokens": p.prompt_tokens,
+                    "cached_tokens": p.cached_tokens} for p in ans.points],
+        "trace": trace(normal, ans), "counters": counters,
         "skeleton": ans.skeleton, "sot_answer": ans.text, "normal_answer": normal.text,
     }
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -116,9 +144,12 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     t0 = time.perf_counter()
     with jsonl.open("w") as f:
         for i, q in enumerate(qs):
+            c0 = dict(sot.llm.engine.counters)
             normal = sot.answer(q.text, mode="normal")
+            c1 = dict(sot.llm.engine.counters)
             ans = sot.answer(q.text, mode=mode)
-            row = _row(q, normal, ans)
+            c2 = dict(sot.llm.engine.counters)
+            row = _row(q, normal, ans, {"normal": _delta(c0, c1), "sot": _delta(c1, c2)})
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -126,7 +157,8 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
                 f"{mode} {row['sot_latency']:5.1f}s  x{row['speedup']:.2f}  ({ans.reason})")
     summary = summarize(rows)
     cfg = sot.config
-    payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name, "dtype": str(sot.llm.engine.dtype),
+    payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name,
+               "backend": sot.llm.engine.backend.name, "dtype": str(sot.llm.engine.dtype),
                "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,
