@@ -125,9 +125,16 @@ def _commit() -> str | None:
 
 def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
               categories: list[str] | None = None, mode: str = "auto", name: str | None = None,
-              out_dir: Path | None = None, log=print) -> tuple[Path, dict]:
-    """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary."""
+              out_dir: Path | None = None, ids: list[int] | None = None, log=print) -> tuple[Path, dict]:
+    """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary.
+    `ids`: only these question ids, in this order."""
     qs = load_dataset(dataset)
+    if ids is not None:
+        by_id = {q.id: q for q in qs}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"no questions with ids {missing}")
+        qs = [by_id[i] for i in ids]
     if categories:
         unknown = set(categories) - {q.category for q in qs}
         if unknown:
@@ -159,7 +166,7 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     cfg = sot.config
     payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name,
                "backend": sot.llm.engine.backend.name, "dtype": str(sot.llm.engine.dtype),
-               "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit,
+               "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit, "ids": ids,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,
                "summary": summary, "table": table(summary)}

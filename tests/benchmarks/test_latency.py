@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from benchmarks import latency
 from benchmarks.latency import Cost, prefill_keys, roofline_ms, sot_pairs
 from engine.config import shape
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -46,11 +41,9 @@ def test_sot_pairs():
     assert p["speedup"] == pytest.approx(1.25) and p["on_cascade_steps"] == 64 and p["note"] == ""
 
 
-def test_quick_run(tmp_path):
-    env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--quick"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+def test_quick_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("benchmarks.common.RESULTS", tmp_path)
+    latency.main(["--quick"])
     d = json.loads((tmp_path / "cpu" / "latency_tiny_quick.json").read_text())
     assert d["complete"] and not d.get("errors") and d["env"]["device_type"] == "cpu" and "triton" in d["env"]
     assert [row["batch"] for row in d["batches"]] == [1, 2] and d["copy"]["gbps"] > 0
