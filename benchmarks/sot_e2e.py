@@ -358,19 +358,36 @@ def compare(ours: list[dict], hf: list[dict]) -> dict:
         return {}
     a = summarize([r for r in ours if r["question_id"] in common])
     b = summarize([r for r in hf if r["question_id"] in common])
-    return {c: {"n": a[c]["n"], "sot_used": a[c]["sot_used"],
+    real = summarize([{**r, **r["recorded"]} for r in ours if r["question_id"] in common
+                      and r["recorded"]["normal_latency"]]) if all(r["recorded"]["normal_latency"] for r in ours) else {}
+    return {c: {"n": a[c]["n"], "sot_used": a[c]["sot_used"], "real_speedup": real.get(c, {}).get("speedup"),
                 "ours_normal": a[c]["normal_latency"], "ours_sot": a[c]["sot_latency"], "ours_speedup": a[c]["speedup"],
                 "hf_normal": b[c]["normal_latency"], "hf_sot": b[c]["sot_latency"], "hf_speedup": b[c]["speedup"],
                 "ours_vs_paper": b[c]["sot_latency"] / a[c]["sot_latency"]} for c in a}
 
 
 def compare_table(cmp: dict) -> str:
-    lines = ["| category | n | SoT used | ours normal s | ours SoT s | ours speed-up | paper normal s | paper SoT s "
-             "| paper speed-up | our SoT vs paper's |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown: per category, the recorded real run's speed-up, ours and the paper's method."""
+    lines = ["| category | n | SoT used | real run speed-up | ours normal s | ours SoT s | ours speed-up "
+             "| paper normal s | paper SoT s | paper speed-up | our SoT vs paper's |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, d in cmp.items():
-        lines.append(f"| {c} | {d['n']} | {d['sot_used']} | {d['ours_normal']:.2f} | {d['ours_sot']:.2f} | "
+        real = f"{d['real_speedup']:.2f}x" if d.get("real_speedup") else "-"
+        lines.append(f"| {c} | {d['n']} | {d['sot_used']} | {real} | {d['ours_normal']:.2f} | {d['ours_sot']:.2f} | "
                      f"{d['ours_speedup']:.2f}x | {d['hf_normal']:.2f} | {d['hf_sot']:.2f} | {d['hf_speedup']:.2f}x "
                      f"| {d['ours_vs_paper']:.2f}x |")
+    return "\n".join(lines)
+
+
+def replay_table(summary: dict, recorded: dict) -> str:
+    """Markdown: per category, the recorded real run next to its replay (one system)."""
+    lines = ["| category | n | SoT used | real normal s | real SoT s | real speed-up | replay normal s | replay SoT s "
+             "| replay speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, d in summary.items():
+        r = recorded.get(c)
+        real = f"{r['normal_latency']:.2f} | {r['sot_latency']:.2f} | {r['speedup']:.2f}x" if r else "- | - | -"
+        lines.append(f"| {c} | {d['n']} | {d['sot_used']} | {real} | {d['normal_latency']:.2f} | "
+                     f"{d['sot_latency']:.2f} | {d['speedup']:.2f}x |")
     return "\n".join(lines)
 
 

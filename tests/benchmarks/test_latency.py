@@ -56,3 +56,8 @@ def test_quick_run(tmp_path, monkeypatch):
     assert on["kv_bytes_per_step"] < off["kv_bytes_per_step"]  # the shared prefix counted once
     assert d["sot_pairs"][0]["speedup"] > 0
     assert (tmp_path / "cpu" / "latency_tiny_quick.png").stat().st_size > 0
+    # the README renderer takes it as a real result
+    from benchmarks import report
+    (tmp_path / "cpu" / "latency_tiny.json").write_text((tmp_path / "cpu" / "latency_tiny_quick.json").read_text())
+    text = report.render()
+    assert "Table 1 / Fig. 3" in text and "| tiny float32 | 2 |" in text and "2 points" in text
