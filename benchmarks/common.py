@@ -7,10 +7,12 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -100,6 +102,23 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> dict:
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src), device)
     return {"bytes": nbytes, "ms": ms, "gbps": gbps(2 * nbytes, ms)}
+
+
+@contextmanager
+def sigterm_as_interrupt(active: bool = True) -> Iterator[None]:
+    """`timeout` ends a stage of benchmarks/gpu_check.sh with SIGTERM: raised as KeyboardInterrupt inside this
+    block, so the benchmark can save what it has measured before it goes."""
+    if not active:
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ---------------------------------------------------------------- output

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import bench_ms, copy_bandwidth, environment, format_table, gbps, pyplot, write_result
+from benchmarks.common import (bench_ms, copy_bandwidth, environment, format_table, gbps, pyplot, sigterm_as_interrupt,
+                               write_result)
 
 BLOCK_SIZE = 16
 GOAL_FRACTION = 0.80  # of measured copy bandwidth
@@ -449,44 +449,41 @@ def run(quick: bool = False, smoke: bool = False, out_dir: Path | None = None, d
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{name}.json").write_text(path.read_text())
 
-    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep what was measured
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, on_term) if dev.type == "cuda" else None
     decode_cfgs = decode_configs(quick, smoke)
     n_goal = sum((c["batch"], c["context"]) == (GOAL_BATCH, GOAL_CONTEXT) for c in decode_cfgs)
     # order: goal decode configs, cascade, the rest of decode, prefill (a cut-short run keeps the goal lines)
     plan = ([("decode", c) for c in decode_cfgs[:n_goal]] + [("cascade", c) for c in cascade_configs(quick, smoke)]
             + [("decode", c) for c in decode_cfgs[n_goal:]] + [("prefill", c) for c in prefill_configs(quick, smoke)])
-    try:
-        nbytes = int((16 << 20) if smoke else copy_gib * (1 << 30))
-        payload["copy"] = copy_bandwidth(dev, nbytes)
-        runner.copy_gbps = payload["copy"]["gbps"]
-        print(f"copy bandwidth ({nbytes / (1 << 30):.2f} GiB copy_, read + write): {runner.copy_gbps:.0f} GB/s",
-              flush=True)
-        for kind, cfg in plan:
-            if runner.out_of_time():
-                payload["skipped"].append({"kind": kind, **cfg})
-                continue
-            try:
-                if kind == "decode":
-                    payload["decode"] += runner.decode(cfg)
-                elif kind == "cascade":
-                    payload["cascade"].append(runner.cascade(cfg, cascade_fn, why_absent))
-                else:
-                    payload["prefill"] += runner.prefill(cfg)
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory building the inputs
-                payload.setdefault("errors", []).append({"kind": kind, **cfg, "error": f"{type(e).__name__}: {e}"[:300]})
+    with sigterm_as_interrupt(dev.type == "cuda"):
+        try:  # `timeout` sends SIGTERM: keep what was measured
+            nbytes = int((16 << 20) if smoke else copy_gib * (1 << 30))
+            payload["copy"] = copy_bandwidth(dev, nbytes)
+            runner.copy_gbps = payload["copy"]["gbps"]
+            print(f"copy bandwidth ({nbytes / (1 << 30):.2f} GiB copy_, read + write): {runner.copy_gbps:.0f} GB/s",
+                  flush=True)
+            for kind, cfg in plan:
+                if runner.out_of_time():
+                    payload["skipped"].append({"kind": kind, **cfg})
+                    continue
+                try:
+                    if kind == "decode":
+                        payload["decode"] += runner.decode(cfg)
+                    elif kind == "cascade":
+                        payload["cascade"].append(runner.cascade(cfg, cascade_fn, why_absent))
+                    else:
+                        payload["prefill"] += runner.prefill(cfg)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory building the inputs
+                    payload.setdefault("errors", []).append(
+                        {"kind": kind, **cfg, "error": f"{type(e).__name__}: {e}"[:300]})
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        payload["complete"] = not payload["skipped"]
-    except KeyboardInterrupt:
-        payload["interrupted"] = True
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-        save()
+            payload["complete"] = not payload["skipped"]
+        except KeyboardInterrupt:
+            payload["interrupted"] = True
+        finally:
+            save()
     text = report(payload)
     print(text, flush=True)
     if out_dir is not None:

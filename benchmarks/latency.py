@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import copy_bandwidth, environment, format_table, pyplot, result_path, sync, write_result
+from benchmarks.common import (copy_bandwidth, environment, format_table, pyplot, result_path, sigterm_as_interrupt,
+                               sync, write_result)
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig, shape
 
@@ -307,29 +308,34 @@ def run_model(setup: Setup, model: str, args: argparse.Namespace, deadline: floa
                "weight_bytes": cost.weight_bytes, "copy": args.copy, "batches": [], "sot": [], "skipped": [],
                "complete": False}
     plan = [("batch", b) for b in args.batches] + [(c, m) for m in args.sot_members for c in ("off", "on")]
-    for kind, n in plan:
-        if time.monotonic() > deadline:
-            payload["skipped"].append({"kind": kind, "n": n})
-            continue
-        try:
-            if kind == "batch":
-                row = measure_batch(setup, model, n, args.prefill, args.decode)
-                payload["batches"].append(row)
-            else:
-                row = measure_sot(setup, model, n, args.sot_prefix, args.sot_suffix, args.decode, kind)
-                payload["sot"].append(row)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: keep the rest
-            row = {"kind": kind, "n": n, "error": f"{type(e).__name__}: {e}"[:300]}
-            payload.setdefault("errors", []).append(row)
-            _free(dev)
-        print(model, kind, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    try:
+        for kind, n in plan:
+            if time.monotonic() > deadline:
+                payload["skipped"].append({"kind": kind, "n": n})
+                continue
+            try:
+                if kind == "batch":
+                    row = measure_batch(setup, model, n, args.prefill, args.decode)
+                    payload["batches"].append(row)
+                else:
+                    row = measure_sot(setup, model, n, args.sot_prefix, args.sot_suffix, args.decode, kind)
+                    payload["sot"].append(row)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: keep the rest
+                row = {"kind": kind, "n": n, "error": f"{type(e).__name__}: {e}"[:300]}
+                payload.setdefault("errors", []).append(row)
+                _free(dev)
+            print(model, kind, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    except KeyboardInterrupt:  # stopped from outside (SIGTERM): save what was measured, then stop
+        payload["interrupted"] = True
     payload["sot_pairs"] = sot_pairs(payload["sot"])
-    payload["complete"] = not payload["skipped"] and not payload.get("errors")
+    payload["complete"] = not payload["skipped"] and not payload.get("errors") and not payload.get("interrupted")
     path = write_result(name, dev, payload)
     png = plot({**payload, "env": environment(dev)}, result_path(name, dev, ".png"))
     print(format_table(payload["batches"], BATCH_COLUMNS))
     print(format_table(payload["sot_pairs"], SOT_COLUMNS))
     print("wrote", path, "and", png or "no plot (matplotlib missing)", flush=True)
+    if payload.get("interrupted"):
+        raise SystemExit("interrupted: the models after this one were not measured")
     return path
 
 
@@ -367,8 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     args.copy = copy_bandwidth(device, GIB if device.type == "cuda" else (16 << 20 if args.quick else 256 << 20))
     print(f"copy bandwidth: {args.copy['gbps']:.0f} GB/s", flush=True)
     setup = Setup(device, dtype, args.backend, args.threads, args.copy["gbps"])
-    for m in args.models.split(","):
-        run_model(setup, m if m.startswith("random:") else f"random:{m}", args, deadline)
+    with sigterm_as_interrupt(device.type == "cuda"):
+        for m in args.models.split(","):
+            run_model(setup, m if m.startswith("random:") else f"random:{m}", args, deadline)
 
 
 if __name__ == "__main__":
