@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from benchmarks.common import environment, pyplot, result_path, sync, write_result
+from benchmarks.common import environment, pyplot, result_path, sigterm_as_interrupt, sync, write_result
 from engine import LLM, SamplingParams
 from engine.config import SHAPES, ModelConfig, shape
 from sot.bench import summarize, table
@@ -158,6 +159,7 @@ class Ours:
 
     def __init__(self, llm: LLM, seed: int = 0) -> None:
         self.llm, self.device = llm, llm.engine.device
+        self.label = f"our engine, {llm.engine.backend.name} kernels"
         self.gen = torch.Generator().manual_seed(seed)
 
     def ids(self, n: int) -> list[int]:
@@ -244,6 +246,7 @@ def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
 class PaperHF:
     """The paper's method on transformers: no prefix sharing, the points as one left-padded batch."""
     name = "hf"
+    label = "paper's method: transformers generate"
     PAD = 0
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
@@ -301,12 +304,23 @@ def sot_output_tokens(sot_trace: dict) -> int:
         sum(sot_trace.get("points", {}).get("output", []))
 
 
-def replay_rows(system, records: list[dict], max_output: int | None, deadline: float, log=print) -> list[dict]:
-    """Normal and SoT answer per record, as `sot bench` runs them; stops starting questions at `deadline`."""
-    rows = []
-    if records:  # warm-up on the first question, outputs cut to 2 tokens: JIT compiles are not timed
-        tr = cap_trace(records[0]["trace"], 2)
-        system.normal(tr), system.sot(tr)
+def replay_rows(system, records: list[dict], max_output: int | None, deadline: float,
+                log=print, warm: bool = True) -> tuple[list[dict], bool]:
+    """Normal and SoT answer per record, as `sot bench` runs them; stops starting questions at `deadline`.
+    Returns the rows and whether it was interrupted (SIGTERM under benchmarks/gpu_check.sh)."""
+    rows: list[dict] = []
+    try:
+        if records and warm:  # warm-up on the first question, outputs cut to 2 tokens: JIT compiles are not timed
+            tr = cap_trace(records[0]["trace"], 2)
+            system.normal(tr), system.sot(tr)
+        _replay(system, records, max_output, deadline, rows, log)
+    except KeyboardInterrupt:
+        log(f"interrupted after {len(rows)} questions")
+        return rows, True
+    return rows, False
+
+
+def _replay(system, records: list[dict], max_output: int | None, deadline: float, rows: list[dict], log) -> None:
     for i, r in enumerate(records):
         if time.monotonic() > deadline:
             log(f"time budget spent: {len(records) - i} questions not run")
@@ -325,7 +339,6 @@ def replay_rows(system, records: list[dict], max_output: int | None, deadline: f
         rows.append(row)
         log(f"[{i + 1}/{len(records)}] {system.name:4s} {r['category']:14s} {row['mode']:6s} normal "
             f"{n.latency:6.2f}s SoT {s.latency:6.2f}s x{row['speedup']:.2f}")
-    return rows
 
 
 def validation(rows: list[dict], capped: bool) -> dict:
@@ -336,10 +349,12 @@ def validation(rows: list[dict], capped: bool) -> dict:
     compared = [r["counters_equal"] for r in rows if "counters_equal" in r]
     if compared:
         out["counters_equal"] = f"{sum(compared)}/{len(compared)}"
-    if rec:
+    if rec:  # total replay time / total recorded time, and the median of the per-question ratios
         for k in ("normal", "sot"):
             out[f"latency_ratio_{k}"] = (sum(r[f"{k}_latency"] for r in rec)
                                          / sum(r["recorded"][f"{k}_latency"] for r in rec))
+            out[f"latency_ratio_{k}_median"] = statistics.median(r[f"{k}_latency"] / r["recorded"][f"{k}_latency"]
+                                                                 for r in rec)
     return out
 
 
@@ -422,61 +437,33 @@ def plot(payload: dict, path: Path) -> Path | None:
     return path
 
 
-def run_replay(records_path: Path, model: str, systems: list[str], *, device: torch.device,
-               dtype: torch.dtype, backend: str | None = None, threads: int | None = None,
-               per_category: int | None = None, limit: int | None = None, max_output: int | None = None,
-               budget_s: float = 1e9, name: str | None = None, log=print) -> tuple[Path, dict]:
-    """Replay the records on `model` (a shape name or any engine model spec) with each system; results are
-    merged into one file per (records, model), so systems may run in separate processes."""
-    spec = model if (":" in model or "/" in model or model == "default") else f"random:{model}"
-    all_records = read_records(records_path)
-    missing = [r["question_id"] for r in all_records if "trace" not in r]
-    if missing:
-        raise SystemExit(f"{records_path}: {len(missing)} rows have no trace (recorded before traces were): run "
-                         f"`python -m benchmarks.sot_e2e backfill {records_path}` on a machine with that model")
-    records = select(all_records, per_category, limit)
+def _head(records_path: Path, spec: str, dtype: torch.dtype, selection: dict) -> dict:
+    """What a result says about its input: the model replayed, the records and the run that made them."""
     meta_path = records_path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return {"model": spec, "dtype": str(dtype).removeprefix("torch."), "records": records_path.name,
+            "records_model": meta.get("model"), "records_device": meta.get("env", {}).get("device"),
+            "records_backend": meta.get("backend"), "selection": selection}
+
+
+def _result_name(records_path: Path, spec: str, quick: bool) -> str:
     shape_name = spec.removeprefix("random:").replace("/", "_")
-    name = name or f"sot_e2e_{records_path.stem.removeprefix('sot_')}_{shape_name}" + ("_quick" if max_output else "")
-    path = result_path(name, device)
-    payload = json.loads(path.read_text()) if path.exists() else {}
-    selection = {"per_category": per_category, "limit": limit, "max_output": max_output}
-    if payload.get("selection") != selection or payload.get("model") != spec:
-        payload = {}  # a different question set or model: start over
-    payload.update(model=spec, dtype=str(dtype).removeprefix("torch."), records=str(records_path.name),
-                   records_model=meta.get("model"), records_device=meta.get("env", {}).get("device"),
-                   selection=selection, systems=payload.get("systems", {}))
-    if threads and device.type == "cpu":
-        torch.set_num_threads(threads)
-    deadline = time.monotonic() + budget_s
-    for sysname in systems:
-        t0 = time.perf_counter()
-        if sysname == "ours":
-            llm = LLM(spec, device=str(device), dtype=dtype, backend=backend, num_threads=threads)
-            system, cfg = Ours(llm), llm.config
-            label = f"our engine, {llm.engine.backend.name} kernels"
-        elif sysname == "hf":
-            cfg = shape(spec.removeprefix("random:")) if spec.startswith("random:") else LLM(spec).config
-            system, label = PaperHF(cfg, device, dtype), "paper's method: transformers generate"
-        else:
-            raise SystemExit(f"unknown system {sysname!r}: use {SYSTEMS}")
-        log(f"{sysname}: {spec} ready in {time.perf_counter() - t0:.1f}s")
-        try:
-            rows = replay_rows(system, records, max_output, deadline, log)
-        finally:
-            system.close()
-            del system
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        payload["systems"][sysname] = {"label": label, "env": environment(device), "rows": rows,
-                                       "complete": len(rows) == len(records), "summary": summarize(rows) if rows else {},
-                                       "recorded_summary": recorded_summary(rows, all_records),
-                                       "validation": validation(rows, bool(max_output))}
-        if rows:
-            log(table(payload["systems"][sysname]["summary"]))
-            log(f"{sysname} vs the recorded run: {payload['systems'][sysname]['validation']}")
+    return f"sot_e2e_{records_path.stem.removeprefix('sot_')}_{shape_name}" + ("_quick" if quick else "")
+
+
+def _system_entry(label: str, rows: list[dict], wanted: int, interrupted: bool, all_records: list[dict],
+                  capped: bool, device: torch.device, log) -> dict:
+    entry = {"label": label, "env": environment(device), "rows": rows, "complete": len(rows) == wanted,
+             "interrupted": interrupted, "summary": summarize(rows) if rows else {},
+             "recorded_summary": recorded_summary(rows, all_records), "validation": validation(rows, capped)}
+    if rows:
+        log(table(entry["summary"]))
+        log(f"vs the recorded run: {entry['validation']}")
+    return entry
+
+
+def _finish(payload: dict, name: str, device: torch.device, log) -> tuple[Path, dict]:
+    """The ours-vs-paper comparison (when both ran), the JSON and the plot."""
     ours, hf = payload["systems"].get("ours"), payload["systems"].get("hf")
     payload["compare"] = compare(ours["rows"], hf["rows"]) if ours and hf else {}
     if payload["compare"]:
@@ -487,11 +474,66 @@ def run_replay(records_path: Path, model: str, systems: list[str], *, device: to
     return out, payload
 
 
+def run_replay(records_path: Path, model: str, systems: list[str], *, device: torch.device,
+               dtype: torch.dtype, backend: str | None = None, threads: int | None = None,
+               per_category: int | None = None, limit: int | None = None, max_output: int | None = None,
+               budget_s: float = 1e9, log=print) -> tuple[Path, dict]:
+    """Replay the records on `model` (a shape name or any engine model spec) with each system; results are
+    merged into one file per (records, model), so systems may run in separate processes."""
+    spec = model if (":" in model or "/" in model or model == "default") else f"random:{model}"
+    all_records = read_records(records_path)
+    missing = [r["question_id"] for r in all_records if "trace" not in r]
+    if missing:
+        raise SystemExit(f"{records_path}: {len(missing)} rows have no trace (recorded before traces were): run "
+                         f"`python -m benchmarks.sot_e2e backfill {records_path}` on a machine with that model")
+    records = select(all_records, per_category, limit)
+    name = _result_name(records_path, spec, bool(max_output))
+    head = _head(records_path, spec, dtype, {"per_category": per_category, "limit": limit, "max_output": max_output})
+    path = result_path(name, device)
+    payload = json.loads(path.read_text()) if path.exists() else {}
+    if any(payload.get(k) != v for k, v in head.items()):
+        payload = {}  # another question set, model or dtype: start over
+    payload = {**payload, **head, "systems": payload.get("systems", {})}
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    deadline = time.monotonic() + budget_s
+    with sigterm_as_interrupt(device.type == "cuda"):
+        for sysname in systems:
+            t0 = time.perf_counter()
+            system = _system(sysname, spec, device, dtype, backend, threads)
+            log(f"{sysname}: {spec} ready in {time.perf_counter() - t0:.1f}s")
+            try:
+                rows, interrupted = replay_rows(system, records, max_output, deadline, log)
+            finally:
+                label = system.label
+                system.close()
+                del system
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            payload["systems"][sysname] = _system_entry(label, rows, len(records), interrupted, all_records,
+                                                        bool(max_output), device, log)
+            if interrupted:
+                break  # save what there is
+    return _finish(payload, name, device, log)
+
+
+def _system(name: str, spec: str, device: torch.device, dtype: torch.dtype, backend: str | None,
+            threads: int | None):
+    if name == "ours":
+        return Ours(LLM(spec, device=str(device), dtype=dtype, backend=backend, num_threads=threads))
+    if name == "hf":
+        cfg = shape(spec.removeprefix("random:")) if spec.startswith("random:") else LLM(spec).config
+        return PaperHF(cfg, device, dtype)
+    raise SystemExit(f"unknown system {name!r}: use {SYSTEMS}")
+
+
 def validate(model: str, *, device: torch.device, dtype: torch.dtype, backend: str | None, threads: int | None,
              per_category: int, expansion: str, normal_max_tokens: int, dataset: str = "vicuna80",
              out_dir: Path | None = None, log=print) -> tuple[Path, dict]:
-    """A real run on `model` (`sot bench` on a few questions per category), then its replay on random weights
-    of the same shape, same device, dtype, backend and threads: the counters must be equal."""
+    """A real run on `model` (`sot bench` on a few questions per category) and its replay on random weights of
+    the same shape, same device, dtype, backend and threads, interleaved question by question (so a change in
+    the machine's load hits both alike): the counters must be equal, the latency close."""
     from sot.bench import load_dataset, run_bench
     from sot.driver import SoT, SoTConfig
     qs = load_dataset(dataset)
@@ -502,13 +544,21 @@ def validate(model: str, *, device: torch.device, dtype: torch.dtype, backend: s
     if target is None:
         raise SystemExit(f"{model}: no random shape in engine.config.SHAPES has its structure")
     sot = SoT(llm, SoTConfig(expansion=expansion, normal_max_tokens=normal_max_tokens))
+    spec = f"random:{target}"
+    system = _system("ours", spec, device, dtype, backend, threads)
+    rows: list[dict] = []
+    done: list[dict] = []
+
+    def replay_now(record: dict) -> None:
+        rows.extend(replay_rows(system, [record], None, float("inf"), log, warm=not done)[0])
+        done.append(record)
     name = f"sot_{Path(dataset).stem}_validate_{expansion}"
-    rec_path, _ = run_bench(sot, dataset, ids=ids, name=name, out_dir=out_dir or common.RESULTS / device.type, log=log)
-    records = rec_path.with_suffix(".jsonl")
-    del sot, llm
-    gc.collect()
-    return run_replay(records, f"random:{target}", ["ours"], device=device, dtype=dtype, backend=backend,
-                      threads=threads, log=log)
+    rec_path, _ = run_bench(sot, dataset, ids=ids, name=name, out_dir=out_dir or common.RESULTS / device.type,
+                            log=log, on_row=replay_now)
+    records_path = rec_path.with_suffix(".jsonl")
+    payload = {**_head(records_path, spec, dtype, {"validate": per_category, "ids": ids}), "systems": {
+        "ours": _system_entry(system.label, rows, len(ids), False, done, False, device, log)}}
+    return _finish(payload, _result_name(records_path, spec, False), device, log)
 
 
 def main(argv: list[str] | None = None) -> None:

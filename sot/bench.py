@@ -15,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.common import RESULTS, environment
 from sot.driver import Answer, SoT
@@ -125,9 +126,10 @@ def _commit() -> str | None:
 
 def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
               categories: list[str] | None = None, mode: str = "auto", name: str | None = None,
-              out_dir: Path | None = None, ids: list[int] | None = None, log=print) -> tuple[Path, dict]:
+              out_dir: Path | None = None, ids: list[int] | None = None, log=print,
+              on_row: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
     """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary.
-    `ids`: only these question ids, in this order."""
+    `ids`: only these question ids, in this order; `on_row`: called with each question's record once written."""
     qs = load_dataset(dataset)
     if ids is not None:
         by_id = {q.id: q for q in qs}
@@ -160,6 +162,8 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
+            if on_row is not None:
+                on_row(row)
             log(f"[{i + 1}/{len(qs)}] {q.category:14s} {ans.mode:6s} normal {row['normal_latency']:5.1f}s "
                 f"{mode} {row['sot_latency']:5.1f}s  x{row['speedup']:.2f}  ({ans.reason})")
     summary = summarize(rows)

@@ -110,3 +110,16 @@ def test_quick(tmp_path):
     (out / "sot_e2e_x_tiny.json").write_text((out / "sot_e2e_vicuna80_auto_paper_tiny_quick.json").read_text())
     text = report.render()
     assert "our SoT vs paper's |" in text and "| generic | 1 | 1 |" in text and "forced lengths all met" in text
+
+
+def test_validate_interleaves_real_and_replay(tiny_chat_dir, tmp_path):
+    data = tmp_path / "qs.jsonl"
+    data.write_text("".join(json.dumps({"question_id": i + 1, "text": t, "category": c}) + "\n"
+                            for i, (t, c) in enumerate(QUESTIONS)))
+    path, d = sot_e2e.validate(str(tiny_chat_dir), device=torch.device("cpu"), dtype=torch.float32, backend=None,
+                               threads=1, per_category=1, expansion="paper", normal_max_tokens=8,
+                               dataset=str(data), out_dir=tmp_path, log=lambda *a: None)
+    assert path == tmp_path / "results" / "cpu" / "sot_e2e_qs_validate_paper_tiny.json" and d["model"] == "random:tiny"
+    v = d["systems"]["ours"]["validation"]
+    assert v["n"] == 2 and v["counters_equal"] == "2/2" and v["tokens_ok"] and v["latency_ratio_sot_median"] > 0
+    assert [r["question_id"] for r in d["systems"]["ours"]["rows"]] == [1, 2]  # one per category, round robin
