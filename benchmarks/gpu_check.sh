@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The one command to run on a lent GPU (no network, no install): versions, the kernel tests compiled on CUDA,
-# then the kernel benchmark. Everything lands in $OUT (default ./gpu_out); each stage has its own time limit so
-# the whole stays under ~9 minutes, and a stage that fails or times out does not stop the next one.
-#   bash benchmarks/gpu_check.sh            # from the repository root (or anywhere: it cds there)
-#   QUICK=1 bash benchmarks/gpu_check.sh    # the benchmark's --quick sweep
+# The one command to run on a lent GPU (no network, no install): versions, the kernel tests compiled on CUDA, the
+# kernel benchmark, then the model-level benchmarks (latency vs batch, SoT replay on 7B/13B/33B shapes, the paper's
+# method on transformers). Everything lands in $OUT (default ./gpu_out). Each stage has its own time limit and a
+# stage that fails or times out does not stop the next one; results are copied to $OUT after every stage, so a
+# command killed from outside still leaves what was measured.
+#   bash benchmarks/gpu_check.sh              # all stages (~22 minutes)
+#   bash benchmarks/gpu_check.sh kernels      # env, tests/kernels, benchmarks.kernels_gpu   (~9 minutes)
+#   bash benchmarks/gpu_check.sh latency      # env, benchmarks.latency on llama-7b/13b, 33b at B=1 (~4 minutes)
+#   bash benchmarks/gpu_check.sh e2e          # env, SoT replay ours + paper's method           (~9 minutes)
+#   QUICK=1 bash benchmarks/gpu_check.sh kernels   # the kernel benchmark's --quick sweep
+# Stage names may also be given one by one: env pytest kernels_bench latency latency33 replay7 hf7 replay13 hf13
+# replay33. Limits (seconds) can be overridden through the variables below.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
@@ -11,17 +18,38 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset SOT_BENCH_RESULTS TRITON_INTERPRET  # compiled kernels, results in benchmarks/results/cuda
 PYTEST_S="${PYTEST_S:-210}"    # tests/kernels, compiled (bf16 cases included)
-BENCH_S="${BENCH_S:-290}"      # hard limit for the benchmark; it stops starting configs at BENCH_BUDGET_S
+BENCH_S="${BENCH_S:-290}"      # hard limit for the kernel benchmark; it stops starting configs at BENCH_BUDGET_S
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-230}"
+LATENCY_S="${LATENCY_S:-170}"  # latency 7B + 13B; new measurements stop at LATENCY_BUDGET_S
+LATENCY_BUDGET_S="${LATENCY_BUDGET_S:-120}"
+LATENCY33_S="${LATENCY33_S:-75}"
+E2E_BUDGET_S="${E2E_BUDGET_S:-55}"  # per replay stage: no new question after this (model load not counted)
+E2E_S="${E2E_S:-100}"               # per replay stage hard limit (load + budget + the question in flight)
+RECORDS="${RECORDS:-benchmarks/results/cpu/sot_vicuna80_auto_paper.jsonl}"
 start=$(date +%s)
 
-{
-  echo "== $(date -u +%FT%TZ) gpu_check in $PWD, output in $OUT"
-  echo "== git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --short 2>/dev/null | wc -l) changed files"
-  echo "== nvidia-smi"
-  nvidia-smi || echo "nvidia-smi failed (rc $?)"
-  echo "== versions"
-  python - <<'PY'
+collect() {  # results so far, into $OUT
+  mkdir -p "$OUT/results_cuda"
+  cp -r benchmarks/results/cuda/. "$OUT/results_cuda/" 2>/dev/null || true
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.txt, never fail the script
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  echo "$name rc=${PIPESTATUS[0]} (124: timed out; partial results are still saved)" | tee -a "$OUT/$name.txt"
+  collect
+}
+
+env_stage() {
+  {
+    echo "== $(date -u +%FT%TZ) gpu_check in $PWD, output in $OUT"
+    echo "== git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --short 2>/dev/null | wc -l) changed files"
+    echo "== nvidia-smi"
+    nvidia-smi || echo "nvidia-smi failed (rc $?)"
+    echo "== versions"
+    python - <<'PY'
 import platform, torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cuda available", torch.cuda.is_available())
@@ -39,18 +67,49 @@ for mod in ("transformers", "pytest", "matplotlib"):
     except Exception as e:  # noqa: BLE001
         print(mod, "missing:", type(e).__name__)
 PY
-} 2>&1 | tee "$OUT/env.txt"
+  } 2>&1 | tee "$OUT/env.txt"
+}
 
-echo "== pytest tests/kernels (limit ${PYTEST_S}s)"
-timeout -k 10 "$PYTEST_S" python -m pytest -q tests/kernels -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_kernels.txt"
-echo "pytest rc=${PIPESTATUS[0]} (124: timed out)" | tee -a "$OUT/pytest_kernels.txt"
+replay() {  # replay NAME MODEL SYSTEM
+  stage "$1" "$E2E_S" python -m benchmarks.sot_e2e replay --records "$RECORDS" --model "$2" --systems "$3" \
+    --per-category 1 --budget-s "$E2E_BUDGET_S"
+}
 
-echo "== benchmarks.kernels_gpu (budget ${BENCH_BUDGET_S}s, limit ${BENCH_S}s)"
-timeout -k 15 "$BENCH_S" python -m benchmarks.kernels_gpu --out "$OUT" --budget-s "$BENCH_BUDGET_S" \
-  ${QUICK:+--quick} 2>&1 | tee "$OUT/kernels_gpu_log.txt"
-echo "benchmark rc=${PIPESTATUS[0]} (124: timed out; partial results are still saved)" | tee -a "$OUT/kernels_gpu_log.txt"
+run_stage() {
+  case "$1" in
+    env) env_stage ;;
+    pytest) stage pytest_kernels "$PYTEST_S" python -m pytest -q tests/kernels -x -p no:cacheprovider ;;
+    kernels_bench) stage kernels_gpu_log "$BENCH_S" python -m benchmarks.kernels_gpu --out "$OUT" \
+                     --budget-s "$BENCH_BUDGET_S" ${QUICK:+--quick} ;;
+    latency) stage latency "$LATENCY_S" python -m benchmarks.latency --models llama-7b,llama-13b \
+               --batches 1,2,4,8,16 --sot-members 4,16 --budget-s "$LATENCY_BUDGET_S" ;;
+    latency33) stage latency33 "$LATENCY33_S" python -m benchmarks.latency --models llama-33b --batches 1 \
+                 --sot-members '' ;;
+    replay7) replay replay7 llama-7b ours ;;
+    hf7) replay hf7 llama-7b hf ;;
+    replay13) replay replay13 llama-13b ours ;;
+    hf13) replay hf13 llama-13b hf ;;
+    replay33) replay replay33 llama-33b ours ;;
+    *) echo "unknown stage '$1'" ;;
+  esac
+}
 
-mkdir -p "$OUT/results_cuda"
-cp -r benchmarks/results/cuda/. "$OUT/results_cuda/" 2>/dev/null || echo "no benchmarks/results/cuda to copy"
+stages=()
+[ $# -eq 0 ] && set -- kernels latency e2e
+for a in "$@"; do
+  case "$a" in
+    kernels) stages+=(pytest kernels_bench) ;;
+    latency) stages+=(latency latency33) ;;
+    e2e) stages+=(replay7 hf7 replay13 hf13 replay33) ;;
+    models) stages+=(latency latency33 replay7 hf7 replay13 hf13 replay33) ;;
+    env) ;;
+    *) stages+=("$a") ;;
+  esac
+done
+env_stage
+for s in "${stages[@]}"; do
+  run_stage "$s"
+done
+collect
 echo "== done in $(( $(date +%s) - start ))s; files in $OUT:"
-ls -la "$OUT"
+ls -la "$OUT" "$OUT/results_cuda"
