@@ -113,8 +113,13 @@ def sot_e2e_table(path: Path) -> str:
         if not d.get("compare"):
             lines += [f"{s['label']}:", "", replay_table(s["summary"], s.get("recorded_summary") or {}), ""]
         v = s["validation"]
-        rec = (f"; vs the recorded run: latency x{v['latency_ratio_normal']:.2f} normal, x{v['latency_ratio_sot']:.2f} "
-               "SoT" if "latency_ratio_sot" in v else "")
+        rec = ""
+        if "latency_ratio_sot" in v:
+            rec = (f"; replay / recorded run: wall time x{v['latency_ratio_normal']:.2f} normal, "
+                   f"x{v['latency_ratio_sot']:.2f} SoT (per-question median x{v['latency_ratio_normal_median']:.2f}, "
+                   f"x{v['latency_ratio_sot_median']:.2f})")
+            if "cpu_ratio_sot" in v:
+                rec += f", CPU time x{v['cpu_ratio_normal']:.2f} normal, x{v['cpu_ratio_sot']:.2f} SoT"
         cnt = f", engine counters equal {v['counters_equal']}" if "counters_equal" in v else ""
         done = "" if s["complete"] else " (time budget ran out: partial)"
         lines.append(f"{name} ({s['label']}): {v['n']} questions{done}, forced lengths "

@@ -30,8 +30,10 @@ import gc
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -135,25 +137,42 @@ class Result:
     """One answer replayed: wall time, per stage times, engine counters spent (ours), whether every output
     came out at its forced length."""
     latency: float = 0.0
+    cpu_time: float = 0.0  # this process's CPU seconds (the steadier measure on a shared CPU)
     stages: dict = field(default_factory=dict)
     counters: dict | None = None
     tokens_ok: bool = True
 
 
-class _Timed:
-    def __init__(self, device: torch.device, res: Result, stage: str) -> None:
-        self.device, self.res, self.stage = device, res, stage
+@contextmanager
+def timed(device: torch.device, res: Result, stage: str) -> Iterator[None]:
+    """Adds the stage's synchronized wall time to `res.stages[stage]`."""
+    sync(device)
+    t0 = time.perf_counter()
+    yield
+    sync(device)
+    res.stages[stage] = res.stages.get(stage, 0.0) + time.perf_counter() - t0
 
-    def __enter__(self):
+
+class _System:
+    """Times one answer's work; subclasses say how a normal and a SoT answer are done."""
+    name = label = ""
+    device: torch.device
+
+    def counters(self) -> dict | None:
+        return None
+
+    def run(self, work: Callable[[Result], None]) -> Result:
+        res, before = Result(), self.counters()
+        t0, p0 = time.perf_counter(), time.process_time()
+        work(res)
         sync(self.device)
-        self.t0 = time.perf_counter()
+        res.latency, res.cpu_time = time.perf_counter() - t0, time.process_time() - p0
+        if before is not None:
+            res.counters = {k: v - before[k] for k, v in self.counters().items()}
+        return res
 
-    def __exit__(self, *exc):
-        sync(self.device)
-        self.res.stages[self.stage] = self.res.stages.get(self.stage, 0.0) + time.perf_counter() - self.t0
 
-
-class Ours:
+class Ours(_System):
     """Replays traces on our engine, calling it as `sot.driver` does."""
     name = "ours"
 
@@ -161,6 +180,9 @@ class Ours:
         self.llm, self.device = llm, llm.engine.device
         self.label = f"our engine, {llm.engine.backend.name} kernels"
         self.gen = torch.Generator().manual_seed(seed)
+
+    def counters(self) -> dict:
+        return dict(self.llm.engine.counters)
 
     def ids(self, n: int) -> list[int]:
         return torch.randint(3, self.llm.config.vocab_size, (n,), generator=self.gen).tolist()
@@ -175,7 +197,10 @@ class Ours:
         return out
 
     def normal(self, tr: dict) -> Result:
-        return self._run(lambda res: self._stage(res, "normal", lambda: self._one(tr["normal"], res)))
+        def work(res: Result) -> None:
+            with timed(self.device, res, "normal"):
+                self._one(tr["normal"], res)
+        return self.run(work)
 
     def sot(self, tr: dict) -> Result:
         s = tr["sot"]
@@ -185,20 +210,21 @@ class Ours:
             pts = s.get("points")
             if "skeleton" in s:
                 keep = bool(pts and pts["from_skeleton"])  # continuation: the points continue its KV
-                with _Timed(self.device, res, "skeleton"):
+                with timed(self.device, res, "skeleton"):
                     held = self._one(s["skeleton"], res, keep=keep)
                 if not keep:
                     held = None
             try:
                 if pts:
-                    with _Timed(self.device, res, "expand"):
+                    with timed(self.device, res, "expand"):
                         self._points(pts, held, res)
             finally:
                 if held is not None:
                     self.llm.release(held)
             if "normal" in s:
-                self._stage(res, "normal", lambda: self._one(s["normal"], res))
-        return self._run(work)
+                with timed(self.device, res, "normal"):
+                    self._one(s["normal"], res)
+        return self.run(work)
 
     def _points(self, pts: dict, held, res: Result) -> None:
         n = pts["shared"]
@@ -211,19 +237,6 @@ class Ours:
         else:  # nothing shared: one batch of whole prompts
             outs = self.llm.generate(suffixes, params)
         res.tokens_ok &= [len(o.token_ids) for o in outs] == list(pts["output"])
-
-    def _stage(self, res: Result, name: str, fn) -> None:
-        with _Timed(self.device, res, name):
-            fn()
-
-    def _run(self, work) -> Result:
-        res, before = Result(), dict(self.llm.engine.counters)
-        t0 = time.perf_counter()
-        work(res)
-        sync(self.device)
-        res.latency = time.perf_counter() - t0
-        res.counters = {k: v - before[k] for k, v in self.llm.engine.counters.items()}
-        return res
 
     def close(self) -> None:
         self.llm = None
@@ -243,7 +256,7 @@ def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-class PaperHF:
+class PaperHF(_System):
     """The paper's method on transformers: no prefix sharing, the points as one left-padded batch."""
     name = "hf"
     label = "paper's method: transformers generate"
@@ -254,44 +267,32 @@ class PaperHF:
         self.model = hf_model(cfg, device, dtype)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _generate(self, lens: list[int], new: int, res: Result) -> None:
+    def _generate(self, stage: str, lens: list[int], new: int, res: Result) -> None:
         width = max(lens)
         ids = torch.full((len(lens), width), self.PAD, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, n in enumerate(lens):
             ids[i, width - n:] = torch.randint(3, self.cfg.vocab_size, (n,), generator=self.gen)
             mask[i, width - n:] = 1
-        with torch.inference_mode():
+        with timed(self.device, res, stage), torch.inference_mode():
             out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
                                       max_new_tokens=new, min_new_tokens=new, pad_token_id=self.PAD)
         res.tokens_ok &= out.shape[1] - width == new
 
-    def _stage(self, res: Result, name: str, lens: list[int], new: int) -> None:
-        with _Timed(self.device, res, name):
-            self._generate(lens, new, res)
-
     def normal(self, tr: dict) -> Result:
-        return self._run(lambda res: self._stage(res, "normal", [tr["normal"][0]], tr["normal"][1]))
+        return self.run(lambda res: self._generate("normal", [tr["normal"][0]], tr["normal"][1], res))
 
     def sot(self, tr: dict) -> Result:
         s = tr["sot"]
 
         def work(res: Result) -> None:
             if "skeleton" in s:
-                self._stage(res, "skeleton", [s["skeleton"][0]], s["skeleton"][1])
+                self._generate("skeleton", [s["skeleton"][0]], s["skeleton"][1], res)
             if "points" in s:  # pad rows decode until the longest point ends
-                self._stage(res, "expand", s["points"]["prompt"], max(s["points"]["output"]))
+                self._generate("expand", s["points"]["prompt"], max(s["points"]["output"]), res)
             if "normal" in s:
-                self._stage(res, "normal", [s["normal"][0]], s["normal"][1])
-        return self._run(work)
-
-    def _run(self, work) -> Result:
-        res = Result()
-        t0 = time.perf_counter()
-        work(res)
-        sync(self.device)
-        res.latency = time.perf_counter() - t0
-        return res
+                self._generate("normal", [s["normal"][0]], s["normal"][1], res)
+        return self.run(work)
 
     def close(self) -> None:
         self.model = None
@@ -331,9 +332,10 @@ def _replay(system, records: list[dict], max_output: int | None, deadline: float
                "normal_latency": n.latency, "sot_latency": s.latency, "speedup": n.latency / s.latency,
                "normal_tokens": tr["normal"][1], "sot_tokens": sot_output_tokens(tr["sot"]),
                "stages": s.stages, "tokens_ok": n.tokens_ok and s.tokens_ok,
+               "cpu_time": {"normal": n.cpu_time, "sot": s.cpu_time},
                "counters": None if n.counters is None else {"normal": n.counters, "sot": s.counters},
                "recorded": {"normal_latency": r.get("normal_latency"), "sot_latency": r.get("sot_latency"),
-                            "counters": r.get("counters")}}
+                            "counters": r.get("counters"), "cpu_time": r.get("cpu_time")}}
         if row["counters"] is not None and r.get("counters") and not max_output:
             row["counters_equal"] = row["counters"] == r["counters"]
         rows.append(row)
@@ -355,6 +357,9 @@ def validation(rows: list[dict], capped: bool) -> dict:
                                          / sum(r["recorded"][f"{k}_latency"] for r in rec))
             out[f"latency_ratio_{k}_median"] = statistics.median(r[f"{k}_latency"] / r["recorded"][f"{k}_latency"]
                                                                  for r in rec)
+            if all(r["recorded"]["cpu_time"] for r in rec):
+                out[f"cpu_ratio_{k}"] = (sum(r["cpu_time"][k] for r in rec)
+                                         / sum(r["recorded"]["cpu_time"][k] for r in rec))
     return out
 
 

@@ -153,12 +153,14 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     t0 = time.perf_counter()
     with jsonl.open("w") as f:
         for i, q in enumerate(qs):
-            c0 = dict(sot.llm.engine.counters)
+            c0, p0 = dict(sot.llm.engine.counters), time.process_time()
             normal = sot.answer(q.text, mode="normal")
-            c1 = dict(sot.llm.engine.counters)
+            c1, p1 = dict(sot.llm.engine.counters), time.process_time()
             ans = sot.answer(q.text, mode=mode)
-            c2 = dict(sot.llm.engine.counters)
+            c2, p2 = dict(sot.llm.engine.counters), time.process_time()
             row = _row(q, normal, ans, {"normal": _delta(c0, c1), "sot": _delta(c1, c2)})
+            # CPU seconds of this process: on a shared CPU, steadier than wall time for comparing runs
+            row["cpu_time"] = {"normal": p1 - p0, "sot": p2 - p1}
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()

@@ -122,4 +122,5 @@ def test_validate_interleaves_real_and_replay(tiny_chat_dir, tmp_path):
     assert path == tmp_path / "results" / "cpu" / "sot_e2e_qs_validate_paper_tiny.json" and d["model"] == "random:tiny"
     v = d["systems"]["ours"]["validation"]
     assert v["n"] == 2 and v["counters_equal"] == "2/2" and v["tokens_ok"] and v["latency_ratio_sot_median"] > 0
+    assert v["cpu_ratio_sot"] > 0 and v["cpu_ratio_normal"] > 0
     assert [r["question_id"] for r in d["systems"]["ours"]["rows"]] == [1, 2]  # one per category, round robin
