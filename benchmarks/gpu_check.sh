@@ -23,8 +23,8 @@ BENCH_BUDGET_S="${BENCH_BUDGET_S:-230}"
 LATENCY_S="${LATENCY_S:-170}"  # latency 7B + 13B; new measurements stop at LATENCY_BUDGET_S
 LATENCY_BUDGET_S="${LATENCY_BUDGET_S:-120}"
 LATENCY33_S="${LATENCY33_S:-75}"
-E2E_BUDGET_S="${E2E_BUDGET_S:-55}"  # per replay stage: no new question after this (model load not counted)
-E2E_S="${E2E_S:-100}"               # per replay stage hard limit (load + budget + the question in flight)
+E2E_BUDGET_S="${E2E_BUDGET_S:-45}"  # per replay stage: no new question after this (model load not counted)
+E2E_S="${E2E_S:-110}"               # per replay stage hard limit (start, load, warm-up, budget, the last question)
 RECORDS="${RECORDS:-benchmarks/results/cpu/sot_vicuna80_auto_paper.jsonl}"
 start=$(date +%s)
 

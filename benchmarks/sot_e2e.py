@@ -501,12 +501,12 @@ def run_replay(records_path: Path, model: str, systems: list[str], *, device: to
     payload = {**payload, **head, "systems": payload.get("systems", {})}
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
-    deadline = time.monotonic() + budget_s
     with sigterm_as_interrupt(device.type == "cuda"):
         for sysname in systems:
             t0 = time.perf_counter()
             system = _system(sysname, spec, device, dtype, backend, threads)
             log(f"{sysname}: {spec} ready in {time.perf_counter() - t0:.1f}s")
+            deadline = time.monotonic() + budget_s  # each system's own budget, its load not counted
             try:
                 rows, interrupted = replay_rows(system, records, max_output, deadline, log)
             finally:
@@ -582,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--systems", default="ours,hf", help="ours, hf (the paper's method) or both")
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--max-output", type=int, default=None, help="cut every output to this many tokens")
-    r.add_argument("--budget-s", type=float, default=1e9, help="stop starting questions after this many seconds")
+    r.add_argument("--budget-s", type=float, default=1e9,
+                   help="per system: stop starting questions this many seconds after its model is ready")
     v = sub.add_parser("validate", parents=[common], help="a real run, then its replay on the same shape")
     v.add_argument("--model", default="default")
     v.add_argument("--expansion", default="paper")
