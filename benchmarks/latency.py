@@ -151,7 +151,7 @@ class Setup:
 
 def measure_batch(setup: Setup, model: str, batch: int, prefill: int, decode: int) -> dict:
     """B prompts prefilled in one step, then `decode` timed steps, on an engine whose pool fits just them."""
-    cfg, cost, dev = shape(model.removeprefix("random:")), None, setup.device
+    cfg, dev = shape(model.removeprefix("random:")), setup.device
     cost = Cost(cfg, setup.elt)
     need = batch * -(-(prefill + decode + 1) // BLOCK) + 1
     llm = setup.engine(model, need, batch * prefill)
