@@ -97,21 +97,28 @@ def sot_e2e_table(path: Path) -> str:
     """One `benchmarks.sot_e2e` result: per category, ours and the paper's method, with the real run's numbers."""
     from benchmarks.sot_e2e import compare_table, replay_table
     d = json.loads(path.read_text())
-    sel = d["selection"]
-    what = (f"first {sel['per_category']} per category" if sel.get("per_category") else "all questions") + \
-        (f", at most {sel['limit']}" if sel.get("limit") else "")
-    model = d["model"].removeprefix("random:")
-    cmd = f"python -m benchmarks.sot_e2e replay --model {model} --records {d['records']}" + \
-        (f" --per-category {sel['per_category']}" if sel.get("per_category") else "") + \
-        (f" --limit {sel['limit']}" if sel.get("limit") else "")
-    head = (f"SoT vs normal decoding with the lengths of `{d['records']}` ({d['records_model']}; {what}) replayed on "
-            f"{model} {d['dtype']} random weights, {_env_line(d['env'])} (`{cmd}`):")
+    sel, model = d["selection"], d["model"].removeprefix("random:")
+    if "validate" in sel:  # a real run and its replay, question by question
+        cmd = f"python -m benchmarks.sot_e2e validate --per-category {sel['validate']} --threads {d['env']['threads']}"
+        head = (f"Replay validated against a real run: {d['records_model']} on Vicuna-80 (first "
+                f"{sel['validate']} per category, `{d['records']}`), each question replayed right after on "
+                f"{model} {d['dtype']} random weights with the recorded lengths, {_env_line(d['env'])} (`{cmd}`):")
+    else:
+        what = (f"first {sel['per_category']} per category" if sel.get("per_category") else "all questions") + \
+            (f", at most {sel['limit']}" if sel.get("limit") else "")
+        cmd = f"python -m benchmarks.sot_e2e replay --model {model} --records {d['records']}" + \
+            (f" --per-category {sel['per_category']}" if sel.get("per_category") else "") + \
+            (f" --limit {sel['limit']}" if sel.get("limit") else "")
+        head = (f"SoT vs normal decoding with the lengths of `{d['records']}` ({d['records_model']}; {what}) replayed "
+                f"on {model} {d['dtype']} random weights, {_env_line(d['env'])} (`{cmd}`):")
     lines = [head, ""]
     if d.get("compare"):
         lines += [compare_table(d["compare"]), ""]
     for name, s in d["systems"].items():
-        if not d.get("compare"):
-            lines += [f"{s['label']}:", "", replay_table(s["summary"], s.get("recorded_summary") or {}), ""]
+        if not d.get("compare") and s.get("cpu_summary"):  # CPU seconds: steady on a shared machine
+            lines += [replay_table(s["cpu_summary"], s["recorded_cpu_summary"], "CPU s"), ""]
+        elif not d.get("compare"):
+            lines += [replay_table(s["summary"], s.get("recorded_summary") or {}), ""]
         v = s["validation"]
         rec = ""
         if "latency_ratio_sot" in v:

@@ -399,10 +399,10 @@ def compare_table(cmp: dict) -> str:
     return "\n".join(lines)
 
 
-def replay_table(summary: dict, recorded: dict) -> str:
-    """Markdown: per category, the recorded real run next to its replay (one system)."""
-    lines = ["| category | n | SoT used | real normal s | real SoT s | real speed-up | replay normal s | replay SoT s "
-             "| replay speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def replay_table(summary: dict, recorded: dict, unit: str = "s") -> str:
+    """Markdown: per category, the recorded real run next to its replay (one system); `unit` names the measure."""
+    lines = [f"| category | n | SoT used | real normal {unit} | real SoT {unit} | real speed-up | replay normal {unit} "
+             f"| replay SoT {unit} | replay speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, d in summary.items():
         r = recorded.get(c)
         real = f"{r['normal_latency']:.2f} | {r['sot_latency']:.2f} | {r['speedup']:.2f}x" if r else "- | - | -"
@@ -417,11 +417,13 @@ def plot(payload: dict, path: Path) -> Path | None:
     systems = payload["systems"]
     if plt is None or not systems:
         return None
-    series = {f"{k} ({systems[k]['label']})": systems[k]["summary"] for k in systems}
-    rec = next((s.get("recorded_summary") for s in systems.values() if s.get("recorded_summary")), None)
+    cpu = all(s.get("cpu_summary") for s in systems.values())  # a CPU validation: CPU seconds are the steady measure
+    key, unit = ("cpu_summary", "CPU s") if cpu else ("summary", "s")
+    series = {f"{k} ({systems[k]['label']})": systems[k][key] for k in systems}
+    rec = next((s.get(f"recorded_{key}") for s in systems.values() if s.get(f"recorded_{key}")), None)
     if rec:
         series[f"recorded real run ({payload['records_model']})"] = rec
-    cats = [c for c in next(iter(systems.values()))["summary"] if c != "where SoT ran"]
+    cats = [c for c in next(iter(systems.values()))[key] if c != "where SoT ran"]
     fig, ax = plt.subplots(1, 2, figsize=(14, 4.5))
     w = 0.8 / len(series)
     for i, (label, summ) in enumerate(series.items()):
@@ -429,7 +431,7 @@ def plot(payload: dict, path: Path) -> Path | None:
         ax[0].bar(xs, [summ[c]["speedup"] for c in cats if c in summ], w, label=label)
         if not label.startswith("recorded"):
             ax[1].bar(xs, [summ[c]["sot_latency"] for c in cats if c in summ], w, label=label)
-    for a, title in zip(ax, ("speed-up of SoT over normal decoding", "SoT latency (s)")):
+    for a, title in zip(ax, (f"speed-up of SoT over normal decoding ({unit})", f"SoT latency ({unit})")):
         a.set_xticks([j + 0.4 - w / 2 for j in range(len(cats))], cats, rotation=45, ha="right", fontsize=8)
         a.set_title(title)
         a.legend(fontsize=7)
@@ -461,6 +463,11 @@ def _system_entry(label: str, rows: list[dict], wanted: int, interrupted: bool, 
     entry = {"label": label, "env": environment(device), "rows": rows, "complete": len(rows) == wanted,
              "interrupted": interrupted, "summary": summarize(rows) if rows else {},
              "recorded_summary": recorded_summary(rows, all_records), "validation": validation(rows, capped)}
+    if rows and device.type == "cpu" and all((r["recorded"].get("cpu_time") or {}).get("sot") for r in rows):
+        # the same summaries in CPU seconds: on a shared CPU the steady measure of replay against the real run
+        as_cpu = lambda r, t: {**r, "normal_latency": t["normal"], "sot_latency": t["sot"]}  # noqa: E731
+        entry["cpu_summary"] = summarize([as_cpu(r, r["cpu_time"]) for r in rows])
+        entry["recorded_cpu_summary"] = summarize([as_cpu(r, r["recorded"]["cpu_time"]) for r in rows])
     if rows:
         log(table(entry["summary"]))
         log(f"vs the recorded run: {entry['validation']}")
