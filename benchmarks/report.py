@@ -123,7 +123,7 @@ def sot_e2e_table(path: Path) -> str:
             lines += [replay_table(s["summary"], s.get("recorded_summary") or {}), ""]
         v = s["validation"]
         rec = ""
-        if "latency_ratio_sot" in v:
+        if "latency_ratio_sot" in v and "validate" in sel:  # elsewhere other shapes, devices, threads: no ratio
             rec = (f"; replay / recorded run: wall time x{v['latency_ratio_normal']:.2f} normal, "
                    f"x{v['latency_ratio_sot']:.2f} SoT (per-question median x{v['latency_ratio_normal_median']:.2f}, "
                    f"x{v['latency_ratio_sot_median']:.2f})")

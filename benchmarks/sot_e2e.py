@@ -376,17 +376,17 @@ def _in_cpu_seconds(r: dict, times: dict) -> dict:
 
 def compare(ours: list[dict], hf: list[dict], cpu: bool = False) -> dict:
     """Per category over the questions both systems ran: each one's normal and SoT latency and speed-up, and how
-    much faster our SoT is than the paper's method (paper SoT s / our SoT s). `cpu`: in CPU seconds instead of
-    wall seconds (a CPU run on a shared machine), without the real run's (wall-clock) speed-up."""
+    much faster our SoT is than the paper's method (paper SoT s / our SoT s), beside the real run's own speed-up.
+    `cpu`: ours and the paper's in CPU seconds instead of wall seconds (a CPU run on a shared machine)."""
     common = {r["question_id"] for r in ours} & {r["question_id"] for r in hf}
     if not common:
         return {}
+    real = summarize([{**r, **r["recorded"]} for r in ours if r["question_id"] in common]) \
+        if all(r["recorded"]["normal_latency"] for r in ours) else {}  # as the real run measured it (wall)
     if cpu:
         ours, hf = [_in_cpu_seconds(r, r["cpu_time"]) for r in ours], [_in_cpu_seconds(r, r["cpu_time"]) for r in hf]
     a = summarize([r for r in ours if r["question_id"] in common])
     b = summarize([r for r in hf if r["question_id"] in common])
-    real = summarize([{**r, **r["recorded"]} for r in ours if r["question_id"] in common]) \
-        if not cpu and all(r["recorded"]["normal_latency"] for r in ours) else {}
     return {c: {"n": a[c]["n"], "sot_used": a[c]["sot_used"], "real_speedup": real.get(c, {}).get("speedup"),
                 "ours_normal": a[c]["normal_latency"], "ours_sot": a[c]["sot_latency"], "ours_speedup": a[c]["speedup"],
                 "hf_normal": b[c]["normal_latency"], "hf_sot": b[c]["sot_latency"], "hf_speedup": b[c]["speedup"],
@@ -422,15 +422,19 @@ def plot(payload: dict, path: Path) -> Path | None:
     """Speed-up per category (real run as recorded, our replay, the paper's method) and SoT latency."""
     plt = pyplot()
     systems = payload["systems"]
-    if plt is None or not systems:
+    if plt is None:
         return None
-    cpu = all(s.get("cpu_summary") for s in systems.values())  # a CPU validation: CPU seconds are the steady measure
-    key, unit = ("cpu_summary", "CPU s") if cpu else ("summary", "s")
-    series = {f"{k} ({systems[k]['label']})": systems[k][key] for k in systems}
-    rec = next((s.get(f"recorded_{key}") for s in systems.values() if s.get(f"recorded_{key}")), None)
+    # on a CPU, CPU seconds are the steady measure (wall time follows the other jobs on the machine)
+    cpu = payload["env"]["device_type"] == "cpu" and all(r.get("cpu_time") for s in systems.values() for r in s["rows"])
+    unit = "CPU s" if cpu else "s"
+    series = {f"{k} ({s['label']})": summarize([_in_cpu_seconds(r, r["cpu_time"]) for r in s["rows"]]) if cpu
+              else s["summary"] for k, s in systems.items() if s["rows"]}
+    rec = next((s.get("recorded_cpu_summary" if cpu else "recorded_summary") for s in systems.values()), None)
     if rec:
         series[f"recorded real run ({payload['records_model']})"] = rec
-    cats = [c for c in next(iter(systems.values()))[key] if c != "where SoT ran"]
+    if not series:
+        return None
+    cats = [c for c in next(iter(series.values())) if c != "where SoT ran"]
     fig, ax = plt.subplots(1, 2, figsize=(14, 4.5))
     w = 0.8 / len(series)
     for i, (label, summ) in enumerate(series.items()):
