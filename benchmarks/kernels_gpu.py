@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import environment, write_result
+from benchmarks.common import (bench_ms, copy_bandwidth, environment, format_table, gbps, pyplot, sigterm_as_interrupt,
+                               write_result)
 
 BLOCK_SIZE = 16
 GOAL_FRACTION = 0.80  # of measured copy bandwidth
@@ -113,10 +112,6 @@ def prefill_flops(seqs: int, new: int, shape: AttnShape) -> int:
     return 4 * shape.heads * shape.head_dim * seqs * (new * (new + 1) // 2)
 
 
-def gbps(nbytes: float, ms: float | None) -> float | None:
-    return None if not ms else nbytes / (ms * 1e-3) / 1e9
-
-
 def prefix_once_evidence(cascade_us: float, copy_gbps: float | None, plain_bytes: int) -> dict:
     """At copy bandwidth, cascade's time allows at most `cascade_us x copy` bytes of DRAM traffic; below what
     plain decode must read (the prefix once per member) it cannot have re-read the prefix per member from DRAM.
@@ -159,22 +154,6 @@ def prefill_configs(quick: bool = False, smoke: bool = False) -> list[dict]:
         return [{"shape": SMOKE_SHAPE.name, "dtype": "fp32", "seqs": 2, "new": 24}]
     shapes, dtypes, sizes = (SHAPES[:2], ("bf16",), ((1, 2048),)) if quick else (SHAPES, ("bf16", "fp16"), PREFILLS)
     return [{"shape": s.name, "dtype": dt, "seqs": n, "new": t} for s in shapes for dt in dtypes for n, t in sizes]
-
-
-def _cell(value, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return format(value, fmt) if fmt else str(value)
-
-
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Fixed-width text table; columns are (header, key, format spec); a missing value prints as '-'."""
-    cells = [[_cell(r.get(key), fmt) for _, key, fmt in columns] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(columns)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    return "\n".join([line([h for h, _, _ in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 DECODE_COLUMNS = [("shape", "shape", ""), ("dtype", "dtype", ""), ("B", "batch", "d"), ("ctx", "context", "d"),
@@ -234,31 +213,6 @@ def format_summary(s: dict) -> str:
 
 
 # ---------------------------------------------------------------- measurement (needs the device)
-
-def bench_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
-    """Median milliseconds of fn(): do_bench on CUDA (L2 flushed between runs), perf_counter elsewhere."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        try:
-            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-        except TypeError:  # an older do_bench without return_mode
-            return float(do_bench(fn, warmup=25, rep=100, quantiles=[0.5]))
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> dict:
-    """GB/s of dst.copy_(src) over `nbytes` (counted as bytes read + bytes written)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), device)
-    return {"bytes": nbytes, "ms": ms, "gbps": gbps(2 * nbytes, ms)}
-
 
 def paged_pool(batch: int, context: int, shape: AttnShape, dtype: torch.dtype, device: torch.device,
                gen: torch.Generator, queries: int | None = None):
@@ -472,11 +426,8 @@ def load_cascade_kernel() -> tuple[Callable | None, str]:
 
 def plot(decode_rows: list[dict], copy_gbps: float | None, path: Path) -> Path | None:
     """GB/s against context, one panel per shape, a line per kernel x batch (first dtype measured)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [r for r in decode_rows if r.get("gbps")]
     if not rows:
@@ -533,44 +484,41 @@ def run(quick: bool = False, smoke: bool = False, out_dir: Path | None = None, d
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{name}.json").write_text(path.read_text())
 
-    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep what was measured
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, on_term) if dev.type == "cuda" else None
     decode_cfgs = decode_configs(quick, smoke)
     n_goal = sum((c["batch"], c["context"]) == (GOAL_BATCH, GOAL_CONTEXT) for c in decode_cfgs)
     # order: goal decode configs, cascade, the rest of decode, prefill (a cut-short run keeps the goal lines)
     plan = ([("decode", c) for c in decode_cfgs[:n_goal]] + [("cascade", c) for c in cascade_configs(quick, smoke)]
             + [("decode", c) for c in decode_cfgs[n_goal:]] + [("prefill", c) for c in prefill_configs(quick, smoke)])
-    try:
-        nbytes = int((16 << 20) if smoke else copy_gib * (1 << 30))
-        payload["copy"] = copy_bandwidth(dev, nbytes)
-        runner.copy_gbps = payload["copy"]["gbps"]
-        print(f"copy bandwidth ({nbytes / (1 << 30):.2f} GiB copy_, read + write): {runner.copy_gbps:.0f} GB/s",
-              flush=True)
-        for kind, cfg in plan:
-            if runner.out_of_time():
-                payload["skipped"].append({"kind": kind, **cfg})
-                continue
-            try:
-                if kind == "decode":
-                    payload["decode"] += runner.decode(cfg)
-                elif kind == "cascade":
-                    payload["cascade"].append(runner.cascade(cfg, cascade_fn, why_absent))
-                else:
-                    payload["prefill"] += runner.prefill(cfg)
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory building the inputs
-                payload.setdefault("errors", []).append({"kind": kind, **cfg, "error": f"{type(e).__name__}: {e}"[:300]})
+    with sigterm_as_interrupt(dev.type == "cuda"):
+        try:  # `timeout` sends SIGTERM: keep what was measured
+            nbytes = int((16 << 20) if smoke else copy_gib * (1 << 30))
+            payload["copy"] = copy_bandwidth(dev, nbytes)
+            runner.copy_gbps = payload["copy"]["gbps"]
+            print(f"copy bandwidth ({nbytes / (1 << 30):.2f} GiB copy_, read + write): {runner.copy_gbps:.0f} GB/s",
+                  flush=True)
+            for kind, cfg in plan:
+                if runner.out_of_time():
+                    payload["skipped"].append({"kind": kind, **cfg})
+                    continue
+                try:
+                    if kind == "decode":
+                        payload["decode"] += runner.decode(cfg)
+                    elif kind == "cascade":
+                        payload["cascade"].append(runner.cascade(cfg, cascade_fn, why_absent))
+                    else:
+                        payload["prefill"] += runner.prefill(cfg)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory building the inputs
+                    payload.setdefault("errors", []).append(
+                        {"kind": kind, **cfg, "error": f"{type(e).__name__}: {e}"[:300]})
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        payload["complete"] = not payload["skipped"]
-    except KeyboardInterrupt:
-        payload["interrupted"] = True
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-        save()
+            payload["complete"] = not payload["skipped"]
+        except KeyboardInterrupt:
+            payload["interrupted"] = True
+        finally:
+            save()
     text = report(payload)
     print(text, flush=True)
     if out_dir is not None:

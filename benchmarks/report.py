@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.common import RESULTS
+from benchmarks import common
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -53,15 +53,108 @@ def router_table(path: Path) -> str:
             + "\n".join(rows))
 
 
+def _env_line(env: dict) -> str:
+    soft = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("triton") else "")
+    n = env["threads"]
+    threads = f", {n} thread{'s' * (n != 1)}" if env["device_type"] == "cpu" else ""
+    return f"{env['device']}{threads}, {soft}, {env['date']}"
+
+
+def _f(x, fmt: str, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def latency_table(paths: list[Path]) -> str:
+    """One device's `benchmarks.latency` results: a row per model and batch, then cascade on/off per model."""
+    ds = [json.loads(p.read_text()) for p in paths]
+    d0 = ds[0]
+    lines = [f"Prefill and decode latency vs batch (the paper's Table 1 / Fig. 3) on {_env_line(d0['env'])}; random "
+             f"weights, prefill {d0['prefill']} tokens then {d0['decode']} decode steps; measured copy bandwidth "
+             f"{d0['copy']['gbps']:.0f} GB/s; roofline = (weights + K/V read) / copy bandwidth "
+             "(`python -m benchmarks.latency`):", "",
+             "| model | B | prefill ms | prefill TFLOPS | ms/token | decode ms (all steps) | decode TFLOPS "
+             "| weight GB/s (of copy) | x roofline | peak GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d in ds:
+        model = f"{d['model'].removeprefix('random:')} {d['dtype']}"
+        for r in d["batches"]:
+            lines.append(f"| {model} | {r['batch']} | {r['prefill_ms']:.1f} | {r['prefill_tflops']:.1f} | "
+                         f"{r['decode_ms_per_step']:.2f} | {r['decode_total_ms']:.0f} | {r['decode_tflops']:.2f} | "
+                         f"{r['weight_gbps']:.0f} ({_f(r.get('weight_frac_copy'), '.0%')}) | "
+                         f"{_f(r.get('vs_roofline'), '.2f')} | {_f(r.get('peak_mem_gib'), '.1f')} |")
+    for d in ds:
+        pairs = [p for p in d.get("sot_pairs", []) if p.get("off_ms")]
+        if pairs:
+            lines.append("")
+            lines.append(f"SoT batch on {d['model'].removeprefix('random:')} ({d['sot_prefix']}-token shared prefix, "
+                         f"{d['sot_suffix']}-token tails), decode ms/step cascade off -> on: " + "; ".join(
+                             f"{p['members']} points {p['off_ms']:.2f} -> {_f(p.get('on_ms'), '.2f')}"
+                             + (f" ({p['speedup']:.2f}x)" if p.get("speedup") else f" ({p.get('note') or 'n/a'})")
+                             for p in pairs))
+    return "\n".join(lines)
+
+
+def sot_e2e_table(path: Path) -> str:
+    """One `benchmarks.sot_e2e` result: per category, ours and the paper's method, with the real run's numbers."""
+    from benchmarks.sot_e2e import compare_table, replay_table
+    d = json.loads(path.read_text())
+    sel, model = d["selection"], d["model"].removeprefix("random:")
+    if "validate" in sel:  # a real run and its replay, question by question
+        cmd = f"python -m benchmarks.sot_e2e validate --per-category {sel['validate']} --threads {d['env']['threads']}"
+        head = (f"Replay validated against a real run: {d['records_model']} on Vicuna-80 (first "
+                f"{sel['validate']} per category, `{d['records']}`), each question replayed right after on "
+                f"{model} {d['dtype']} random weights with the recorded lengths, {_env_line(d['env'])} (`{cmd}`):")
+    else:
+        what = (f"first {sel['per_category']} per category" if sel.get("per_category") else "all questions") + \
+            (f", at most {sel['limit']}" if sel.get("limit") else "")
+        cmd = f"python -m benchmarks.sot_e2e replay --model {model} --records {d['records']}" + \
+            (f" --per-category {sel['per_category']}" if sel.get("per_category") else "") + \
+            (f" --limit {sel['limit']}" if sel.get("limit") else "")
+        head = (f"SoT vs normal decoding with the lengths of `{d['records']}` ({d['records_model']}; {what}) replayed "
+                f"on {model} {d['dtype']} random weights, {_env_line(d['env'])} (`{cmd}`):")
+    lines = [head, ""]
+    if d.get("compare_cpu"):  # CPU seconds: steady on a shared machine, where wall time is not
+        lines += [compare_table(d["compare_cpu"], "CPU s"), ""]
+    elif d.get("compare"):
+        lines += [compare_table(d["compare"]), ""]
+    for name, s in d["systems"].items():
+        if not d.get("compare") and s.get("cpu_summary"):  # CPU seconds: steady on a shared machine
+            lines += [replay_table(s["cpu_summary"], s["recorded_cpu_summary"], "CPU s"), ""]
+        elif not d.get("compare"):
+            lines += [replay_table(s["summary"], s.get("recorded_summary") or {}), ""]
+        v = s["validation"]
+        rec = ""
+        if "latency_ratio_sot" in v and "validate" in sel:  # elsewhere other shapes, devices, threads: no ratio
+            rec = (f"; replay / recorded run: wall time x{v['latency_ratio_normal']:.2f} normal, "
+                   f"x{v['latency_ratio_sot']:.2f} SoT (per-question median x{v['latency_ratio_normal_median']:.2f}, "
+                   f"x{v['latency_ratio_sot_median']:.2f})")
+            if "cpu_ratio_sot" in v:
+                rec += f", CPU time x{v['cpu_ratio_normal']:.2f} normal, x{v['cpu_ratio_sot']:.2f} SoT"
+        cnt = f", engine counters equal {v['counters_equal']}" if "counters_equal" in v else ""
+        done = "" if s["complete"] else " (time budget ran out: partial)"
+        lines.append(f"{name} ({s['label']}): {v['n']} questions{done}, forced lengths "
+                     f"{'all met' if v['tokens_ok'] else 'NOT met'}{cnt}{rec}.")
+    return "\n".join(lines)
+
+
+def _latest(pattern: str, device: str) -> list[Path]:
+    return sorted(p for p in (common.RESULTS / device).glob(pattern) if not p.stem.endswith("_quick"))
+
+
 def render() -> str:
     parts = []
-    for p in sorted((RESULTS / "cpu").glob("sot_vicuna80_*.json"), key=lambda p: "paper" not in p.name):
-        parts.append(sot_table(p))
-    if (RESULTS / "router_agreement.json").exists():
-        parts.append(router_table(RESULTS / "router_agreement.json"))
-    p = RESULTS / "cpu" / "decode_cpu.json"
+    for p in sorted((common.RESULTS / "cpu").glob("sot_vicuna80_*.json"), key=lambda p: "paper" not in p.name):
+        if "_validate_" not in p.stem:  # a validation's real run is shown with its replay (sot_e2e)
+            parts.append(sot_table(p))
+    if (common.RESULTS / "router_agreement.json").exists():
+        parts.append(router_table(common.RESULTS / "router_agreement.json"))
+    p = common.RESULTS / "cpu" / "decode_cpu.json"
     if p.exists():
         parts.append(decode_cpu_table(p))
+    for device in ("cuda", "cpu"):
+        paths = _latest("latency_*.json", device)
+        if paths:
+            parts.append(latency_table(paths))
+        parts += [sot_e2e_table(p) for p in _latest("sot_e2e_*.json", device)]
     return "\n\n".join(parts) or "(no results yet)"
 
 

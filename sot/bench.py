@@ -3,7 +3,9 @@
 Each question is answered twice on the same engine: normal decoding (the baseline) and the chosen mode
 (auto: the router decides). Per question we record the mode used and why, token counts, the latency
 breakdown and both answers, one JSON line each, written as we go; a summary with the per-category table is
-written at the end. Speed-up is the ratio of mean latencies (normal / SoT) per category.
+written at the end. Speed-up is the ratio of mean latencies (normal / SoT) per category. Each line also holds
+the engine's work counters per answer and a `trace` of every stage's token lengths, from which
+`benchmarks.sot_e2e` replays the same work on other model shapes.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.common import RESULTS, environment
 from sot.driver import Answer, SoT
@@ -42,7 +45,27 @@ def load_dataset(name: str) -> list[Question]:
     return out
 
 
-def _row(q: Question, normal: Answer, ans: Answer) -> dict:
+def trace(normal: Answer, ans: Answer) -> dict:
+    """The lengths that fix this question's work, for replaying it with forced lengths on any model shape
+    (`benchmarks.sot_e2e`): [prompt, output] tokens of the normal answer and of each SoT stage that ran, each
+    point's prompt and output, the prefix its fork shares, and whether the points continue the kept skeleton
+    request (continuation expansion) or a prefix prefilled for them (paper)."""
+    t = ans.tokens
+    sot: dict = {"mode": ans.mode, "expansion": ans.expansion}
+    if t.skeleton_prompt:
+        sot["skeleton"] = [t.skeleton_prompt, t.skeleton_output]
+    if ans.points:
+        sot["points"] = {"prompt": [p.prompt_tokens for p in ans.points],
+                         "output": [p.num_tokens for p in ans.points],
+                         "shared": max(p.cached_tokens for p in ans.points),
+                         "from_skeleton": ans.expansion == "continuation" and bool(t.skeleton_prompt)}
+    if t.normal_prompt:
+        sot["normal"] = [t.normal_prompt, t.normal_output]
+    return {"normal": [normal.tokens.normal_prompt, normal.tokens.normal_output], "sot": sot}
+
+
+def _row(q: Question, normal: Answer, ans: Answer, counters: dict | None = None) -> dict:
+    """One question's record; `counters`: the engine's work counters spent on each answer."""
     return {
         "question_id": q.id, "category": q.category, "question": q.text,
         "mode": ans.mode, "reason": ans.reason, "expansion": ans.expansion, "num_points": len(ans.points),
@@ -52,9 +75,15 @@ def _row(q: Question, normal: Answer, ans: Answer) -> dict:
         "normal_tokens": normal.tokens.normal_output, "sot_tokens": ans.tokens.output,
         "normal_chars": len(normal.text), "sot_chars": len(ans.text),
         "timings": ans.to_dict()["timings"], "tokens": ans.to_dict()["tokens"],
-        "points": [{"point": p.point, "tokens": p.num_tokens, "stop": p.stop_reason} for p in ans.points],
+        "points": [{"point": p.point, "tokens": p.num_tokens, "stop": p.stop_reason, "prompt_tokens": p.prompt_tokens,
+                    "cached_tokens": p.cached_tokens} for p in ans.points],
+        "trace": trace(normal, ans), "counters": counters,
         "skeleton": ans.skeleton, "sot_answer": ans.text, "normal_answer": normal.text,
     }
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -97,9 +126,17 @@ def _commit() -> str | None:
 
 def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
               categories: list[str] | None = None, mode: str = "auto", name: str | None = None,
-              out_dir: Path | None = None, log=print) -> tuple[Path, dict]:
-    """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary."""
+              out_dir: Path | None = None, ids: list[int] | None = None, log=print,
+              on_row: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
+    """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary.
+    `ids`: only these question ids, in this order; `on_row`: called with each question's record once written."""
     qs = load_dataset(dataset)
+    if ids is not None:
+        by_id = {q.id: q for q in qs}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"no questions with ids {missing}")
+        qs = [by_id[i] for i in ids]
     if categories:
         unknown = set(categories) - {q.category for q in qs}
         if unknown:
@@ -116,18 +153,26 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     t0 = time.perf_counter()
     with jsonl.open("w") as f:
         for i, q in enumerate(qs):
+            c0, p0 = dict(sot.llm.engine.counters), time.process_time()
             normal = sot.answer(q.text, mode="normal")
+            c1, p1 = dict(sot.llm.engine.counters), time.process_time()
             ans = sot.answer(q.text, mode=mode)
-            row = _row(q, normal, ans)
+            c2, p2 = dict(sot.llm.engine.counters), time.process_time()
+            row = _row(q, normal, ans, {"normal": _delta(c0, c1), "sot": _delta(c1, c2)})
+            # CPU seconds of this process: on a shared CPU, steadier than wall time for comparing runs
+            row["cpu_time"] = {"normal": p1 - p0, "sot": p2 - p1}
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
+            if on_row is not None:
+                on_row(row)
             log(f"[{i + 1}/{len(qs)}] {q.category:14s} {ans.mode:6s} normal {row['normal_latency']:5.1f}s "
                 f"{mode} {row['sot_latency']:5.1f}s  x{row['speedup']:.2f}  ({ans.reason})")
     summary = summarize(rows)
     cfg = sot.config
-    payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name, "dtype": str(sot.llm.engine.dtype),
-               "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit,
+    payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name,
+               "backend": sot.llm.engine.backend.name, "dtype": str(sot.llm.engine.dtype),
+               "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit, "ids": ids,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,
                "summary": summary, "table": table(summary)}

@@ -276,21 +276,10 @@ class SoT:
         return points, held, None
 
     def _expand(self, ans: Answer, cfg: SoTConfig, points: list[Point], held: RequestOutput | None):
-        engine, p = self.llm.engine, cfg.prompts
-        if cfg.expansion == "continuation":
-            # the skeleton conversation, closed, then one instruction turn per point; its KV is the kept
-            # skeleton request's (or, for a given skeleton, the common prefix prefilled once)
-            convo = skeleton_messages(ans.question, p)[:-1] + [
-                {"role": "assistant", "content": ans.skeleton.rstrip()}]
-            full = [engine.encode(convo + [
-                {"role": "user", "content": fill(p.continuation_template, point_index=pt.index, point=pt.text)},
-                {"role": "assistant", "content": point_prefill(pt.index, pt.text, p, continuation=True)}])
-                for pt in points]
-            base = held.prompt_token_ids + held.token_ids if held is not None else None
-        else:
-            sk = format_skeleton(points)
-            full = [engine.encode(point_messages(ans.question, sk, pt.index, pt.text, p)) for pt in points]
-            base = None
+        engine = self.llm.engine
+        full = self.point_prompts(ans.question, ans.skeleton, points, cfg)
+        # continuation: the points continue the kept skeleton request (prompt + output tokens)
+        base = held.prompt_token_ids + held.token_ids if held is not None else None
         n = common_prefix_len(full + ([base] if base else []))
         params = [replace(self._params(cfg, cfg.point_max_tokens, i), stop_fn=point_stop(pt.index, num_points=len(points),
                                                                          ngram=cfg.ngram))
@@ -333,6 +322,20 @@ class SoT:
         ans.text = out.text.strip()
 
     # ---- helpers -------------------------------------------------------------------------------
+    def point_prompts(self, question: str, skeleton: str, points: list[Point], cfg: SoTConfig) -> list[list[int]]:
+        """Every point's full prompt as token ids. Public so a benchmark can rebuild a recorded run's lengths."""
+        engine, p = self.llm.engine, cfg.prompts
+        if cfg.expansion == "continuation":
+            # the skeleton conversation, closed, then one instruction turn per point; its KV is the kept
+            # skeleton request's (or, for a given skeleton, the common prefix prefilled once)
+            convo = skeleton_messages(question, p)[:-1] + [{"role": "assistant", "content": skeleton.rstrip()}]
+            return [engine.encode(convo + [
+                {"role": "user", "content": fill(p.continuation_template, point_index=pt.index, point=pt.text)},
+                {"role": "assistant", "content": point_prefill(pt.index, pt.text, p, continuation=True)}])
+                for pt in points]
+        sk = format_skeleton(points)
+        return [engine.encode(point_messages(question, sk, pt.index, pt.text, p)) for pt in points]
+
     @staticmethod
     def assemble(points: list[PointAnswer], cfg: SoTConfig) -> str:
         """The final text: the expansions in skeleton order, one a line, labelled "i. point:" or not."""
