@@ -146,7 +146,8 @@ class Setup:
 
     def engine(self, model: str, num_blocks: int, batch_tokens: int, cascade: str = "off") -> LLM:
         return LLM(model, device=str(self.device), dtype=self.dtype, backend=self.backend, num_blocks=num_blocks,
-                   max_num_batched_tokens=max(4096, batch_tokens), cascade=cascade, num_threads=self.threads)
+                   max_num_batched_tokens=max(4096, batch_tokens), cascade=cascade, num_threads=self.threads,
+                   enable_prefix_caching=False)  # every step computes what it says
 
 
 def measure_batch(setup: Setup, model: str, batch: int, prefill: int, decode: int) -> dict:

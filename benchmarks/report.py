@@ -136,6 +136,19 @@ def sot_e2e_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def server_load_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lat, ttft = d["latency_s"], d["ttft_s"]
+    return (f"Server load: {d['requests']} concurrent streaming chat requests of {d['max_tokens']} tokens over loopback, "
+            f"{d['model']}, {_env_line(d['env'])} (`python -m benchmarks.server_load`): "
+            f"{len(d['errors'])} errors, {d['leaked_blocks']} leaked blocks, up to {d['max_decode_batch']} sequences "
+            f"per decode step, {d['tokens_per_s']:.0f} tokens/s, {d['cached_prompt_tokens']} of "
+            f"{d['prompt_tokens']} prompt tokens from the prefix cache.\n\n"
+            "| seconds | p50 | p90 | p99 | max |\n|---|---:|---:|---:|---:|\n"
+            + "\n".join(f"| {name} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} | {v['max']:.2f} |"
+                        for name, v in (("time to first token", ttft), ("request latency", lat))))
+
+
 def _latest(pattern: str, device: str) -> list[Path]:
     return sorted(p for p in (common.RESULTS / device).glob(pattern) if not p.stem.endswith("_quick"))
 
@@ -155,6 +168,7 @@ def render() -> str:
         if paths:
             parts.append(latency_table(paths))
         parts += [sot_e2e_table(p) for p in _latest("sot_e2e_*.json", device)]
+        parts += [server_load_table(p) for p in _latest("server_load.json", device)]
     return "\n\n".join(parts) or "(no results yet)"
 
 

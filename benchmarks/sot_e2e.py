@@ -96,7 +96,7 @@ def backfill(path: Path, model: str = "default") -> int:
     from sot.driver import Answer, PointAnswer, SoT, SoTConfig, TokenCounts, common_prefix_len
     from sot.skeleton import Point
     meta = json.loads(path.with_suffix(".json").read_text())
-    sot = SoT(LLM(model, device="cpu"), SoTConfig(**meta["config"]))
+    sot = SoT(LLM(model, device="cpu", enable_prefix_caching=False), SoTConfig(**meta["config"]))
     rows, added = read_records(path), 0
     for r in rows:
         if "trace" in r:
@@ -546,7 +546,8 @@ def run_replay(records_path: Path, model: str, systems: list[str], *, device: to
 def _system(name: str, spec: str, device: torch.device, dtype: torch.dtype, backend: str | None,
             threads: int | None):
     if name == "ours":
-        return Ours(LLM(spec, device=str(device), dtype=dtype, backend=backend, num_threads=threads))
+        return Ours(LLM(spec, device=str(device), dtype=dtype, backend=backend, num_threads=threads,
+                        enable_prefix_caching=False))  # as recorded: each question costs what it costs alone
     if name == "hf":
         cfg = shape(spec.removeprefix("random:")) if spec.startswith("random:") else LLM(spec).config
         return PaperHF(cfg, device, dtype)
@@ -564,7 +565,8 @@ def validate(model: str, *, device: torch.device, dtype: torch.dtype, backend: s
     qs = load_dataset(dataset)
     ids = [r["question_id"] for r in select([{"question_id": q.id, "category": q.category} for q in qs],
                                              per_category)]
-    llm = LLM(model, device=str(device), dtype=dtype, backend=backend, num_threads=threads)
+    llm = LLM(model, device=str(device), dtype=dtype, backend=backend, num_threads=threads,
+              enable_prefix_caching=False)  # like `sot bench`: no question reuses another's blocks
     target = shape_of(llm.config)
     if target is None:
         raise SystemExit(f"{model}: no random shape in engine.config.SHAPES has its structure")

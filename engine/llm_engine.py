@@ -125,10 +125,9 @@ class LLMEngine:
         self._forks: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, children)
         self._detok: dict[int, _Detok] = {}
         self._next_request = 0
-        # cumulative work done, for benchmarks and for checking that a shared prefix was computed once;
-        # max_decode_batch: the most sequences one decode step has run (did parallel requests batch?)
-        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefix_cache_hit_tokens": 0,
-                         "max_decode_batch": 0}
+        # cumulative work done, for benchmarks and for checking that a shared prefix was computed once
+        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefix_cache_hit_tokens": 0}
+        self.max_decode_batch = 0  # the most sequences one decode step has run (did parallel requests batch?)
         # observers of every step, whoever drives the loop (the async server loop sees the steps a
         # synchronous caller such as the SoT driver runs): before_step() then after_step(outputs)
         self.step_hooks: list[StepHook] = []
@@ -305,7 +304,7 @@ class LLMEngine:
             self.counters["prefill_tokens"] += sum(len(s) - s.num_cached_tokens for s in seqs)
         else:
             self.counters["decode_tokens"] += len(seqs)
-            self.counters["max_decode_batch"] = max(self.counters["max_decode_batch"], len(seqs))
+            self.max_decode_batch = max(self.max_decode_batch, len(seqs))
         logits = self.runner.run(seqs, is_prefill)
         for s in seqs:  # blocks filled by this step can serve later requests (before a finished one frees them)
             self.block_manager.commit(s)
@@ -428,4 +427,4 @@ class LLMEngine:
                 "cached_blocks": len(bm.cached),
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kept": sum(1 for s in self.requests.values() if s.is_finished and s.block_table),
-                **self.counters}
+                "max_decode_batch": self.max_decode_batch, **self.counters}

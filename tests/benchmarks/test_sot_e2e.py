@@ -32,7 +32,7 @@ def recorded(tiny_chat_dir, tmp_path_factory):
     data = out / "qs.jsonl"
     data.write_text("".join(json.dumps({"question_id": i + 1, "text": t, "category": c}) + "\n"
                             for i, (t, c) in enumerate(QUESTIONS)))
-    llm = LLM(str(tiny_chat_dir), device="cpu", dtype=torch.float32, num_threads=1)
+    llm = LLM(str(tiny_chat_dir), device="cpu", dtype=torch.float32, num_threads=1, enable_prefix_caching=False)
     paths = {}
     for expansion in ("paper", "continuation"):
         sot = SoT(llm, SoTConfig(prompts=LISTED, expansion=expansion, skeleton_max_tokens=24, point_max_tokens=6,
