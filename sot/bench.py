@@ -127,6 +127,7 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     summary = summarize(rows)
     cfg = sot.config
     payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name, "dtype": str(sot.llm.engine.dtype),
+               "weights": sot.llm.engine.weight_dtype,
                "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,
