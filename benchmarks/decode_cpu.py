@@ -1,13 +1,15 @@
-"""CPU decode ms/step against batch size for the embedded SmolLM2, ours next to transformers.
+"""CPU decode ms/step against batch size for the embedded SmolLM2, per kernel backend and weight storage,
+next to transformers.
 
-    python -m benchmarks.decode_cpu            # batch 1, 2, 4, 8; 32 decode steps
+    python -m benchmarks.decode_cpu            # cpp backend; fp32, bf16, int8 weights; batch 1-16; 32 steps
     python -m benchmarks.decode_cpu --quick    # tiny random model, seconds (a smoke run)
-    python -m benchmarks.decode_cpu --no-hf --backends torch,cpp   # kernel backends side by side
+    python -m benchmarks.decode_cpu --no-hf --backends torch,cpp --weights fp32   # backends side by side
 
-Ours: B chat prompts prefilled, then `steps` decode steps through `LLMEngine.step`, timed one by
-one (median). "Python overhead" is the share of a step spent outside torch ops (profiler).
-Transformers: `generate` on the same left-padded batch, (time for prefill + N tokens - time for
-prefill + 1 token) / (N - 1).
+Ours: B chat prompts prefilled, then decode steps through `LLMEngine.step`, timed one by one (median).
+Every weight matmul (`model.linear`) is timed too: "outside matmuls" is the share of the step spent
+in everything else (attention, norms, Python, sampling, scheduling). Transformers (fp32 only):
+`generate` on the same left-padded batch, (time for prefill + N tokens - time for prefill + 1 token)
+/ (N - 1).
 """
 from __future__ import annotations
 
@@ -32,34 +34,42 @@ QUESTIONS = [
 ]
 
 
+def prompts(batch: int) -> list[str]:
+    return [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
+
+
 def ours(llm: LLM, batch: int, steps: int) -> dict:
     eng = llm.engine
-    chats = [[{"role": "user", "content": q}] for q in QUESTIONS[:batch]] if eng.chat_template else \
+    chats = [[{"role": "user", "content": q}] for q in prompts(batch)] if eng.chat_template else \
         [list(range(1, 40 + i)) for i in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     seqs = [eng.add_request(c, params) for c in chats]
     eng.step()  # prefill
-    times = []
-    for _ in range(steps - 4):
+    model, inner, in_matmul = eng.model, eng.model.linear, [0.0]
+
+    def timed_linear(x, w):  # ~0.3 us per call of its own, ~120 calls a step
         t0 = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(3):
+        y = inner(x, w)
+        in_matmul[0] += time.perf_counter() - t0
+        return y
+
+    model.linear = timed_linear
+    times, matmul = [], []
+    try:
+        for _ in range(steps):
+            in_matmul[0] = 0.0
+            t0 = time.perf_counter()
             eng.step()
-        wall = time.perf_counter() - t0
-    ka = prof.key_averages()
-    op_time = sum(e.self_cpu_time_total for e in ka) / 1e6
-    mm_time = sum(e.self_cpu_time_total for e in ka if e.key in ("aten::mm", "aten::addmm", "sot_cpp::linear")) / 1e6
+            times.append(time.perf_counter() - t0)
+            matmul.append(in_matmul[0])
+    finally:
+        model.linear = inner
     while eng.has_unfinished():
         eng.step()
     for s in seqs:
         eng.release(s)
-    # shares of a profiled step (the profiler's own per-op cost inflates the overhead a little)
-    return {"ms_per_step": 1000 * statistics.median(times),
-            "python_overhead": max(0.0, 1 - op_time / wall),
-            "matmul_share": mm_time / wall}
+    step, mm = statistics.median(times), statistics.median(matmul)
+    return {"ms_per_step": 1000 * step, "matmul_ms": 1000 * mm, "outside_matmul": max(0.0, 1 - mm / step)}
 
 
 def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
@@ -84,17 +94,25 @@ def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
 
 
 def main() -> None:
+    from kernels.weights import WEIGHT_DTYPES
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny random model, no transformers run")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--backends", default=None,
                     help="comma-separated kernel backends to time (torch, cpp; default: the engine's CPU "
                          "default); unavailable ones are skipped")
+    ap.add_argument("--weights", default=",".join(WEIGHT_DTYPES),
+                    help=f"comma-separated weight storages ({', '.join(WEIGHT_DTYPES)}; default: all)")
+    ap.add_argument("--out", default=None, help="results name (default: decode_cpu, or decode_cpu_quick)")
     args = ap.parse_args()
     model = "random:tiny" if args.quick else "default"
     steps = 8 if args.quick else args.steps
+    storages = args.weights.split(",")
+    bad = [w for w in storages if w not in WEIGHT_DTYPES]
+    if bad:
+        ap.error(f"unknown weight storage {bad[0]!r}; choose from {', '.join(WEIGHT_DTYPES)}")
     from kernels import BackendUnavailable, get_backend
     rows, llm = [], None
     names = args.backends.split(",") if args.backends else [get_backend(None, "cpu").name]
@@ -104,19 +122,20 @@ def main() -> None:
         except BackendUnavailable as e:
             print(f"skipping backend {backend!r}: {e}", flush=True)
             continue
-        llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend)  # the last one encodes below
-        for b in map(int, args.batches.split(",")):
-            row = {"backend": backend, "batch": b, **ours(llm, b, steps)}
-            rows.append(row)
-            print(row, flush=True)
-    for row in rows:
-        b = row["batch"]
-        if not (args.quick or args.no_hf) and row["backend"] == rows[0]["backend"]:
-            from engine.loader import default_model_path
-            chats = [llm.engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
-            row["transformers_ms_per_step"] = transformers_ms(default_model_path(), chats, b, steps)
-            print(row, flush=True)
-    name = "decode_cpu_quick" if args.quick else "decode_cpu"
+        for weights in storages:
+            llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, weight_dtype=weights)
+            for b in map(int, args.batches.split(",")):
+                row = {"backend": backend, "weights": weights, "batch": b, **ours(llm, b, steps)}
+                rows.append(row)
+                print(row, flush=True)
+    if not (args.quick or args.no_hf) and rows:
+        from engine.loader import default_model_path
+        chats = [llm.engine.encode([{"role": "user", "content": q}]) for q in prompts(max(r["batch"] for r in rows))]
+        for row in rows:
+            if (row["backend"], row["weights"]) == (rows[0]["backend"], "fp32"):
+                row["transformers_ms_per_step"] = transformers_ms(default_model_path(), chats, row["batch"], steps)
+                print(row, flush=True)
+    name = args.out or ("decode_cpu_quick" if args.quick else "decode_cpu")
     label = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)" if model == "default" else model
     print("wrote", write_result(name, torch.device("cpu"), {"model": label, "steps": steps, "rows": rows}))
 

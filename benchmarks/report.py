@@ -17,17 +17,22 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def decode_cpu_table(path: Path) -> str:
     d = json.loads(path.read_text())
     env = d["env"]
-    lines = [f"CPU decode, {d['model']} fp32, {env['device']}, {env['threads']} threads, torch {env['torch']}, "
-             f"{env['date']} (`python -m benchmarks.decode_cpu`):", "",
-             "| backend | batch | ours ms/step | transformers ms/step | ours vs transformers | Python overhead "
-             "| matmul share |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"CPU decode, {d['model']}, fp32 activations, {env['device']}, {env['threads']} threads, "
+             f"torch {env['torch']}, {env['date']} (`python -m benchmarks.decode_cpu`); weights: storage of the "
+             "matrices (bf16; int8 with a scale per 32 weights); outside matmuls: the step's time not in weight "
+             "matmuls (attention, norms, Python, sampling):", "",
+             "| backend | weights | batch | ours ms/step | vs batch 1 | transformers ms/step | ours vs transformers "
+             "| outside matmuls |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    one = {(r.get("backend", "torch"), r.get("weights", "fp32")): r["ms_per_step"] for r in d["rows"] if r["batch"] == 1}
     for r in d["rows"]:
+        key = (r.get("backend", "torch"), r.get("weights", "fp32"))
         hf = r.get("transformers_ms_per_step")
         ratio = f"{hf / r['ms_per_step']:.2f}x" if hf else "-"
-        lines.append(f"| {r.get('backend', 'torch')} | {r['batch']} | {r['ms_per_step']:.1f} | "
-                     f"{f'{hf:.1f}' if hf else '-'} | {ratio} | {100 * r['python_overhead']:.0f}% "
-                     f"| {100 * r['matmul_share']:.0f}% |")
+        rel = f"{r['ms_per_step'] / one[key]:.2f}x" if key in one else "-"
+        outside = f"{100 * r['outside_matmul']:.0f}%" if "outside_matmul" in r else "-"
+        lines.append(f"| {key[0]} | {key[1]} | {r['batch']} | {r['ms_per_step']:.1f} | {rel} | "
+                     f"{f'{hf:.1f}' if hf else '-'} | {ratio} | {outside} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from kernels.weights import WEIGHT_DTYPES
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
@@ -15,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", default="default", help='GGUF file, HF folder, "default" or "random:<shape>"')
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
+    g.add_argument("--weights", default=None, choices=WEIGHT_DTYPES,
+                   help="storage of the weight matrices, products and sums staying in --dtype (default: --dtype); "
+                        "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits")
     g.add_argument("--backend", default=None, help="kernel backend (default: best for the device)")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -31,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 seed=args.seed, max_tokens=args.max_tokens, stop=args.stop)
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, weight_dtype=args.weights)
         if args.raw or llm.engine.chat_template is None:
             prompts = list(args.prompts)
         else:

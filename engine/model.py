@@ -1,7 +1,8 @@
 """The LLaMA forward pass over a flat ragged batch (no padding anywhere).
 
 Weights arrive in HF naming and `[out, in]` layout; q/k/v and gate/up are fused into one matrix
-each so a step runs 4 matmuls per layer. Attention, norms and RoPE go through a kernel backend
+each so a step runs 4 matmuls per layer. The matrices and the embedding table may be stored narrower
+than the compute dtype (`weight_dtype`, see `kernels.weights`). Attention, norms and RoPE go through a kernel backend
 (`kernels.get_backend`), so swapping a kernel never touches this file.
 """
 from __future__ import annotations
@@ -10,11 +11,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from kernels import Backend
+from kernels import Backend, reference
 from kernels.cascade import PrefixGroup
+from kernels.weights import embedding, store
 
 
 @dataclass(slots=True)
@@ -53,33 +54,38 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], backend: Backend) -> None:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], backend: Backend,
+                 weight_dtype: str | None = None) -> None:
+        """`weight_dtype`: storage of the matrices, "fp32" | "bf16" | "int8" (None: as loaded)."""
         self.cfg, self.backend = cfg, backend
         w = weights  # consumed: fused matrices replace their parts, so peak memory stays ~1x
-        self.embed = w["model.embed_tokens.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        mat = lambda t: store(t, weight_dtype)  # noqa: E731
         self.norm = w["model.norm.weight"]
+        self.embed = mat(w.pop("model.embed_tokens.weight"))
+        self.lm_head = self.embed if cfg.tie_word_embeddings else mat(w.pop("lm_head.weight"))
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             self.layers.append((
                 w.pop(p + "input_layernorm.weight"),
-                torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                w.pop(p + "self_attn.o_proj.weight"),
+                mat(torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                mat(w.pop(p + "self_attn.o_proj.weight")),
                 w.pop(p + "post_attention_layernorm.weight"),
-                torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]),
-                w.pop(p + "mlp.down_proj.weight"),
+                mat(torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])),
+                mat(w.pop(p + "mlp.down_proj.weight")),
             ))
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(cfg))
-        dev = self.embed.device
+        dev = self.norm.device
         self.cos, self.sin = freqs.cos().to(dev), freqs.sin().to(dev)
         self.scale = cfg.head_dim ** -0.5
-        self.linear = backend.linear or F.linear  # weight matmuls: x [T, in] @ w[out, in]^T
+        self.linear = backend.linear or reference.linear  # weight matmuls: x [T, in] @ w[out, in]^T
+        self.silu_mul = backend.silu_mul or reference.silu_mul
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The compute dtype (activations, norms, KV cache); the matrices may be stored narrower."""
+        return self.norm.dtype
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                 kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -87,31 +93,43 @@ class LlamaModel:
         cfg, kb = self.cfg, self.backend
         t, h, kvh, d = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]
-        x = F.embedding(input_ids, self.embed)
+        x = embedding(input_ids, self.embed, self.dtype)
         residual = None
+        # plain decode (no shared-prefix groups): the backend's one-call RoPE + KV store + attention, if it has one
+        fused_decode = None if meta.is_prefill or meta.prefix_groups else kb.rope_store_decode_attention
         for (ln1, wqkv, wo, ln2, wgu, wdown), (kc, vc) in zip(self.layers, kv_cache):
             if residual is None:
                 residual, y = x, kb.rms_norm(x, ln1, cfg.rms_norm_eps)
             else:
                 y, residual = kb.add_rms_norm(x, residual, ln1, cfg.rms_norm_eps)
-            qkv = self.linear(y, wqkv).view(t, h + 2 * kvh, d)
-            qk = kb.apply_rope(qkv[:, :h + kvh], cos, sin)  # q and k heads rotated in one call
-            q, k = qk[:, :h], qk[:, h:]
-            kb.store_kv(k, qkv[:, h + kvh:], kc, vc, meta.slot_mapping)
-            if meta.is_prefill:
-                o = kb.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q,
-                                               meta.context_lens, self.scale)
-            elif meta.prefix_groups:
-                o = kb.cascade_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
-                                                meta.prefix_groups, meta.max_context_len)
+            qkv = self.linear(y, wqkv)
+            if fused_decode is not None:
+                o = fused_decode(qkv, cos, sin, kc, vc, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                                 self.scale, meta.max_context_len)
             else:
-                o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
-                                              meta.max_context_len)
-            x = self.linear(o.reshape(t, h * d), wo)
+                o = self.attention(qkv.view(t, h + 2 * kvh, d), cos, sin, kc, vc, meta)
+            x = self.linear(o, wo)
             y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
-            gate, up = self.linear(y, wgu).chunk(2, dim=-1)
-            x = self.linear(F.silu(gate) * up, wdown)
+            x = self.linear(self.silu_mul(self.linear(y, wgu)), wdown)
         return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
+
+    def attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                  meta: AttnMetadata) -> torch.Tensor:
+        """RoPE, KV store and attention of one layer, kernel by kernel: qkv [T, H + 2 KVH, D] -> [T, H * D]."""
+        kb, h, kvh = self.backend, self.cfg.num_heads, self.cfg.num_kv_heads
+        qk = kb.apply_rope(qkv[:, :h + kvh], cos, sin)  # q and k heads rotated in one call
+        q, k = qk[:, :h], qk[:, h:]
+        kb.store_kv(k, qkv[:, h + kvh:], kc, vc, meta.slot_mapping)
+        if meta.is_prefill:
+            o = kb.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                                           self.scale)
+        elif meta.prefix_groups:
+            o = kb.cascade_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
+                                            meta.prefix_groups, meta.max_context_len)
+        else:
+            o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
+                                          meta.max_context_len)
+        return o.reshape(qkv.shape[0], h * self.cfg.head_dim)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden, self.lm_head).float()

@@ -29,8 +29,13 @@ class Backend:
     paged_decode_attention: Callable
     # shared-prefix decode, signature of `kernels.cascade.cascade_decode_attention`; None: not offered
     cascade_decode_attention: Callable | None = None
-    # weight matmul `linear(x [M, K], w [N, K]) -> [M, N]`, like F.linear without bias; None: F.linear
+    # weight matmul `linear(x [M, K], w) -> [M, N]` for w in any `kernels.weights` storage; None: the reference
     linear: Callable | None = None
+    # SwiGLU activation `silu_mul(x [T, 2F]) -> [T, F]`; None: the reference
+    silu_mul: Callable | None = None
+    # the decode half of a layer's attention in one call, signature of `kernels.cpp.rope_store_decode_attention`
+    # (RoPE on the fused qkv's q/k heads, K/V stored, paged decode attention); None: those three kernels in turn
+    rope_store_decode_attention: Callable | None = None
 
 
 class BackendUnavailable(ValueError):

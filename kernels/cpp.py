@@ -1,8 +1,9 @@
 """The "cpp" backend: C++ CPU kernels from csrc/cpu (module `kernels._cpp`, built by setup.py).
 
-Weight matmuls (`linear`) and paged decode attention run in C++ for float32; everything else, and
-any other dtype, is the torch reference. Importing this module raises BackendUnavailable when the
-extension was not built.
+Weight matmuls (`linear`, for float32 / bfloat16 / int8 weight storage), paged decode attention (also
+fused with RoPE and the KV store), RMSNorm, RoPE, the KV store and the SwiGLU activation run in C++
+for float32 activations; prefill and cascade attention, and any other dtype, are the torch reference. Importing this module raises
+BackendUnavailable when the extension was not built.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from kernels import BACKENDS, Backend, BackendUnavailable, reference
+from kernels.weights import Int8Weight, Weight
 
 try:
     from kernels import _cpp
@@ -19,20 +21,76 @@ except ImportError as e:  # not built: no compiler, torch missing at build time,
         f"kernel backend 'cpp' is unavailable: the C++ extension kernels._cpp is not built ({e}); "
         "rebuild with `pip install -e . --no-build-isolation` (torch must be installed first)") from e
 
+F32 = torch.float32
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """`kernels.reference.linear`; the C++ kernel for float32 x and a few rows (_cpp.MIN_ROWS..MAX_ROWS per
+    storage), else at::linear on the widened weights (in C++ too)."""
+    if isinstance(w, Int8Weight):
+        return _cpp.linear(x, w.q, w.scale)
+    return _cpp.linear(x, w)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == F32 and weight.dtype == F32:
+        return _cpp.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dtype == F32 and residual.dtype == F32 and weight.dtype == F32:
+        return _cpp.add_rms_norm(x, residual, weight, eps)
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if x.dtype == F32 and cos.dtype == F32 and sin.dtype == F32:
+        return _cpp.apply_rope(x, cos, sin)
+    return reference.apply_rope(x, cos, sin)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    if k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == F32:
+        return _cpp.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    return _cpp.silu_mul(x) if x.dtype == F32 and x.dim() == 2 else reference.silu_mul(x)
+
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float, max_context_len: int | None = None) -> torch.Tensor:
     """`kernels.reference.paged_decode_attention`, in C++ for float32 CPU tensors."""
-    if (q.dtype == torch.float32 and k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
-            and q.device.type == "cpu" and k_cache.is_contiguous() and v_cache.is_contiguous()):
+    if q.dtype == F32 and k_cache.dtype == F32 and v_cache.dtype == F32 and k_cache.is_contiguous() \
+            and v_cache.is_contiguous():
         return _cpp.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                            max_context_len)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                             max_context_len)
 
 
+def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                context_lens: torch.Tensor, scale: float, max_context_len: int | None = None
+                                ) -> torch.Tensor:
+    """`kernels.reference.rope_store_decode_attention` as one C++ call for float32: what a decode step does per
+    layer between two matmuls, without the Python-side views and calls of three kernels."""
+    if qkv.dtype == F32 and k_cache.dtype == F32 and v_cache.dtype == F32 and cos.dtype == F32 \
+            and k_cache.is_contiguous() and v_cache.is_contiguous():
+        return _cpp.rope_store_decode_attention(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables,
+                                                context_lens, scale)
+    return reference.rope_store_decode_attention(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables,
+                                                 context_lens, scale, max_context_len)
+
+
 def cpp_backend() -> Backend:
-    """The torch backend with the C++ decode attention and weight matmul swapped in."""
-    return replace(BACKENDS["torch"]("cpu"), name="cpp", paged_decode_attention=paged_decode_attention,
-                   linear=_cpp.linear)  # _cpp.linear falls back to at::linear outside its fp32 / few-rows case
+    """The torch backend with the C++ kernels swapped in (each falls back to the reference outside float32)."""
+    return replace(BACKENDS["torch"]("cpu"), name="cpp", linear=linear, silu_mul=silu_mul, rms_norm=rms_norm,
+                   add_rms_norm=add_rms_norm, apply_rope=apply_rope, store_kv=store_kv,
+                   paged_decode_attention=paged_decode_attention,
+                   rope_store_decode_attention=rope_store_decode_attention)

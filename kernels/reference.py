@@ -13,6 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.weights import Int8Weight, Weight
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T for any weight storage (`kernels.weights`): the weights are widened (dequantized)
+    to x's dtype, then F.linear."""
+    if isinstance(w, Int8Weight):
+        return F.linear(x, w.dequantize(x.dtype))
+    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation on the fused gate/up output: silu(x[..., :F]) * x[..., F:]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LLaMA RMSNorm; statistics in float32 (or float64), like HF, then cast back."""
@@ -107,3 +123,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, heads, d).to(q.dtype)
+
+
+def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                context_lens: torch.Tensor, scale: float,
+                                max_context_len: int | None = None) -> torch.Tensor:
+    """The decode half of a layer's attention: one new token per sequence, qkv [B, (H + 2 KVH) * D] as the fused
+    matmul leaves it. RoPE on its q and k heads, k and v stored at `slot_mapping`, paged decode attention ->
+    [B, H * D]. (The engine calls a backend's fused version of it; backends without one run the three kernels.)"""
+    b, (kvh, d) = qkv.shape[0], k_cache.shape[2:]
+    h = qkv.shape[1] // d - 2 * kvh
+    qkv = qkv.view(b, h + 2 * kvh, d)
+    qk = apply_rope(qkv[:, :h + kvh], cos, sin)
+    store_kv(qk[:, h:], qkv[:, h + kvh:], k_cache, v_cache, slot_mapping)
+    return paged_decode_attention(qk[:, :h], k_cache, v_cache, block_tables, context_lens, scale,
+                                  max_context_len).reshape(b, h * d)

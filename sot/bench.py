@@ -172,6 +172,7 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     cfg = sot.config
     payload = {"env": environment(device), "commit": _commit(), "model": sot.llm.engine.model_name,
                "backend": sot.llm.engine.backend.name, "dtype": str(sot.llm.engine.dtype),
+               "weights": sot.llm.engine.weight_dtype,
                "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit, "ids": ids,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,

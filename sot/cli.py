@@ -15,6 +15,7 @@ from pathlib import Path
 
 MODES = ("auto", "sot", "normal")  # sot.driver.MODES; repeated so --help does not import torch
 EXPANSIONS = ("paper", "continuation")
+WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
 
 
 def _common() -> argparse.ArgumentParser:
@@ -24,6 +25,9 @@ def _common() -> argparse.ArgumentParser:
     m.add_argument("--model", default="default", help='GGUF file, HF folder, "default" or "random:<shape>"')
     m.add_argument("--device", default=None)
     m.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
+    m.add_argument("--weights", default=None, choices=WEIGHT_DTYPES,
+                   help="storage of the weight matrices, products and sums staying in --dtype (default: --dtype); "
+                        "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits")
     s = p.add_argument_group("SoT")
     s.add_argument("--mode", choices=MODES, default="auto", help="auto: the router decides (default)")
     s.add_argument("--expansion", choices=EXPANSIONS, default=None,
@@ -84,7 +88,8 @@ def build(args: argparse.Namespace, **engine_args):
     if args.no_labels:
         kw["labels"] = False
     cfg = SoTConfig(**kw)  # checked before the (slow) model load
-    return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), **engine_args), cfg)
+    return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), weight_dtype=args.weights,
+                   **engine_args), cfg)
 
 
 def _check_question(q: str) -> str:

@@ -12,9 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_decode_cpu_quick(tmp_path):
     env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.decode_cpu", "--quick", "--batches", "1,2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.decode_cpu", "--quick", "--batches", "1,2",
+                        "--weights", "fp32,int8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     d = json.loads((tmp_path / "cpu" / "decode_cpu_quick.json").read_text())
-    assert [row["batch"] for row in d["rows"]] == [1, 2]
-    assert all(row["ms_per_step"] > 0 for row in d["rows"]) and d["env"]["device_type"] == "cpu"
+    assert [(row["weights"], row["batch"]) for row in d["rows"]] == [("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)]
+    assert all(row["ms_per_step"] > 0 and 0 < row["matmul_ms"] < row["ms_per_step"] and 0 < row["outside_matmul"] < 1
+               for row in d["rows"]) and d["env"]["device_type"] == "cpu"
+    from benchmarks.report import decode_cpu_table  # the README table renders from it
+    table = decode_cpu_table(tmp_path / "cpu" / "decode_cpu_quick.json").splitlines()
+    assert len(table) == 4 + 4 and table[-1].split("|")[2:4] == [" int8 ", " 2 "]

@@ -30,3 +30,11 @@ def test_cli_reports_bad_input_clearly(tmp_path):
     assert r.returncode == 2 and "missing.gguf" in r.stderr and "Traceback" not in r.stderr
     r = run("hi", "--model", "random:tiny", "--temperature", "-1")
     assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_cli_weights_flag(tiny_chat_dir):
+    r = run("hi", "--model", str(tiny_chat_dir), "--weights", "int8", "--max-tokens", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert 1 <= json.loads(r.stdout.splitlines()[0])["tokens"] <= 3
+    r = run("hi", "--model", str(tiny_chat_dir), "--weights", "fp8")
+    assert r.returncode == 2 and "invalid choice: 'fp8'" in r.stderr

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import BackendUnavailable, get_backend, reference
+from kernels import BackendUnavailable, get_backend, reference, weights
+from kernels.weights import quantize_int8
 
 try:
     from kernels import _cpp
@@ -27,30 +28,149 @@ needs_cpp = pytest.mark.skipif(_cpp is None, reason=_why or "built")
 
 
 # ---------------------------------------------------------------------------------------------- linear
+def stored(w: torch.Tensor, storage: str):
+    """(what the kernel takes, the float64 matrix it stands for, C++ arguments). "int8-row": a scale per row;
+    "int8-g24": groups of 24, not a multiple of the vector width."""
+    if storage.startswith("int8"):
+        iw = quantize_int8(w, group={"int8": 32, "int8-row": w.shape[1], "int8-g24": 24}[storage])
+        return iw, iw.dequantize().double(), (iw.q, iw.scale)
+    ws = w.to(torch.bfloat16 if storage == "bf16" else torch.float32)
+    return ws, ws.double(), (ws,)
+
+
+STORAGES = ["fp32", "bf16", "int8", "int8-row", "int8-g24"]
+
+
 @needs_cpp
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
-@pytest.mark.parametrize("n,k", [(37, 77), (130, 576), (5, 3), (64, 8)])
-def test_linear_kernel_matches_float64(m, n, k):
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("n,k", [(37, 77), (130, 576), (5, 3), (64, 8), (7, 1000), (9, 96)])
+def test_linear_kernel_matches_float64(storage, m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g)
-    want = F.linear(x.double(), w.double())
-    tol = 1e-5 * k ** 0.5
-    torch.testing.assert_close(_cpp.linear_rows(x, w).double(), want, rtol=0, atol=tol)
-    torch.testing.assert_close(_cpp.linear(x, w).double(), want, rtol=0, atol=tol)  # the dispatching entry
+    w, w64, args = stored(torch.randn(n, k, generator=g), storage)
+    want = F.linear(x.double(), w64)  # float64 math on the same rounded / quantized weights
+    tol = 1e-5 * k ** 0.5 * w64.abs().max().item()
+    torch.testing.assert_close(_cpp.linear_rows(x, *args).double(), want, rtol=0, atol=tol)
+    torch.testing.assert_close(_cpp.linear(x, *args).double(), want, rtol=0, atol=tol)  # the dispatching entry
+    from kernels.cpp import linear  # the backend's entry point, Int8Weight included
+    torch.testing.assert_close(linear(x, w).double(), want, rtol=0, atol=tol)
+    torch.testing.assert_close(reference.linear(x, w).double(), want, rtol=0, atol=tol)
 
 
 @needs_cpp
-def test_linear_falls_back_outside_its_case():
+@pytest.mark.parametrize("storage", STORAGES)
+def test_linear_falls_back_outside_its_case(storage):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(12, 20, generator=g)
-    for x in (torch.randn(40, 20, generator=g), torch.randn(3, 20, generator=g).double(),
-              torch.randn(2, 3, 20, generator=g)):
-        torch.testing.assert_close(_cpp.linear(x, w.to(x.dtype)), F.linear(x, w.to(x.dtype)))
-    xt = torch.randn(20, 4, generator=g).t()  # non-contiguous rows
-    torch.testing.assert_close(_cpp.linear(xt, w), F.linear(xt, w))
+    w, w64, args = stored(torch.randn(12, 64, generator=g), storage)
+    many = torch.randn(_cpp.MAX_ROWS + 1, 64, generator=g)  # above MAX_ROWS: MKL on the widened weights
+    torch.testing.assert_close(_cpp.linear(many, *args).double(), F.linear(many.double(), w64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(_cpp.linear(many, *args), reference.linear(many, w))
+    for x in (torch.randn(3, 64, generator=g).double(), torch.randn(2, 3, 64, generator=g)):
+        torch.testing.assert_close(_cpp.linear(x, *args), reference.linear(x, w))
+    xt = torch.randn(64, 4, generator=g).t()  # non-contiguous rows: the kernel copies them
+    torch.testing.assert_close(_cpp.linear(xt, *args).double(), F.linear(xt.double(), w64), rtol=0, atol=1e-4)
     with pytest.raises(RuntimeError, match="linear_rows"):
-        _cpp.linear_rows(torch.randn(2, 20, generator=g).double(), w.double())
+        _cpp.linear_rows(torch.randn(2, 64, generator=g).double(), *args)
+
+
+@needs_cpp
+def test_linear_rejects_a_scale_that_does_not_belong():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 64, generator=g), torch.randn(4, 64, generator=g)
+    q = quantize_int8(w)
+    assert q.scale.shape == (4, 2)
+    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
+        _cpp.linear(x, q.q)
+    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
+        _cpp.linear(x, w, q.scale)
+    for bad in (q.scale[:3], q.scale[:, :1].expand(4, 3).contiguous(), q.scale[:, 0]):  # rows; G not dividing K; 1-D
+        with pytest.raises(RuntimeError, match="linear_rows"):
+            _cpp.linear_rows(x, q.q, bad)
+        with pytest.raises(RuntimeError, match="scale"):
+            _cpp.linear(x, q.q, bad)
+
+
+@pytest.mark.parametrize("k,groups", [(96, 3), (50, 1)])  # 50: not a multiple of 32, a scale per row
+def test_quantize_int8_rounds_each_group_to_its_own_grid(k, groups):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(6, k, generator=g) * torch.tensor([1e-3, 1, 30, 1, 1, 0])[:, None]  # last row all zero
+    w[1, :k // groups] *= 100  # an outlier group: the other groups of its row keep their own grid
+    q = quantize_int8(w)
+    assert q.q.dtype == torch.int8 and q.scale.dtype == torch.float32 and q.shape == w.shape
+    assert q.scale.shape == (6, groups) and bool((q.q[5] == 0).all())
+    assert bool((q.q[:5].view(5, groups, -1).abs().amax(-1) == 127).all())  # each group spans its grid
+    step = q.scale.double().repeat_interleave(k // groups, dim=1)
+    err = (q.dequantize().double() - w.double()).abs()
+    assert bool((err <= step / 2 * (1 + 1e-6)).all())  # half a step of its own group
+    torch.testing.assert_close(weights.embedding(torch.tensor([2, 0, 2]), q, torch.float32),
+                               q.dequantize()[[2, 0, 2]], rtol=0, atol=0)
+
+
+def test_bad_weight_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="weight_dtype must be one of fp32, bf16, int8"):
+        weights.store(torch.zeros(2, 2), "fp8")
+    from engine import LLM
+    with pytest.raises(ValueError, match="weight_dtype must be one of .* got 'bfloat16'"):
+        LLM("random:tiny", device="cpu", weight_dtype="bfloat16")
+
+
+# -------------------------------------------------------------------------------- norms, RoPE, KV, SwiGLU
+@needs_cpp
+@pytest.mark.parametrize("shape", [(1, 576), (5, 77), (2, 3, 33)])
+def test_rms_norms_match_float64(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x, res = torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g)
+    w = 1 + 0.1 * torch.randn(shape[-1], generator=g)
+    want = reference.rms_norm(x.double(), w.double(), 1e-5)
+    torch.testing.assert_close(_cpp.rms_norm(x, w, 1e-5).double(), want, rtol=1e-6, atol=1e-6)
+    y, s = _cpp.add_rms_norm(x, res, w, 1e-5)
+    want_y, want_s = reference.add_rms_norm(x.double(), res.double(), w.double(), 1e-5)
+    torch.testing.assert_close(s.double(), want_s, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight"):
+        _cpp.rms_norm(x, w[1:], 1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("t,h,d", [(1, 12, 64), (5, 3, 6), (3, 7, 34)])
+def test_rope_matches_float64_on_a_strided_view(t, h, d):
+    g = torch.Generator().manual_seed(t * h + d)
+    fused = torch.randn(t, h + 2, d, generator=g)  # like the q/k heads of the fused qkv output
+    x = fused[:, :h]
+    ang = torch.rand(t, d // 2, generator=g) * 50
+    want = reference.apply_rope(x.double(), ang.cos().double(), ang.sin().double())
+    got = _cpp.apply_rope(x, ang.cos(), ang.sin())
+    assert got.is_contiguous() and got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        _cpp.apply_rope(x, ang.cos()[:, 1:], ang.sin()[:, 1:])
+
+
+@needs_cpp
+def test_store_kv_writes_the_slots_of_strided_views():
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, 2 + 2 * 3, 8, generator=g)  # 2 query heads, 3 KV heads: k, v are views
+    k, v = qkv[:, 2:5], qkv[:, 5:]
+    pool = lambda: torch.randn(5, 4, 3, 8, generator=torch.Generator().manual_seed(4))  # noqa: E731
+    slots = torch.tensor([17, 2, 9, 10])
+    kc, vc, kr, vr = pool(), pool(), pool(), pool()
+    _cpp.store_kv(k, v, kc, vc, slots)
+    reference.store_kv(k, v, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        _cpp.store_kv(k, v, kc, vc, torch.tensor([1, 2, 3, 20]))
+
+
+@needs_cpp
+@pytest.mark.parametrize("t,f", [(1, 1536), (3, 37)])
+def test_silu_mul_matches_float64(t, f):
+    g = torch.Generator().manual_seed(t + f)
+    x = torch.randn(t, 2 * f, generator=g) * 4
+    x[0, :4] = torch.tensor([-100.0, 100.0, -87.5, 89.0])  # e^-g under- and overflows
+    want = reference.silu_mul(x.double())
+    torch.testing.assert_close(_cpp.silu_mul(x).double(), want, rtol=1e-6, atol=1e-6)
+    assert bool(_cpp.silu_mul(torch.full((1, 32), float("nan"))).isnan().all())
 
 
 # ---------------------------------------------------------------------------------------- paged decode
@@ -74,9 +194,10 @@ def make_pool(lens, heads, kvh, d, bs, seed):
 @needs_cpp
 @pytest.mark.parametrize("bs", [4, 16])
 @pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2), (8, 2), (9, 3)])
-def test_paged_decode_matches_reference(bs, heads, kvh):
-    lens = [1, 5, bs, bs + 1, 3 * bs - 1, 50]
-    q, kc, vc, tables, ctx = make_pool(lens, heads, kvh, 32, bs, seed=bs + heads)
+@pytest.mark.parametrize("d", [8, 40, 64, 128])  # under, between and over the vector chunks
+def test_paged_decode_matches_reference(bs, heads, kvh, d):
+    lens = [1, 5, bs, bs + 1, 3 * bs - 1, 50, 211]
+    q, kc, vc, tables, ctx = make_pool(lens, heads, kvh, d, bs, seed=bs + heads + d)
     want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, ctx, 0.17)
     got = _cpp.paged_decode_attention(q, kc, vc, tables, ctx, 0.17, max(lens))
     assert got.dtype == torch.float32 and got.shape == q.shape
@@ -95,12 +216,44 @@ def test_paged_decode_other_dtypes_use_the_reference():
                                reference.paged_decode_attention(q, kc, vc, tables, ctx, 0.25))
 
 
+@needs_cpp
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (4, 4, 16), (6, 2, 34)])
+def test_rope_store_decode_attention_matches_float64(heads, kvh, d):
+    bs = 4
+    lens = [1, 6, 2 * bs, 37]
+    _, kc, vc, tables, ctx = make_pool(lens, heads, kvh, d, bs, seed=heads + d)
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(len(lens), (heads + 2 * kvh) * d, generator=g)
+    ang = torch.rand(len(lens), d // 2, generator=g) * 30
+    last = ctx - 1  # the new token's position: its K/V go to that slot before attention
+    slots = tables.gather(1, (last // bs)[:, None])[:, 0] * bs + last % bs
+    kr, vr = kc.double(), vc.double()
+    want = reference.rope_store_decode_attention(qkv.double(), ang.cos().double(), ang.sin().double(), kr, vr,
+                                                 slots, tables, ctx, 0.3)
+    got = _cpp.rope_store_decode_attention(qkv, ang.cos(), ang.sin(), kc, vc, slots, tables, ctx, 0.3)
+    assert got.shape == (len(lens), heads * d) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(kc.double(), kr, rtol=0, atol=1e-6)  # rotated K in its slot
+    assert torch.equal(vc.double(), vr)  # V copied as is
+    from kernels.cpp import rope_store_decode_attention  # the backend's wrapper: float64 goes to the reference
+    kr2, vr2 = kc.double(), vc.double()
+    torch.testing.assert_close(rope_store_decode_attention(qkv.double(), ang.cos().double(), ang.sin().double(),
+                                                           kr2, vr2, slots, tables, ctx, 0.3), want)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        _cpp.rope_store_decode_attention(qkv, ang.cos(), ang.sin(), kc, vc, slots + 10 ** 6, tables, ctx, 0.3)
+    with pytest.raises(RuntimeError, match="qkv"):
+        _cpp.rope_store_decode_attention(qkv[:, :-1], ang.cos(), ang.sin(), kc, vc, slots, tables, ctx, 0.3)
+
+
 # -------------------------------------------------------------------------------------------- engine
 @needs_cpp
 def test_backend_registry():
     b = get_backend("cpp", "cpu")
-    assert b.name == "cpp" and b.linear is _cpp.linear
-    assert b.paged_decode_attention.__module__ == "kernels.cpp"
+    assert b.name == "cpp"
+    for f in ("linear", "silu_mul", "rms_norm", "add_rms_norm", "apply_rope", "store_kv", "paged_decode_attention",
+              "rope_store_decode_attention"):
+        assert getattr(b, f).__module__ == "kernels.cpp", f
+    assert b.paged_prefill_attention is reference.paged_prefill_attention
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # built: the CPU default, picked without a warning
         assert get_backend(None, "cpu").name == "cpp"
@@ -109,18 +262,25 @@ def test_backend_registry():
 
 
 @needs_cpp
-def test_engine_matches_torch_token_for_token(tiny_dir):
+@pytest.mark.parametrize("storage", [None, "bf16", "int8"])
+def test_engine_matches_torch_token_for_token(tiny_dir, storage):
     from engine import LLM, SamplingParams
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     g = torch.Generator().manual_seed(11)
     batch = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
-    out = {}
+    out, logits = {}, {}
     for name in ("torch", "cpp"):
-        llm = LLM(str(tiny_dir), backend=name, device="cpu", dtype=torch.float32, block_size=16)
+        llm = LLM(str(tiny_dir), backend=name, device="cpu", dtype=torch.float32, block_size=16,
+                  weight_dtype=storage)
         assert llm.engine.backend.name == name
         out[name] = [o.token_ids for o in llm.generate(batch, greedy)]
+        eng = llm.engine  # one decode step's logits too, to compare more than the argmax
+        seqs = [eng.add_request(ids, SamplingParams(temperature=0, max_tokens=2)) for ids in batch]
+        eng.step()
+        logits[name] = eng.runner.run(eng.scheduler.schedule()[0], False)
     assert out["cpp"] == out["torch"]
     assert all(len(t) == greedy.max_tokens for t in out["cpp"])
+    torch.testing.assert_close(logits["cpp"], logits["torch"], rtol=0, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ fallback

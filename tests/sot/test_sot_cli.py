@@ -23,8 +23,9 @@ def model(tiny_chat_dir) -> list[str]:
 
 
 def test_modes_match_driver():
+    from kernels.weights import WEIGHT_DTYPES
     from sot import driver
-    assert cli.MODES == driver.MODES and cli.EXPANSIONS == driver.EXPANSIONS
+    assert cli.MODES == driver.MODES and cli.EXPANSIONS == driver.EXPANSIONS and cli.WEIGHT_DTYPES == WEIGHT_DTYPES
 
 
 @pytest.mark.parametrize("mode", ["sot", "normal"])
@@ -40,6 +41,23 @@ def test_ask_json(capsys, model, mode):
         assert len(d["points"]) >= 2 and d["tokens"]["normal_output"] == 0
     else:  # fell back, and says why
         assert d["skeleton"] is not None and d["tokens"]["skeleton_output"] >= 1 and "point" in d["reason"]
+
+
+def test_weights_flag_reaches_the_engine(capsys, model, monkeypatch):
+    import engine
+    seen = []
+
+    class Spy(engine.LLM):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            seen.append(self.engine.weight_dtype)
+
+    monkeypatch.setattr(engine, "LLM", Spy)
+    rc, out, _ = run(capsys, "ask", "How do plants grow?", "--json", "--mode", "normal", "--weights", "int8", *model)
+    assert rc == 0 and seen == ["int8"] and json.loads(out)["tokens"]["normal_output"] >= 1
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        cli.main(["ask", "q", "--weights", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_ask_plain(capsys, model):

@@ -1,0 +1,51 @@
+// Python bindings of the C++ CPU kernels: the module `kernels._cpp` (wrapped by kernels/cpp.py).
+#include <torch/extension.h>
+
+#include <string>
+
+#include "ops.h"
+#include "simd.h"
+
+namespace {
+
+std::string build_info() {
+  std::string s = std::string("sot_csrc: ") + SOT_SIMD;
+#ifdef _OPENMP
+  s += " openmp";
+#endif
+  return s;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace sot_cpu;
+  m.doc() = "sot-engine C++ CPU kernels (csrc/cpu)";
+  m.def("linear", &linear,
+        "x [M, K] float32 @ w [N, K]^T; w float32 / bfloat16 / int8 (int8 needs scale [N, G]: K / G weights each). "
+        "The kernel for MIN_ROWS[w.dtype] <= M <= MAX_ROWS, else at::linear on the widened weights",
+        py::arg("x"), py::arg("w"), py::arg("scale") = py::none());
+  m.def("linear_rows", &linear_rows, "the linear kernel for any M", py::arg("x"), py::arg("w"),
+        py::arg("scale") = py::none());
+  m.def("paged_decode_attention", &paged_decode_attention, "float32 paged decode attention (GQA)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("max_context_len") = py::none());
+  m.def("rope_store_decode_attention", &rope_store_decode_attention,
+        "RoPE on the q/k heads of qkv [B, (H + 2 kv_heads) * D], k/v stored at slot_mapping, then paged decode "
+        "attention -> [B, H * D]",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"));
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("add_rms_norm", &add_rms_norm, "(norm(x + residual), x + residual)", py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("apply_rope", &apply_rope, "rotate-half RoPE, x [T, H, D], cos/sin [T, D/2]", py::arg("x"),
+        py::arg("cos"), py::arg("sin"));
+  m.def("store_kv", &store_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"));
+  m.def("silu_mul", &silu_mul, "silu(x[:, :F]) * x[:, F:]", py::arg("x"));
+  m.def("build_info", &build_info);
+  m.attr("MIN_ROWS") = py::dict(py::arg("float32") = linear_min_rows(at::kFloat),
+                                py::arg("bfloat16") = linear_min_rows(at::kBFloat16),
+                                py::arg("int8") = linear_min_rows(at::kChar));
+  m.attr("MAX_ROWS") = linear_max_rows();
+}

@@ -1,0 +1,178 @@
+// Weight matmul of a decode step: out[m, n] = sum_k x[m, k] * w[n, k].
+//
+// Decode is bound by reading the weights (M <= 16 rows of x, megabytes of w), so the kernel reads
+// each weight row from memory once for all M rows: an MR x NR micro-tile (MR rows of x, NR rows of w)
+// accumulates in registers along k; for one block of NR weight rows every row tile of x runs before
+// the next block, the block being re-read from L1. Weights may be stored as float32, bfloat16 or int8
+// with a float32 scale per group of K / G weights of a row (kernels/weights.py): in registers they
+// become the float32 weights exactly (bf16 << 16; int8 * its scale, one rounding, as
+// Int8Weight.dequantize computes them), then every product and sum is float32.
+#include "ops.h"
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace sot_cpu {
+namespace {
+
+// out[i * ldo + j] = sum_k x[i * ldx + k] * w[j * K + k],  i < MR, j < NR. With kScaled (int8), row j's
+// weights in group g are multiplied by scale[j * G + g] first, the K / G weights of a group being one segment.
+template <typename T, int MR, int NR, bool kScaled>
+inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, const float* scale, int64_t G, float* out,
+                 int64_t ldo) {
+  float res[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) res[i][j] = 0.f;
+#if defined(SOT_SIMD_VECTOR)
+  vf acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+#endif
+  const int64_t segments = kScaled ? G : 1, len = K / segments;
+  for (int64_t g = 0; g < segments; ++g) {
+    const int64_t k1 = (g + 1) * len;
+    int64_t k = g * len;
+#if defined(SOT_SIMD_VECTOR)
+    vf sv[NR];
+    if constexpr (kScaled)
+      for (int j = 0; j < NR; ++j) sv[j] = vset1(scale[j * G + g]);
+    for (; k + kLanes <= k1; k += kLanes) {
+      vf wv[NR];
+      for (int j = 0; j < NR; ++j) {
+        wv[j] = vload(w + j * K + k);
+        if constexpr (kScaled) wv[j] = vmul(wv[j], sv[j]);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const vf xv = vload(x + i * ldx + k);
+        for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+      }
+    }
+#endif
+    for (; k < k1; ++k)
+      for (int j = 0; j < NR; ++j) {
+        const float wk = kScaled ? to_float(w[j * K + k]) * scale[j * G + g] : to_float(w[j * K + k]);
+        for (int i = 0; i < MR; ++i) res[i][j] += x[i * ldx + k] * wk;
+      }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+#if defined(SOT_SIMD_VECTOR)
+      out[i * ldo + j] = vsum(acc[i][j]) + res[i][j];
+#else
+      out[i * ldo + j] = res[i][j];
+#endif
+}
+
+// all M rows of x against NR weight rows, in row tiles of at most MRMAX
+template <typename T, int NR, int MRMAX, bool kScaled>
+inline void rows_block(const float* x, int64_t ldx, const T* w, int64_t K, const float* scale, int64_t G, float* out,
+                       int64_t N, int64_t M) {
+  for (int64_t m = 0; m < M; m += MRMAX) {
+    const float* xm = x + m * ldx;
+    float* om = out + m * N;
+    switch (std::min<int64_t>(M - m, MRMAX)) {
+#define SOT_TILE(r) \
+  case r:           \
+    if constexpr (r <= MRMAX) tile<T, r, NR, kScaled>(xm, ldx, w, K, scale, G, om, N); \
+    break;
+      SOT_TILE(1) SOT_TILE(2) SOT_TILE(3) SOT_TILE(4) SOT_TILE(5) SOT_TILE(6) SOT_TILE(7) SOT_TILE(8)
+#undef SOT_TILE
+      default: break;
+    }
+  }
+}
+
+// Rows the kernel serves; more rows are compute-bound and go to at::linear (MKL's sgemm).
+constexpr int64_t kMaxRows = 16;
+
+template <typename T, int NR, int MRMAX, bool kScaled = std::is_same_v<T, int8_t>>
+void run(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t M, int64_t K,
+         int64_t N) {
+  const int64_t nblocks = (N + NR - 1) / NR;
+  // >= ~32 KiB of weights per task, so small matrices do not pay for threads they cannot use
+  const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / std::max<int64_t>(1, K * NR * int64_t(sizeof(T))));
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * NR;
+      if (n + NR <= N) {
+        rows_block<T, NR, MRMAX, kScaled>(x, ldx, w + n * K, K, kScaled ? scale + n * G : nullptr, G, out + n, N, M);
+      } else {
+        for (int64_t j = n; j < N; ++j)
+          rows_block<T, 1, MRMAX, kScaled>(x, ldx, w + j * K, K, kScaled ? scale + j * G : nullptr, G, out + j, N, M);
+      }
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t M,
+              int64_t K, int64_t N) {
+  // MR * NR accumulators + NR weight (+ NR scale) vectors + 1 x vector must fit the register file
+#if defined(__AVX512F__)  // 32 registers
+  if (M <= 4) return run<T, 4, 4>(x, ldx, w, scale, G, out, M, K, N);
+  return run<T, 3, 8>(x, ldx, w, scale, G, out, M, K, N);
+#else  // 16 registers
+  if (M <= 2) return run<T, 4, 2>(x, ldx, w, scale, G, out, M, K, N);
+  return run<T, 2, 4>(x, ldx, w, scale, G, out, M, K, N);
+#endif
+}
+
+bool is_storage(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kChar; }
+
+}  // namespace
+
+int64_t linear_max_rows() { return kMaxRows; }
+
+int64_t linear_min_rows(at::ScalarType weight_dtype) {
+  // float32 weights at M = 1: MKL's sgemv streams them as fast; the others have no MKL path
+  return weight_dtype == at::kFloat ? 2 : 1;
+}
+
+bool linear_kernel_applies(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
+  return x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat && is_storage(w.scalar_type()) &&
+         x.device().is_cpu() && w.device().is_cpu() && x.size(1) == w.size(1) && x.size(0) > 0 &&
+         scale.has_value() == (w.scalar_type() == at::kChar) &&
+         (!scale || (scale->scalar_type() == at::kFloat && scale->dim() == 2 && scale->size(0) == w.size(0) &&
+                     scale->size(1) > 0 && w.size(1) % scale->size(1) == 0 && scale->device().is_cpu())) &&
+         !(at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad()));
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(linear_kernel_applies(x, w, scale),
+              "linear_rows: x [M, K] float32, w [N, K] float32 / bfloat16 / int8 (int8 with scale [N, G] float32, "
+              "G dividing K), CPU, no autograd");
+  const auto xc = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided
+  const auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0), ldx = xc.stride(0);
+  auto out = at::empty({M, N}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const at::Tensor sc = scale ? scale->contiguous() : at::Tensor();
+  switch (wc.scalar_type()) {
+    case at::kFloat: dispatch(xp, ldx, wc.data_ptr<float>(), nullptr, 1, op, M, K, N); break;
+    case at::kBFloat16: dispatch(xp, ldx, wc.data_ptr<at::BFloat16>(), nullptr, 1, op, M, K, N); break;
+    default: dispatch(xp, ldx, wc.data_ptr<int8_t>(), sc.data_ptr<float>(), sc.size(1), op, M, K, N); break;
+  }
+  return out;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
+  RECORD_FUNCTION("sot_cpp::linear", std::vector<c10::IValue>());  // visible to torch.profiler
+  if (linear_kernel_applies(x, w, scale) && x.size(0) >= linear_min_rows(w.scalar_type()) &&
+      x.size(0) <= kMaxRows)
+    return linear_rows(x, w, scale);
+  // kernels.reference.linear: widen (dequantize) the weights, then at::linear (MKL)
+  TORCH_CHECK(scale.has_value() == (w.scalar_type() == at::kChar), "linear: int8 weights need a scale, others none");
+  if (!scale) return at::linear(x, w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()));
+  const int64_t N = w.size(0), K = w.size(1), G = scale->size(-1);
+  TORCH_CHECK(scale->dim() == 2 && scale->size(0) == N && G > 0 && K % G == 0, "linear: scale [N, G], G dividing K");
+  const auto t = x.scalar_type();
+  return at::linear(x, (w.reshape({N, G, K / G}).to(t) * scale->to(t).unsqueeze(2)).view({N, K}));
+}
+
+}  // namespace sot_cpu

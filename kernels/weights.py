@@ -1,0 +1,84 @@
+"""How the weight matrices are stored: float32, bfloat16, or int8 with a float32 scale per group of 32
+weights of a row.
+
+A CPU decode step reads every weight once, so its time is about the weights' bytes over the memory
+bandwidth: bf16 halves them, int8 quarters them. Only storage changes: the activations, every
+product and every sum stay in the compute dtype (float32 on CPU), the weights being widened in
+registers (the C++ kernel) or just before the matmul (`kernels.reference.linear`). The matrices of
+`linear` and the embedding table (the lm_head when tied) are stored this way; norms are not.
+
+int8 scales groups of 32 consecutive weights of a row (llama.cpp's Q8_0 grouping, +12.5% bytes for
+the scales), not whole rows: on SmolLM2 one scale per row moved logits by up to 1.8 and changed the
+first greedy token of one prompt in eight; see `quantize_int8`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+WEIGHT_DTYPES = ("fp32", "bf16", "int8")
+INT8_GROUP = 32  # weights per int8 scale
+
+
+@dataclass(frozen=True, slots=True)
+class Int8Weight:
+    """Symmetric int8 per group of K / G consecutive weights of a row: w[n, k] ~= q[n, k] * scale[n, k // (K / G)],
+    scale = max|w| / 127 over the group, q = round(w / scale)."""
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N, G] float32, G groups per row (G = 1: a scale per row)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights as `dtype` (each q * scale rounded once, as in the C++ kernel); `rows`: only those."""
+        q, scale = (self.q, self.scale) if rows is None else (self.q[rows], self.scale[rows])
+        n, k = q.shape
+        return (q.view(n, scale.shape[1], -1).to(dtype) * scale[:, :, None].to(dtype)).view(n, k)
+
+
+Weight = torch.Tensor | Int8Weight
+
+
+def check_weight_dtype(weight_dtype: str | None) -> str | None:
+    """`weight_dtype` itself if valid (None: keep the compute dtype); ValueError otherwise."""
+    if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)} (or None: the compute dtype), "
+                         f"got {weight_dtype!r}")
+    return weight_dtype
+
+
+def quantize_int8(w: torch.Tensor, group: int = INT8_GROUP) -> Int8Weight:
+    """[N, K] -> Int8Weight with groups of `group` weights (a whole row when K is not a multiple of it)."""
+    n, k = w.shape
+    group = group if k % group == 0 else k
+    wf = w.float().view(n, k // group, group)
+    amax = wf.abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # an all-zero group stays zero
+    q = torch.round(wf / scale[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q.view(n, k), scale)
+
+
+def store(w: torch.Tensor, weight_dtype: str | None) -> Weight:
+    """A [N, K] weight matrix in `weight_dtype` storage (None: as it is)."""
+    check_weight_dtype(weight_dtype)
+    if weight_dtype is None:
+        return w
+    if weight_dtype == "int8":
+        return quantize_int8(w)
+    return w.to(torch.float32 if weight_dtype == "fp32" else torch.bfloat16)
+
+
+def embedding(ids: torch.Tensor, table: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of an embedding table in any storage, as `dtype`."""
+    if isinstance(table, Int8Weight):
+        return table.dequantize(dtype, rows=ids)
+    return table[ids].to(dtype)
+
+
+def nbytes(w: Weight) -> int:
+    if isinstance(w, Int8Weight):
+        return w.q.nbytes + w.scale.nbytes
+    return w.nbytes
