@@ -149,3 +149,12 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def save_figure(plt, fig, title: str, path: Path, dpi: int = 100) -> Path:
+    """Title, tight layout, PNG, closed: the last lines of every benchmark's plot."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from benchmarks.common import (bench_ms, copy_bandwidth, environment, format_table, gbps, pyplot, sigterm_as_interrupt,
-                               write_result)
+                               save_figure, write_result)
 
 BLOCK_SIZE = 16
 GOAL_FRACTION = 0.80  # of measured copy bandwidth
@@ -448,11 +448,8 @@ def plot(decode_rows: list[dict], copy_gbps: float | None, path: Path) -> Path |
             ax.axhline(GOAL_FRACTION * copy_gbps, color="r", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel="context (tokens)", ylabel="GB/s", title=f"decode {sh} {dtype}")
         ax.legend(fontsize=6)
-    fig.suptitle("paged decode: achieved GB/s (black: measured copy bandwidth, red: 80% goal)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "paged decode: achieved GB/s (black: measured copy bandwidth, red: 80% goal)",
+                       path, dpi=110)
 
 
 def run(quick: bool = False, smoke: bool = False, out_dir: Path | None = None, device: str | None = None,

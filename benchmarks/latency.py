@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (copy_bandwidth, environment, format_table, pyplot, result_path, sigterm_as_interrupt,
-                               sync, write_result)
+                               save_figure, sync, write_result)
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig, shape
 
@@ -290,12 +290,9 @@ def plot(payload: dict, path: Path) -> Path | None:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     env = payload["env"]
-    fig.suptitle(f"{payload['model']} {payload['dtype']} on {env['device']}, prefill {payload['prefill']}, "
-                 f"decode {payload['decode']} (copy bw {payload['copy']['gbps']:.0f} GB/s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, f"{payload['model']} {payload['dtype']} on {env['device']}, prefill "
+                       f"{payload['prefill']}, decode {payload['decode']} "
+                       f"(copy bw {payload['copy']['gbps']:.0f} GB/s)", path)
 
 
 def run_model(setup: Setup, model: str, args: argparse.Namespace, deadline: float) -> Path:

@@ -38,7 +38,8 @@ from typing import Callable, Iterator
 import torch
 
 from benchmarks import common
-from benchmarks.common import environment, pyplot, result_path, sigterm_as_interrupt, sync, write_result
+from benchmarks.common import (environment, pyplot, result_path, save_figure, sigterm_as_interrupt, sync,
+                               write_result)
 from engine import LLM, SamplingParams
 from engine.config import SHAPES, ModelConfig, shape
 from sot.bench import summarize, table
@@ -447,12 +448,8 @@ def plot(payload: dict, path: Path) -> Path | None:
         a.set_title(title)
         a.legend(fontsize=7)
     ax[0].axhline(1.0, color="k", lw=0.8)
-    fig.suptitle(f"SoT on {payload['model']} {payload['dtype']} ({payload['env']['device']}), lengths of "
-                 f"{payload['records']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, f"SoT on {payload['model']} {payload['dtype']} ({payload['env']['device']}), "
+                       f"lengths of {payload['records']}", path)
 
 
 def _head(records_path: Path, spec: str, dtype: torch.dtype, selection: dict) -> dict:
