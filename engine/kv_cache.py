@@ -117,6 +117,20 @@ class BlockManager:
         fresh = self.blocks_for(len(seq)) - len(seq.block_table) - len(hits)
         return hashes, hits, fresh, fresh + sum(self.ref_counts[b] == 0 for b in hits)
 
+    def blocks_to_compute(self, seq: Sequence) -> tuple[bool, list[int]]:
+        """(whether its first block to compute could be a cache hit, chain hashes of the full blocks it
+        would compute) for `seq` if allocated now. The scheduler uses it to hold back a request whose
+        next block another request of the same step is computing: one step later that block is a hit."""
+        if not self.enable_caching:
+            return False, []
+        hashes, hits = self._lookup(seq)
+        if not hashes and seq.block_table:  # a partial block of its own (a fork's copy): never looked up
+            return False, []
+        first, bs = len(hashes), self.block_size
+        for i in range(first, len(seq) // bs):
+            hashes.append(chain_hash(hashes[-1] if hashes else None, seq.token_ids[i * bs:(i + 1) * bs]))
+        return first < (len(seq) - 1) // bs, hashes[first:]
+
     def can_allocate(self, seq: Sequence) -> bool:
         return self._plan(seq)[3] <= self.num_free
 

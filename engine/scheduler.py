@@ -39,9 +39,17 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         batch: list[Sequence] = []
+        held: list[Sequence] = []  # waiting on a block that this step computes (kept in order, in front)
+        computing: set[int] = set()  # chain hashes of the full blocks this step computes
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            hittable, todo = self.bm.blocks_to_compute(seq)
+            if hittable and todo[0] in computing:
+                # SGLang's in-batch prefix check: prefilled now it would compute a prefix another request
+                # of this step computes too; one step later that prefix is a cache hit.
+                held.append(self.waiting.popleft())
+                continue
             n_new = len(seq) - seq.num_cached_tokens
             if batch and tokens + n_new > self.cfg.max_num_batched_tokens:
                 break
@@ -55,7 +63,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             batch.append(seq)
+            computing.update(todo)
             tokens += len(seq) - seq.num_cached_tokens
+        self.waiting.extendleft(reversed(held))
         self.running.extend(batch)
         return batch
 

@@ -82,33 +82,37 @@ def test_a_repeated_prompt_recomputes_its_last_block(tiny_dir):
         assert again.token_ids == first.token_ids == off.generate(prompt, GREEDY)[0].token_ids
 
 
-def test_requests_in_one_step_hit_only_blocks_of_earlier_steps(tiny_dir):
-    """Blocks are registered once their KV is computed: requests admitted in the same prefill step compute a
-    shared prefix each (the cache keeps one block per hash); a request admitted in a later step hits it,
+def test_requests_sharing_a_prefix_in_one_step_compute_it_once(tiny_dir):
+    """Blocks are registered once their KV is computed, so of several requests that arrive together with
+    one prefix (the API-style SoT points) the first prefills it and the others wait one step for it to
+    become a cache hit -- while an unrelated request is admitted at once. A later request hits it too,
     also while the requests that computed it are still running."""
     on, off = make(tiny_dir, True, block_size=8, num_blocks=64), make(tiny_dir, False, block_size=8, num_blocks=64)
     rec_on, rec_off = record_logits(on), record_logits(off)
     eng = on.engine
     g = torch.Generator().manual_seed(23)
     prefix = rand(g, 32)
-    x, y, z = prefix + rand(g, 5), prefix + rand(g, 7), prefix + rand(g, 3)
-    sx, sy = eng.add_request(x, GREEDY), eng.add_request(y, GREEDY)
+    x, y, u, z = prefix + rand(g, 5), prefix + rand(g, 7), rand(g, 20), prefix + rand(g, 3)
+    sx, sy, su = (eng.add_request(p, GREEDY) for p in (x, y, u))
     eng.step()
-    assert eng.counters["prefill_tokens"] == len(x) + len(y) and eng.counters["prefix_cache_hit_tokens"] == 0
-    assert sx.block_table[:4] != sy.block_table[:4]
-    assert on.stats()["cached_blocks"] == 4  # the prefix once (nobody has a full 5th block yet)
+    assert {s.seq_id for s in eng.scheduler.running} == {sx.seq_id, su.seq_id}  # y held back, u not
+    assert eng.counters["prefill_tokens"] == len(x) + len(u) and eng.counters["prefix_cache_hit_tokens"] == 0
+    assert on.stats()["cached_blocks"] == 4 + 2  # x's prefix, u's two full blocks
+    eng.step()  # y's prefill, on x's prefix
+    assert sy.prefix_cached_tokens == 32 and sy.block_table[:4] == sx.block_table[:4]
+    assert eng.counters["prefill_tokens"] == len(x) + len(u) + len(y) - 32
     sz = eng.add_request(z, GREEDY)
     eng.step()  # z's prefill
     assert sz.prefix_cached_tokens == 32 and sz.block_table[:4] == sx.block_table[:4]
-    assert all(eng.block_manager.ref_counts[b] == 2 for b in sx.block_table[:4])  # x (running) and z
-    assert eng.counters["prefill_tokens"] == len(x) + len(y) + len(z) - 32
+    assert all(eng.block_manager.ref_counts[b] == 3 for b in sx.block_table[:4])  # x, y (running) and z
+    assert eng.counters["prefill_tokens"] == len(x) + len(u) + len(y) + len(z) - 64
     while eng.has_unfinished():
         eng.step()
-    assert [s.prefix_cached_tokens for s in (sx, sy, sz)] == [0, 0, 32]
-    ref = off.generate([x, y, z], GREEDY)
-    assert [s.output_ids for s in (sx, sy, sz)] == [r.token_ids for r in ref]
+    assert [s.prefix_cached_tokens for s in (sx, sy, su, sz)] == [0, 32, 0, 32]
+    ref = off.generate([x, y, u, z], GREEDY)
+    assert [s.output_ids for s in (sx, sy, su, sz)] == [r.token_ids for r in ref]
     assert_same_logits(rec_on, rec_off)
-    for s in (sx, sy, sz):
+    for s in (sx, sy, su, sz):
         eng.release(s)
     assert on.stats()["free_blocks"] == on.stats()["total_blocks"]
 
