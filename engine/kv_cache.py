@@ -127,9 +127,7 @@ class BlockManager:
         if not hashes and seq.block_table:  # a partial block of its own (a fork's copy): never looked up
             return False, []
         first, bs = len(hashes), self.block_size
-        for i in range(first, len(seq) // bs):
-            hashes.append(chain_hash(hashes[-1] if hashes else None, seq.token_ids[i * bs:(i + 1) * bs]))
-        return first < (len(seq) - 1) // bs, hashes[first:]
+        return first < (len(seq) - 1) // bs, self._hashes(seq, len(seq) // bs)[first:]
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self._plan(seq)[3] <= self.num_free
