@@ -20,6 +20,34 @@
 namespace sot_cpu {
 namespace {
 
+#if defined(SOT_SIMD_VECTOR)
+// Software prefetch of each weight row this far ahead (bytes; 0: none). The MR x NR tile streams NR rows
+// at once, more streams than the hardware prefetcher tracks well at this read rate.
+#ifndef SOT_PREFETCH_BYTES
+#define SOT_PREFETCH_BYTES 512
+#endif
+
+// NV vectors of NR weight rows from k on, against MR rows of x (NV a compile-time count: the loop unrolls)
+template <typename T, int MR, int NR, bool kScaled, int NV>
+inline void vectors(const float* x, int64_t ldx, const T* w, int64_t K, int64_t k, const vf* sv, vf (&acc)[MR][NR]) {
+  if constexpr (SOT_PREFETCH_BYTES > 0)
+    for (int j = 0; j < NR; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + SOT_PREFETCH_BYTES, _MM_HINT_T0);
+  for (int v = 0; v < NV; ++v) {
+    const int64_t kv = k + v * kLanes;
+    vf wv[NR];
+    for (int j = 0; j < NR; ++j) {
+      wv[j] = vload(w + j * K + kv);
+      if constexpr (kScaled) wv[j] = vmul(wv[j], sv[j]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const vf xv = vload(x + i * ldx + kv);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+    }
+  }
+}
+#endif
+
 // out[i * ldo + j] = sum_k x[i * ldx + k] * w[j * K + k],  i < MR, j < NR. With kScaled (int8), row j's
 // weights in group g are multiplied by scale[j * G + g] first, the K / G weights of a group being one segment.
 template <typename T, int MR, int NR, bool kScaled>
@@ -32,6 +60,8 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, const float
   vf acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+  // a cache line of weights per row and step (int8: a 32-weight group, kernels/weights.py's INT8_GROUP)
+  constexpr int kStep = kScaled ? 32 / kLanes : std::max<int>(1, 64 / (kLanes * int(sizeof(T))));
 #endif
   const int64_t segments = kScaled ? G : 1, len = K / segments;
   for (int64_t g = 0; g < segments; ++g) {
@@ -41,17 +71,8 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, const float
     vf sv[NR];
     if constexpr (kScaled)
       for (int j = 0; j < NR; ++j) sv[j] = vset1(scale[j * G + g]);
-    for (; k + kLanes <= k1; k += kLanes) {
-      vf wv[NR];
-      for (int j = 0; j < NR; ++j) {
-        wv[j] = vload(w + j * K + k);
-        if constexpr (kScaled) wv[j] = vmul(wv[j], sv[j]);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const vf xv = vload(x + i * ldx + k);
-        for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
-      }
-    }
+    for (; k + kStep * kLanes <= k1; k += kStep * kLanes) vectors<T, MR, NR, kScaled, kStep>(x, ldx, w, K, k, sv, acc);
+    for (; k + kLanes <= k1; k += kLanes) vectors<T, MR, NR, kScaled, 1>(x, ldx, w, K, k, sv, acc);
 #endif
     for (; k < k1; ++k)
       for (int j = 0; j < NR; ++j) {
