@@ -6,8 +6,10 @@ next to transformers.
     python -m benchmarks.decode_cpu --no-hf --backends torch,cpp --weights fp32   # backends side by side
 
 Ours: B chat prompts prefilled, then decode steps through `LLMEngine.step`, timed one by one (median).
-Every weight matmul (`model.linear`) is timed too: "outside matmuls" is the share of the step spent
-in everything else (attention, norms, Python, sampling, scheduling). Transformers (fp32 only):
+Every weight matmul is timed too: the `model.linear` calls from Python, and inside the cpp backend's one-call
+decode layer loop its matmul phases (each up to the barrier that ends it), which that loop times itself.
+"Outside matmuls" is the share of the step spent in everything else (attention, norms, Python, sampling,
+scheduling). Transformers (fp32 only):
 `generate` on the same left-padded batch, (time for prefill + N tokens - time for prefill + 1 token)
 / (N - 1).
 """
@@ -53,15 +55,18 @@ def ours(llm: LLM, batch: int, steps: int) -> dict:
         in_matmul[0] += time.perf_counter() - t0
         return y
 
+    def fused_matmul() -> float:  # seconds so far in the matmuls of the one-call decode loop, if it runs
+        return model.decode_step.matmul_seconds if model.decode_step is not None else 0.0
+
     model.linear = timed_linear
     times, matmul = [], []
     try:
         for _ in range(steps):
-            in_matmul[0] = 0.0
+            in_matmul[0], fused0 = 0.0, fused_matmul()
             t0 = time.perf_counter()
             eng.step()
             times.append(time.perf_counter() - t0)
-            matmul.append(in_matmul[0])
+            matmul.append(in_matmul[0] + fused_matmul() - fused0)
     finally:
         model.linear = inner
     while eng.has_unfinished():

@@ -314,8 +314,9 @@ class LLMEngine:
         for s in seqs:  # blocks filled by this step can serve later requests (before a finished one frees them)
             self.block_manager.commit(s)
         active = [i for i, s in enumerate(seqs) if not s.prefill_only]
-        rows = logits[active]
         guided = [(j, m) for j, i in enumerate(active) if (m := self._matchers.get(seqs[i].seq_id)) is not None]
+        # a copy of the [B, vocab] logits only to drop rows or to mask them in place (an inference tensor)
+        rows = logits[active] if guided or len(active) != len(seqs) else logits
         if guided:
             self.guided.apply(rows, [j for j, _ in guided], [m for _, m in guided])
         tokens = sample(rows, [seqs[i].params for i in active],

@@ -81,6 +81,8 @@ class LlamaModel:
         self.scale = cfg.head_dim ** -0.5
         self.linear = backend.linear or reference.linear  # weight matmuls: x [T, in] @ w[out, in]^T
         self.silu_mul = backend.silu_mul or reference.silu_mul
+        self.decode_step = None  # the backend's one-call decode layer loop, built for the first KV pool seen
+        self._decode_step_pool: list | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,6 +96,10 @@ class LlamaModel:
         t, h, kvh, d = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]
         x = embedding(input_ids, self.embed, self.dtype)
+        if not meta.is_prefill and not meta.prefix_groups and (step := self._decode_layers(kv_cache)) is not None:
+            out = step(x, cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)
+            if out is not None:
+                return out
         residual = None
         # plain decode (no shared-prefix groups): the backend's one-call RoPE + KV store + attention, if it has one
         fused_decode = None if meta.is_prefill or meta.prefix_groups else kb.rope_store_decode_attention
@@ -112,6 +118,17 @@ class LlamaModel:
             y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
             x = self.linear(self.silu_mul(self.linear(y, wgu)), wdown)
         return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
+
+    def _decode_layers(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The backend's `decode_layers` step for these weights and `kv_cache` (built once per pool), or None."""
+        if self.backend.decode_layers is None:
+            return None
+        if self._decode_step_pool is not kv_cache:
+            cfg = self.cfg
+            self.decode_step = self.backend.decode_layers(self.layers, self.norm, kv_cache, cfg.num_heads,
+                                                          cfg.rms_norm_eps, self.scale)
+            self._decode_step_pool = kv_cache
+        return self.decode_step
 
     def attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                   meta: AttnMetadata) -> torch.Tensor:

@@ -87,7 +87,8 @@ class ModelRunner:
         """Logits of each sequence's last token: [B, vocab] float32. Marks the new KV as cached."""
         ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
         hidden = self.model.forward(ids, positions, meta, self.kv_cache.layers)
-        logits = self.model.compute_logits(hidden[meta.logits_indices])
+        # decode: one row per sequence already, in order (no gather)
+        logits = self.model.compute_logits(hidden if not is_prefill else hidden[meta.logits_indices])
         for s in seqs:
             s.num_cached_tokens = len(s)
         return logits

@@ -20,10 +20,18 @@ def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's first maximal index. On CPU through numpy: ~5 us a SmolLM2 row against torch's ~90 us, which
+    was ~1% of a decode step."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits: [B, vocab] float32, one row per sequence."""
-    out = logits.argmax(dim=-1).tolist()
+    out = argmax_rows(logits)
     for i, p in enumerate(params):
         if not p.greedy:
             out[i] = sample_row(logits[i], p, generators[i])

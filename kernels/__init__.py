@@ -36,6 +36,10 @@ class Backend:
     # the decode half of a layer's attention in one call, signature of `kernels.cpp.rope_store_decode_attention`
     # (RoPE on the fused qkv's q/k heads, K/V stored, paged decode attention); None: those three kernels in turn
     rope_store_decode_attention: Callable | None = None
+    # the decode step's whole layer loop in one call, signature of `kernels.cpp.decode_layers`: built once for a
+    # model's weights and KV pool, returns `step(x, cos, sin, slot_mapping, block_tables, context_lens) -> hidden`
+    # (None where it does not apply); None: the model's loop over the functions above
+    decode_layers: Callable | None = None
 
 
 class BackendUnavailable(ValueError):

@@ -2,8 +2,9 @@
 
 Weight matmuls (`linear`, for float32 / bfloat16 / int8 weight storage), paged decode attention (also
 fused with RoPE and the KV store), RMSNorm, RoPE, the KV store and the SwiGLU activation run in C++
-for float32 activations; prefill and cascade attention, and any other dtype, are the torch reference. Importing this module raises
-BackendUnavailable when the extension was not built.
+for float32 activations, and a plain decode step runs its whole layer loop in one call (`decode_layers`);
+prefill and cascade attention, and any other dtype, are the torch reference. Importing this module
+raises BackendUnavailable when the extension was not built.
 """
 from __future__ import annotations
 
@@ -88,9 +89,53 @@ def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch
                                                  context_lens, scale, max_context_len)
 
 
+class DecodeStep:
+    """`_cpp.DecodeLayers` for one model and KV pool: a plain decode step's every layer in one C++ call (one
+    OpenMP region, the GIL released), instead of ~10 Python-level kernel calls a layer."""
+
+    def __init__(self, fused: "_cpp.DecodeLayers") -> None:
+        self.fused = fused
+
+    @property
+    def matmul_seconds(self) -> float:
+        """Wall time spent in its weight matmuls so far (benchmarks.decode_cpu reads it)."""
+        return self.fused.matmul_seconds
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor | None:
+        """Final-normed hidden states [B, hidden] of the embeddings x [B, hidden], or None outside its case:
+        more rows than the matmul kernel serves (MKL then does better), or x not float32."""
+        if x.dtype != F32 or not 0 < x.shape[0] <= _cpp.MAX_ROWS:
+            return None
+        return self.fused(x.contiguous(), cos.contiguous(), sin.contiguous(), slot_mapping, block_tables,
+                          context_lens)
+
+
+def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+                  num_heads: int, eps: float, scale: float) -> DecodeStep | None:
+    """The whole decode layer loop for these weights (`LlamaModel.layers`: ln1, wqkv, wo, ln2, wgate_up, wdown per
+    layer) and KV pool, or None where it cannot run it: activations, norms or pool not float32, or a weight
+    storage the kernel does not read."""
+    ln1, ln2, mats, scales = [], [], [], []
+    for a, wqkv, wo, b, wgu, wdown in layers:
+        ln1.append(a)
+        ln2.append(b)
+        for w in (wqkv, wo, wgu, wdown):
+            q, sc = (w.q, w.scale) if isinstance(w, Int8Weight) else (w, None)
+            if q.dtype not in (F32, torch.bfloat16, torch.int8) or not q.is_contiguous():
+                return None
+            mats.append(q)
+            scales.append(sc)
+    if norm.dtype != F32 or any(t.dtype != F32 for t in ln1 + ln2) or \
+            any(c.dtype != F32 or not c.is_contiguous() for kv in kv_cache for c in kv):
+        return None
+    return DecodeStep(_cpp.DecodeLayers(ln1, ln2, mats, scales, norm, [k for k, _ in kv_cache],
+                                        [v for _, v in kv_cache], num_heads, eps, scale))
+
+
 def cpp_backend() -> Backend:
     """The torch backend with the C++ kernels swapped in (each falls back to the reference outside float32)."""
     return replace(BACKENDS["torch"]("cpu"), name="cpp", linear=linear, silu_mul=silu_mul, rms_norm=rms_norm,
                    add_rms_norm=add_rms_norm, apply_rope=apply_rope, store_kv=store_kv,
                    paged_decode_attention=paged_decode_attention,
-                   rope_store_decode_attention=rope_store_decode_attention)
+                   rope_store_decode_attention=rope_store_decode_attention, decode_layers=decode_layers)

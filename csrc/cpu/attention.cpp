@@ -51,11 +51,7 @@ void weighted_rows(float* out, const float* w, const float* const* rows, int64_t
   }
 }
 
-// Checked views of the pools and the batch's block tables / context lengths.
-struct Paged {
-  int64_t B, H, D, BS, KVH, G, max_blocks, longest = 0, total = 0;
-  at::Tensor tables, lens;  // int64, contiguous
-};
+}  // namespace
 
 Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens) {
@@ -86,39 +82,61 @@ Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::T
   return p;
 }
 
-// out [B, H, D] = attention of q [B, H, D] (contiguous) over the paged context
-void attend(const Paged& pg, const float* qp, const float* kp, const float* vp, float* op, float sc) {
+void attend_task(const Paged& pg, const float* qp, const float* kp, const float* vp, float* op, float sc, int64_t t,
+                 AttendScratch& scratch) {
   const int64_t H = pg.H, D = pg.D, BS = pg.BS, KVH = pg.KVH, G = pg.G, max_blocks = pg.max_blocks;
   const int64_t* tp = pg.tables.data_ptr<int64_t>();
-  const int64_t* lp = pg.lens.data_ptr<int64_t>();
+  const int64_t s = t / KVH, kh = t % KVH, ctx = pg.lens.data_ptr<int64_t>()[s];
+  if (static_cast<int64_t>(scratch.krows.size()) < ctx) {
+    scratch.krows.resize(ctx);
+    scratch.vrows.resize(ctx);
+  }
+  if (static_cast<int64_t>(scratch.scores.size()) < G * ctx) scratch.scores.resize(G * ctx);
+  const float** krows = scratch.krows.data();
+  const float** vrows = scratch.vrows.data();
+  float* scores = scratch.scores.data();
+  const float* qg = qp + (s * H + kh * G) * D;  // G consecutive query heads
+  float* og = op + (s * H + kh * G) * D;
+  for (int64_t p0 = 0; p0 < ctx; p0 += BS) {  // the context's rows, block by block
+    const int64_t base = (tp[s * max_blocks + p0 / BS] * BS * KVH + kh) * D;
+    for (int64_t r = 0; r < std::min(BS, ctx - p0); ++r) {
+      krows[p0 + r] = kp + base + r * KVH * D;
+      vrows[p0 + r] = vp + base + r * KVH * D;
+    }
+  }
+  for (int64_t p = 0; p < ctx; ++p)
+    for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(qg + g * D, krows[p], D) * sc;
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * ctx;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < ctx; ++p) mx = std::max(mx, sg[p]);
+    const float sum = exp_shift_sum(sg, ctx, mx);
+    weighted_rows(og + g * D, sg, vrows, ctx, D, sum > 0.f ? 1.f / sum : 0.f);  // ctx == 0: zeros
+  }
+}
+
+void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,
+                     const int64_t* slots, float* q, float* k_cache, float* v_cache, int64_t s, int64_t kh) {
+  const int64_t H = pg.H, KVH = pg.KVH, D = pg.D, G = pg.G, half = D / 2;
+  const float* row = qkv + s * ldqkv;
+  const float* c = cos + s * half;
+  const float* sn = sin + s * half;
+  for (int64_t h = kh * G; h < (kh + 1) * G; ++h) rope_head(row + h * D, c, sn, q + (s * H + h) * D, half);
+  rope_head(row + (H + kh) * D, c, sn, k_cache + (slots[s] * KVH + kh) * D, half);
+  std::memcpy(v_cache + (slots[s] * KVH + kh) * D, row + (H + KVH + kh) * D, D * sizeof(float));
+}
+
+namespace {
+
+// out [B, H, D] = attention of q [B, H, D] (contiguous) over the paged context
+void attend(const Paged& pg, const float* qp, const float* kp, const float* vp, float* op, float sc) {
   // one thread unless there are >= ~64 KiB of K/V rows to read per task on average
-  const int64_t tasks = pg.B * KVH;
-  const int64_t bytes_per_task = std::max<int64_t>(1, pg.total * D * 8 / std::max<int64_t>(1, pg.B));
+  const int64_t tasks = pg.B * pg.KVH;
+  const int64_t bytes_per_task = std::max<int64_t>(1, pg.total * pg.D * 8 / std::max<int64_t>(1, pg.B));
   const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / bytes_per_task);
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<const float*> krows(pg.longest), vrows(pg.longest);
-    std::vector<float> scores(G * std::max<int64_t>(pg.longest, 1));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t / KVH, kh = t % KVH, ctx = lp[s];
-      const float* qg = qp + (s * H + kh * G) * D;  // G consecutive query heads
-      float* og = op + (s * H + kh * G) * D;
-      for (int64_t p0 = 0; p0 < ctx; p0 += BS) {  // the context's rows, block by block
-        const int64_t base = (tp[s * max_blocks + p0 / BS] * BS * KVH + kh) * D;
-        for (int64_t r = 0; r < std::min(BS, ctx - p0); ++r) {
-          krows[p0 + r] = kp + base + r * KVH * D;
-          vrows[p0 + r] = vp + base + r * KVH * D;
-        }
-      }
-      for (int64_t p = 0; p < ctx; ++p)
-        for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(qg + g * D, krows[p], D) * sc;
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * ctx;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t p = 0; p < ctx; ++p) mx = std::max(mx, sg[p]);
-        const float sum = exp_shift_sum(sg, ctx, mx);
-        weighted_rows(og + g * D, sg, vrows.data(), ctx, D, sum > 0.f ? 1.f / sum : 0.f);  // ctx == 0: zeros
-      }
-    }
+    AttendScratch scratch;
+    for (int64_t t = t0; t < t1; ++t) attend_task(pg, qp, kp, vp, op, sc, t, scratch);
   });
 }
 
@@ -167,14 +185,10 @@ at::Tensor rope_store_decode_attention(const at::Tensor& qkv, const at::Tensor& 
   float* qp = q.data_ptr<float>();
   float* kp = k_cache.data_ptr<float>();
   float* vp = v_cache.data_ptr<float>();
-  for (int64_t t = 0; t < B; ++t) {  // a few kilobytes: RoPE into q and the K slot, V copied to its slot
-    const float* row = x.data_ptr<float>() + t * x.stride(0);
-    const float* c = cc.data_ptr<float>() + t * half;
-    const float* s = sc.data_ptr<float>() + t * half;
-    for (int64_t h = 0; h < H; ++h) rope_head(row + h * D, c, s, qp + (t * H + h) * D, half);
-    for (int64_t h = 0; h < KVH; ++h) rope_head(row + (H + h) * D, c, s, kp + (sp[t] * KVH + h) * D, half);
-    std::memcpy(vp + sp[t] * KVH * D, row + (H + KVH) * D, KVH * D * sizeof(float));
-  }
+  for (int64_t t = 0; t < B; ++t)  // a few kilobytes: RoPE into q and the K slot, V copied to its slot
+    for (int64_t kh = 0; kh < KVH; ++kh)
+      rope_store_task(pg, x.data_ptr<float>(), x.stride(0), cc.data_ptr<float>(), sc.data_ptr<float>(), sp, qp, kp, vp,
+                      t, kh);
   auto out = at::empty({B, H * D}, x.options());
   attend(pg, qp, kp, vp, out.data_ptr<float>(), static_cast<float>(scale));
   return out;

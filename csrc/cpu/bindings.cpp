@@ -43,6 +43,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slot_mapping"));
   m.def("silu_mul", &silu_mul, "silu(x[:, :F]) * x[:, F:]", py::arg("x"));
+  py::class_<DecodeLayers>(m, "DecodeLayers",
+                           "a decode step's whole layer loop in one call (csrc/cpu/decode.cpp), for one model "
+                           "and KV pool")
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<std::optional<at::Tensor>>, at::Tensor, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, int64_t, double, double>(),
+           py::arg("ln1"), py::arg("ln2"), py::arg("mats"), py::arg("scales"), py::arg("final_norm"),
+           py::arg("k_caches"), py::arg("v_caches"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"))
+      .def("__call__", &DecodeLayers::forward,
+           "x [B, hidden] embeddings -> final-normed hidden [B, hidden]; stores the new K/V (GIL released)",
+           py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),
+           py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
+      .def_readwrite("matmul_seconds", &DecodeLayers::matmul_seconds,
+                     "wall time in the weight-matmul phases, summed over calls (benchmarks)");
   m.def("build_info", &build_info);
   m.attr("MIN_ROWS") = py::dict(py::arg("float32") = linear_min_rows(at::kFloat),
                                 py::arg("bfloat16") = linear_min_rows(at::kBFloat16),

@@ -20,15 +20,13 @@ void check_f32(const at::Tensor& t, const char* what) {
 // rows per task: >= ~64 KiB of data, so a decode step's few rows stay on the calling thread
 int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, (int64_t{16} << 10) / std::max<int64_t>(1, row_elems)); }
 
-float sum_squares(const float* x, int64_t n) { return dot(x, x, n); }
+}  // namespace
 
 // y = w * (x * rsqrt(mean(x^2) + eps)): the reference's order of roundings
 void norm_row(const float* x, const float* w, float* y, int64_t n, float eps) {
-  const float r = 1.f / std::sqrt(sum_squares(x, n) / static_cast<float>(n) + eps);
+  const float r = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
 }
-
-}  // namespace
 
 void rope_head(const float* x, const float* c, const float* s, float* o, int64_t half) {
   const float* x2 = x + half;
@@ -36,6 +34,18 @@ void rope_head(const float* x, const float* c, const float* s, float* o, int64_t
     o[i] = x[i] * c[i] - x2[i] * s[i];
     o[half + i] = x2[i] * c[i] + x[i] * s[i];
   }
+}
+
+void silu_mul_row(const float* g, const float* u, float* o, int64_t n) {
+  int64_t i = 0;
+#if defined(SOT_SIMD_VECTOR)
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf gv = vload(g + i);
+    const vf sv = vdiv(gv, vadd(vset1(1.f), vexp(vsub(vzero(), gv))));
+    vstore(o + i, vmul(sv, vload(u + i)));
+  }
+#endif
+  for (; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -153,15 +163,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
       const float* g = xp + t * 2 * F;
       const float* u = g + F;
       float* o = op + t * F;
-      int64_t i = 0;
-#if defined(SOT_SIMD_VECTOR)
-      for (; i + kLanes <= F; i += kLanes) {  // silu(g) = g / (1 + e^-g), as torch computes it
-        const vf gv = vload(g + i);
-        const vf sv = vdiv(gv, vadd(vset1(1.f), vexp(vsub(vzero(), gv))));
-        vstore(o + i, vmul(sv, vload(u + i)));
-      }
-#endif
-      for (; i < F; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      silu_mul_row(g, u, o, F);
     }
   });
   return out;

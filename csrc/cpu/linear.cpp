@@ -20,6 +20,34 @@
 namespace sot_cpu {
 namespace {
 
+#if defined(SOT_SIMD_VECTOR)
+// Software prefetch of each weight row this far ahead (bytes; 0: none). The MR x NR tile streams NR rows
+// at once, more streams than the hardware prefetcher tracks well at this read rate.
+#ifndef SOT_PREFETCH_BYTES
+#define SOT_PREFETCH_BYTES 512
+#endif
+
+// NV vectors of NR weight rows from k on, against MR rows of x (NV a compile-time count: the loop unrolls)
+template <typename T, int MR, int NR, bool kScaled, int NV>
+inline void vectors(const float* x, int64_t ldx, const T* w, int64_t K, int64_t k, const vf* sv, vf (&acc)[MR][NR]) {
+  if constexpr (SOT_PREFETCH_BYTES > 0)
+    for (int j = 0; j < NR; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + SOT_PREFETCH_BYTES, _MM_HINT_T0);
+  for (int v = 0; v < NV; ++v) {
+    const int64_t kv = k + v * kLanes;
+    vf wv[NR];
+    for (int j = 0; j < NR; ++j) {
+      wv[j] = vload(w + j * K + kv);
+      if constexpr (kScaled) wv[j] = vmul(wv[j], sv[j]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const vf xv = vload(x + i * ldx + kv);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+    }
+  }
+}
+#endif
+
 // out[i * ldo + j] = sum_k x[i * ldx + k] * w[j * K + k],  i < MR, j < NR. With kScaled (int8), row j's
 // weights in group g are multiplied by scale[j * G + g] first, the K / G weights of a group being one segment.
 template <typename T, int MR, int NR, bool kScaled>
@@ -32,6 +60,8 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, const float
   vf acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+  // a cache line of weights per row and step (int8: a 32-weight group, kernels/weights.py's INT8_GROUP)
+  constexpr int kStep = kScaled ? 32 / kLanes : std::max<int>(1, 64 / (kLanes * int(sizeof(T))));
 #endif
   const int64_t segments = kScaled ? G : 1, len = K / segments;
   for (int64_t g = 0; g < segments; ++g) {
@@ -41,17 +71,8 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, const float
     vf sv[NR];
     if constexpr (kScaled)
       for (int j = 0; j < NR; ++j) sv[j] = vset1(scale[j * G + g]);
-    for (; k + kLanes <= k1; k += kLanes) {
-      vf wv[NR];
-      for (int j = 0; j < NR; ++j) {
-        wv[j] = vload(w + j * K + k);
-        if constexpr (kScaled) wv[j] = vmul(wv[j], sv[j]);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const vf xv = vload(x + i * ldx + k);
-        for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
-      }
-    }
+    for (; k + kStep * kLanes <= k1; k += kStep * kLanes) vectors<T, MR, NR, kScaled, kStep>(x, ldx, w, K, k, sv, acc);
+    for (; k + kLanes <= k1; k += kLanes) vectors<T, MR, NR, kScaled, 1>(x, ldx, w, K, k, sv, acc);
 #endif
     for (; k < k1; ++k)
       for (int j = 0; j < NR; ++j) {
@@ -71,14 +92,14 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, const float
 // all M rows of x against NR weight rows, in row tiles of at most MRMAX
 template <typename T, int NR, int MRMAX, bool kScaled>
 inline void rows_block(const float* x, int64_t ldx, const T* w, int64_t K, const float* scale, int64_t G, float* out,
-                       int64_t N, int64_t M) {
+                       int64_t ldo, int64_t M) {
   for (int64_t m = 0; m < M; m += MRMAX) {
     const float* xm = x + m * ldx;
-    float* om = out + m * N;
+    float* om = out + m * ldo;
     switch (std::min<int64_t>(M - m, MRMAX)) {
 #define SOT_TILE(r) \
   case r:           \
-    if constexpr (r <= MRMAX) tile<T, r, NR, kScaled>(xm, ldx, w, K, scale, G, om, N); \
+    if constexpr (r <= MRMAX) tile<T, r, NR, kScaled>(xm, ldx, w, K, scale, G, om, ldo); \
     break;
       SOT_TILE(1) SOT_TILE(2) SOT_TILE(3) SOT_TILE(4) SOT_TILE(5) SOT_TILE(6) SOT_TILE(7) SOT_TILE(8)
 #undef SOT_TILE
@@ -90,41 +111,83 @@ inline void rows_block(const float* x, int64_t ldx, const T* w, int64_t K, const
 // Rows the kernel serves; more rows are compute-bound and go to at::linear (MKL's sgemm).
 constexpr int64_t kMaxRows = 16;
 
+// out[:, b0 * NR : b1 * NR] (clipped to N), out's rows ldo apart
+template <typename T, int NR, int MRMAX, bool kScaled>
+void blocks(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t ldo,
+            int64_t M, int64_t K, int64_t N, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n = b * NR;
+    if (n + NR <= N) {
+      rows_block<T, NR, MRMAX, kScaled>(x, ldx, w + n * K, K, kScaled ? scale + n * G : nullptr, G, out + n, ldo, M);
+    } else {
+      for (int64_t j = n; j < N; ++j)
+        rows_block<T, 1, MRMAX, kScaled>(x, ldx, w + j * K, K, kScaled ? scale + j * G : nullptr, G, out + j, ldo, M);
+    }
+  }
+}
+
+// parts == 0: all of N on at::parallel_for's threads; else the calling thread's share `part` of `parts`
+// (contiguous runs of NR-row blocks, so the threads of a parallel region split the weights evenly)
 template <typename T, int NR, int MRMAX, bool kScaled = std::is_same_v<T, int8_t>>
-void run(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t M, int64_t K,
-         int64_t N) {
+void run(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t ldo, int64_t M,
+         int64_t K, int64_t N, int part, int parts) {
   const int64_t nblocks = (N + NR - 1) / NR;
+  if (parts > 0)
+    return blocks<T, NR, MRMAX, kScaled>(x, ldx, w, scale, G, out, ldo, M, K, N, nblocks * part / parts,
+                                         nblocks * (part + 1) / parts);
   // >= ~32 KiB of weights per task, so small matrices do not pay for threads they cannot use
   const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / std::max<int64_t>(1, K * NR * int64_t(sizeof(T))));
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * NR;
-      if (n + NR <= N) {
-        rows_block<T, NR, MRMAX, kScaled>(x, ldx, w + n * K, K, kScaled ? scale + n * G : nullptr, G, out + n, N, M);
-      } else {
-        for (int64_t j = n; j < N; ++j)
-          rows_block<T, 1, MRMAX, kScaled>(x, ldx, w + j * K, K, kScaled ? scale + j * G : nullptr, G, out + j, N, M);
-      }
-    }
+    blocks<T, NR, MRMAX, kScaled>(x, ldx, w, scale, G, out, ldo, M, K, N, b0, b1);
   });
 }
 
 template <typename T>
-void dispatch(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t M,
-              int64_t K, int64_t N) {
+void dispatch(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t ldo,
+              int64_t M, int64_t K, int64_t N, int part, int parts) {
   // MR * NR accumulators + NR weight (+ NR scale) vectors + 1 x vector must fit the register file
 #if defined(__AVX512F__)  // 32 registers
-  if (M <= 4) return run<T, 4, 4>(x, ldx, w, scale, G, out, M, K, N);
-  return run<T, 3, 8>(x, ldx, w, scale, G, out, M, K, N);
+  if (M <= 4) return run<T, 4, 4>(x, ldx, w, scale, G, out, ldo, M, K, N, part, parts);
+  return run<T, 3, 8>(x, ldx, w, scale, G, out, ldo, M, K, N, part, parts);
 #else  // 16 registers
-  if (M <= 2) return run<T, 4, 2>(x, ldx, w, scale, G, out, M, K, N);
-  return run<T, 2, 4>(x, ldx, w, scale, G, out, M, K, N);
+  if (M <= 2) return run<T, 4, 2>(x, ldx, w, scale, G, out, ldo, M, K, N, part, parts);
+  return run<T, 2, 4>(x, ldx, w, scale, G, out, ldo, M, K, N, part, parts);
 #endif
+}
+
+void dispatch_view(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int part,
+                   int parts) {
+  switch (w.dtype) {
+    case at::kFloat:
+      return dispatch(x, ldx, static_cast<const float*>(w.data), nullptr, 1, out, ldo, M, w.K, w.N, part, parts);
+    case at::kBFloat16:
+      return dispatch(x, ldx, static_cast<const bf16*>(w.data), nullptr, 1, out, ldo, M, w.K, w.N, part, parts);
+    default:
+      return dispatch(x, ldx, static_cast<const int8_t*>(w.data), w.scale, w.G, out, ldo, M, w.K, w.N, part, parts);
+  }
 }
 
 bool is_storage(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kChar; }
 
 }  // namespace
+
+WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(w.dim() == 2 && is_storage(w.scalar_type()) && w.device().is_cpu() && w.is_contiguous(),
+              "linear: w [N, K] contiguous float32 / bfloat16 / int8 on CPU");
+  TORCH_CHECK(scale.has_value() == (w.scalar_type() == at::kChar), "linear: int8 weights need a scale, others none");
+  if (scale)
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 2 && scale->size(0) == w.size(0) &&
+                    scale->size(1) > 0 && w.size(1) % scale->size(1) == 0 && scale->is_contiguous() &&
+                    scale->device().is_cpu(),
+                "linear: scale [N, G] float32 contiguous, G dividing K");
+  return {w.data_ptr(), w.scalar_type(), scale ? scale->data_ptr<float>() : nullptr, scale ? scale->size(1) : 1,
+          w.size(0), w.size(1)};
+}
+
+void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int part,
+                 int parts) {
+  dispatch_view(x, ldx, w, out, ldo, M, part, parts);
+}
 
 int64_t linear_max_rows() { return kMaxRows; }
 
@@ -148,16 +211,10 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::opti
               "G dividing K), CPU, no autograd");
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided
   const auto wc = w.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0), ldx = xc.stride(0);
+  const std::optional<at::Tensor> sc = scale ? std::optional<at::Tensor>(scale->contiguous()) : std::nullopt;
+  const int64_t M = xc.size(0), N = wc.size(0), ldx = xc.stride(0);
   auto out = at::empty({M, N}, xc.options());
-  const float* xp = xc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const at::Tensor sc = scale ? scale->contiguous() : at::Tensor();
-  switch (wc.scalar_type()) {
-    case at::kFloat: dispatch(xp, ldx, wc.data_ptr<float>(), nullptr, 1, op, M, K, N); break;
-    case at::kBFloat16: dispatch(xp, ldx, wc.data_ptr<at::BFloat16>(), nullptr, 1, op, M, K, N); break;
-    default: dispatch(xp, ldx, wc.data_ptr<int8_t>(), sc.data_ptr<float>(), sc.size(1), op, M, K, N); break;
-  }
+  dispatch_view(xc.data_ptr<float>(), ldx, weight_view(wc, sc), out.data_ptr<float>(), N, M, 0, 0);
   return out;
 }
 

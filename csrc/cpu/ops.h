@@ -6,6 +6,8 @@
 
 #include <optional>
 #include <tuple>
+#include <mutex>
+#include <vector>
 
 namespace sot_cpu {
 
@@ -36,5 +38,80 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 at::Tensor silu_mul(const at::Tensor& x);
 // one head: o[i] = x1 c - x2 s, o[half + i] = x2 c + x1 s with x1 = x[0:half], x2 = x[half:2 half]
 void rope_head(const float* x, const float* c, const float* s, float* o, int64_t half);
+// y = w * (x * rsqrt(mean(x^2) + eps)) for one row of n
+void norm_row(const float* x, const float* w, float* y, int64_t n, float eps);
+
+// silu(g) * u over n elements (silu(g) = g / (1 + e^-g), as torch computes it)
+void silu_mul_row(const float* g, const float* u, float* o, int64_t n);
+
+// ---- building blocks the fused decode loop (decode.cpp) shares with the kernels above
+
+// A weight matrix as the linear kernel reads it (checked by weight_view: contiguous, a supported storage)
+struct WeightView {
+  const void* data;
+  at::ScalarType dtype;
+  const float* scale;  // int8: [N, G]; else nullptr
+  int64_t G, N, K;
+};
+WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale);
+// out[m, n] (rows ldo apart) = x[m] . w[n] for the calling thread's share `part` of `parts` of the N outputs
+void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int part,
+                 int parts);
+
+// Checked views of the pools and the batch's block tables / context lengths (attention.cpp)
+struct Paged {
+  int64_t B, H, D, BS, KVH, G, max_blocks, longest = 0, total = 0;
+  at::Tensor tables, lens;  // int64, contiguous
+};
+Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens);
+// per-thread scratch of attend_task, grown as contexts grow
+struct AttendScratch {
+  std::vector<const float*> krows, vrows;
+  std::vector<float> scores;
+};
+// RoPE of the q heads of KV group kh of row s of qkv [B, (H + 2 KVH) D] into q [B, H, D]; k head kh rotated into
+// its slot of k_cache, v head kh copied into v_cache
+void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,
+                     const int64_t* slots, float* q, float* k_cache, float* v_cache, int64_t s, int64_t kh);
+// attention of row s's query heads of KV group kh (task t = s * KVH + kh): q, out [B, H, D]
+void attend_task(const Paged& pg, const float* q, const float* k_cache, const float* v_cache, float* out, float scale,
+                 int64_t t, AttendScratch& scratch);
+
+
+// decode.cpp: a decode step's whole layer loop in one call (bound as _cpp.DecodeLayers). Built once per model
+// and KV pool; each call runs every layer of the batch's B <= linear_max_rows() rows in one OpenMP region.
+class DecodeLayers {
+ public:
+  // per layer l: ln1[l], ln2[l]; mats[4 l .. 4 l + 3] = qkv, o, gate_up, down (scales[i]: int8 only);
+  // k_caches[l], v_caches[l] the layer's pools
+  DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> ln2, std::vector<at::Tensor> mats,
+               std::vector<std::optional<at::Tensor>> scales, at::Tensor final_norm, std::vector<at::Tensor> k_caches,
+               std::vector<at::Tensor> v_caches, int64_t num_heads, double eps, double scale);
+  // x [B, hidden] embeddings -> final-normed hidden states [B, hidden]; K/V of the new tokens stored
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens);
+  double matmul_seconds = 0.0;  // wall time in the weight-matmul phases (each up to its barrier), summed over calls
+
+ private:
+  struct Layer {
+    const float *ln1, *ln2;
+    WeightView qkv, o, gate, up, down;
+  };
+  struct ThreadScratch {  // per thread: its own copy of the residual stream, normed rows, gate/up slices
+    std::vector<float> h, y, g, u;
+    AttendScratch attn;
+  };
+  std::vector<at::Tensor> keep_;  // owners of the memory the views point into
+  std::vector<Layer> layers_;
+  std::vector<float*> k_, v_;
+  at::Tensor k0_, v0_;  // the first layer's pools, for shapes (all layers' are alike)
+  const float* final_norm_;
+  int64_t hidden_, H_, KVH_, D_, F_;
+  float eps_, scale_;
+  std::vector<float> qkv_, q_, o_, x_, act_;  // shared between the threads, grown with B
+  std::vector<ThreadScratch> scratch_;
+  std::mutex mu_;  // one step at a time (the buffers are reused)
+};
 
 }  // namespace sot_cpu

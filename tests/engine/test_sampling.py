@@ -61,3 +61,15 @@ def test_stream_deltas_add_up_and_abandoning_frees_blocks(tiny_dir):
         if i == 3:
             break
     assert llm.stats()["free_blocks"] == 64 and llm.stats()["running"] == 0
+
+
+def test_argmax_rows_is_torch_argmax_ties_and_nan_included():
+    from engine.sampler import argmax_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 1000, generator=g)
+    x[1, [7, 300]] = 50.0  # a tie: the first index wins
+    x[2, 400] = float("nan")  # NaN counts as the maximum, as in torch
+    x[3] = -1e30
+    assert argmax_rows(x) == x.argmax(dim=-1).tolist() == [int(x[0].argmax()), 7, 400, 0, int(x[4].argmax())]
+    assert argmax_rows(x[[4, 0]]) == [int(x[4].argmax()), int(x[0].argmax())]
+    assert argmax_rows(x.double()) == x.argmax(dim=-1).tolist()  # other dtypes: torch's argmax

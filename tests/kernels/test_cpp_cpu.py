@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -243,6 +244,76 @@ def test_rope_store_decode_attention_matches_float64(heads, kvh, d):
         _cpp.rope_store_decode_attention(qkv, ang.cos(), ang.sin(), kc, vc, slots + 10 ** 6, tables, ctx, 0.3)
     with pytest.raises(RuntimeError, match="qkv"):
         _cpp.rope_store_decode_attention(qkv[:, :-1], ang.cos(), ang.sin(), kc, vc, slots, tables, ctx, 0.3)
+
+
+# ------------------------------------------------------------------------------------ fused decode layers
+def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int):
+    """A random 3-layer LlamaModel on the cpp backend (norm weights away from 1, so a skipped norm shows)."""
+    from engine.config import ModelConfig
+    from engine.model import LlamaModel
+    cfg = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=heads,
+                      num_kv_heads=kvh, head_dim=d, max_position_embeddings=256)
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    w = {"model.embed_tokens.weight": r(97, 48), "lm_head.weight": r(97, 48), "model.norm.weight": 1 + r(48)}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": 1 + r(48), p + "post_attention_layernorm.weight": 1 + r(48),
+              p + "self_attn.q_proj.weight": r(heads * d, 48), p + "self_attn.k_proj.weight": r(kvh * d, 48),
+              p + "self_attn.v_proj.weight": r(kvh * d, 48), p + "self_attn.o_proj.weight": r(48, heads * d),
+              p + "mlp.gate_proj.weight": r(80, 48), p + "mlp.up_proj.weight": r(80, 48),
+              p + "mlp.down_proj.weight": r(48, 80)}
+    return LlamaModel(cfg, w, get_backend("cpp", "cpu"), storage)
+
+
+@needs_cpp
+@pytest.mark.parametrize("storage", [None, "bf16", "int8"])
+@pytest.mark.parametrize("heads,kvh,d,lens", [(4, 2, 12, [1, 7, 40]), (6, 6, 8, [5]),
+                                              (9, 3, 16, [3, 17, 33, 2, 64, 9, 1, 20, 11])])
+def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens):
+    """One C++ call for all layers == the model's Python loop over the same backend's kernels (ragged contexts,
+    GQA ratios, every weight storage), hidden states and the K/V written into the pool."""
+    from engine.model import AttnMetadata
+    model = random_model(heads, kvh, d, storage, seed=heads + len(lens))
+    bs, b = 4, len(lens)
+    g = torch.Generator().manual_seed(d)
+    n = b * 16 + 3
+    kv = [(torch.randn(n, bs, kvh, d, generator=g), torch.randn(n, bs, kvh, d, generator=g)) for _ in range(3)]
+    tables = torch.randperm(n, generator=g)[:b * 16].view(b, 16)  # scattered blocks, none shared
+    ctx = torch.tensor(lens)
+    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
+    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
+                        cu_seqlens_q=None, logits_indices=torch.arange(b), max_context_len=max(lens))
+    ids, pos = torch.randint(0, 97, (b,), generator=g), ctx - 1
+    kv_loop = [(k.clone(), v.clone()) for k, v in kv]
+    step = model._decode_layers(kv)
+    assert step is not None and model._decode_layers(kv) is step  # built once per pool
+    got = model.forward(ids, pos, meta, kv)
+    model.backend = replace(model.backend, decode_layers=None)  # the Python loop over the same kernels
+    want = model.forward(ids, pos, meta, kv_loop)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    for (k, v), (kr, vr) in zip(kv, kv_loop):  # rounding only: at M = 1 the loop's fp32 matmul is MKL's
+        torch.testing.assert_close(k, kr, rtol=0, atol=2e-5)
+        torch.testing.assert_close(v, vr, rtol=0, atol=2e-5)
+    assert step.matmul_seconds > 0
+
+
+@needs_cpp
+def test_decode_layers_decline_what_they_do_not_run():
+    model = random_model(4, 2, 12, None, seed=1)
+    kv = [(torch.randn(40, 4, 2, 12), torch.randn(40, 4, 2, 12)) for _ in range(3)]
+    step = model._decode_layers(kv)
+    many = _cpp.MAX_ROWS + 1  # MKL's territory: the model's loop runs it
+    cs = torch.randn(many, 6)
+    assert step(torch.randn(many, 48), cs, cs, torch.arange(many), torch.zeros(many, 1, dtype=torch.long),
+                torch.ones(many, dtype=torch.long)) is None
+    assert step(torch.randn(1, 48).double(), cs[:1], cs[:1], torch.tensor([0]), torch.zeros(1, 1, dtype=torch.long),
+                torch.ones(1, dtype=torch.long)) is None
+    from kernels.cpp import decode_layers
+    assert decode_layers(model.layers, model.norm, [(k.double(), v.double()) for k, v in kv], 4, 1e-5, 1.0) is None
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        step(torch.randn(1, 48), cs[:1], cs[:1], torch.tensor([10 ** 6]), torch.zeros(1, 1, dtype=torch.long),
+             torch.ones(1, dtype=torch.long))
 
 
 # -------------------------------------------------------------------------------------------- engine
