@@ -62,6 +62,18 @@ def tiny_dir(tmp_path_factory) -> Path:
     return save_hf(model, tmp_path_factory.mktemp("tiny"))
 
 
+def prompt_logits(llm, prompt) -> torch.Tensor:
+    """The logits a prompt's prefill gives for its last token, read off the runner (the engine left as found)."""
+    from engine import SamplingParams
+    eng = llm.engine
+    seq = eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
+    batch, _ = eng.scheduler.schedule()
+    logits = eng.runner.run(batch, True)[0]
+    eng.abort(seq.request_id)
+    eng.release(seq)
+    return logits
+
+
 class SmolLM2:
     """The embedded model loaded once per session, plus the Vicuna-80 questions for prompts."""
 

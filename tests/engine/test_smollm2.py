@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from tests.conftest import requires_smollm2
+from tests.conftest import prompt_logits, requires_smollm2
 
 CHATS = [
     [{"role": "user", "content": "What are the three primary colors?"}],
@@ -38,12 +38,7 @@ def test_greedy_tokens_and_prefill_logits_match_transformers(smollm2, hf_smollm2
                                       eos_token_id=None, pad_token_id=2, output_logits=True,
                                       return_dict_in_generate=True)
         ref_ids = ref.sequences[0, len(ids):].tolist()
-        eng = llm.engine
-        seq = eng.add_request(ids, SamplingParams(temperature=0, max_tokens=1))
-        batch, _ = eng.scheduler.schedule()
-        prefill_logits = eng.runner.run(batch, True)[0]
-        eng.abort(seq.request_id)
-        eng.release(seq)
+        prefill_logits = prompt_logits(llm, ids)
         assert (prefill_logits - ref.logits[0][0]).abs().max() < 1e-3
         if out.token_ids != ref_ids:  # allowed only where transformers itself is on a knife edge
             k = next(i for i, (a, b) in enumerate(zip(out.token_ids, ref_ids)) if a != b)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.conftest import requires_smollm2
+from tests.conftest import prompt_logits, requires_smollm2
 
 CHATS = [
     [{"role": "user", "content": "What are the three primary colors?"}],
@@ -22,22 +22,12 @@ TOKENS = 16
 MAX_LOGIT_DIFF = {"bf16": 0.4, "int8": 2.0}
 
 
-def last_logits(llm: LLM, chat) -> torch.Tensor:
-    eng = llm.engine
-    seq = eng.add_request(chat, SamplingParams(temperature=0, max_tokens=1))
-    batch, _ = eng.scheduler.schedule()
-    logits = eng.runner.run(batch, True)[0]
-    eng.abort(seq.request_id)
-    eng.release(seq)
-    return logits
-
-
 @requires_smollm2
 @pytest.mark.parametrize("storage", ["bf16", "int8"])
 def test_narrow_weights_keep_logits_close_and_greedy_tokens(smollm2, storage):
     ref = smollm2.llm  # float32 storage
     llm = LLM("default", device="cpu", dtype=torch.float32, weight_dtype=storage)
-    diffs = [float((last_logits(llm, c) - last_logits(ref, c)).abs().max()) for c in CHATS]
+    diffs = [float((prompt_logits(llm, c) - prompt_logits(ref, c)).abs().max()) for c in CHATS]
     print(f"{storage}: max logit diff per prompt {[round(d, 3) for d in diffs]}")
     assert max(diffs) < MAX_LOGIT_DIFF[storage]
     assert max(diffs) > 0  # the storage did change the weights
