@@ -3,10 +3,10 @@
 //
 // Why: called op by op from Python, the ~10 calls a layer cost their dispatch, allocations and a fork/join
 // of the thread pool each, a third of a SmolLM2 step on 2 cores. Here the threads enter one OpenMP region
-// per step and meet at a barrier after each phase whose output every thread reads (6 a layer). The small
+// per step and meet at a barrier after each phase whose output every thread reads (5 a layer). The small
 // per-row work is split or duplicated so that no phase needs more: every thread keeps its own copy of the
 // residual stream and normalizes it itself (a few KiB); each matmul is split by weight rows, SwiGLU rides
-// with its gate/up slice, RoPE + store and attention are split by (sequence, KV head). Same arithmetic as
+// with its gate/up slice, RoPE + store + attention is split by (sequence, KV head). Same arithmetic as
 // the single kernels (linear_part, rope_store_task, attend_task, norm_row), so results match them.
 #include "ops.h"
 #include "simd.h"
@@ -169,10 +169,12 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
       matmul_begin();
       linear_part(y, hidden_, L.qkv, qkv, nqkv, B, tid, parts);
       matmul_end();
-      for (int64_t t = ta; t < tb; ++t)
+      // a task's RoPE + store writes only what its own attention reads (its query heads, its sequence's slot of
+      // its KV head: the last block, never shared), so one thread does both with no barrier between them
+      for (int64_t t = ta; t < tb; ++t) {
         rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
-      barrier();
-      for (int64_t t = ta; t < tb; ++t) attend_task(pg, q, k_[l], v_[l], o, scale_, t, ts.attn);
+        attend_task(pg, q, k_[l], v_[l], o, scale_, t, ts.attn);
+      }
       barrier();
       matmul_begin();
       linear_part(o, H_ * D_, L.o, xs, hidden_, B, tid, parts);
