@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sot-engine C++ CPU kernels (csrc/cpu)";
   m.def("linear", &linear,
         "x [M, K] float32 @ w [N, K]^T; w float32 / bfloat16 / int8 (int8 needs scale [N, G]: K / G weights each). "
-        "The kernel for MIN_ROWS[w.dtype] <= M <= MAX_ROWS, else at::linear on the widened weights",
+        "The kernel for M <= MAX_ROWS, else at::linear on the widened weights",
         py::arg("x"), py::arg("w"), py::arg("scale") = py::none());
   m.def("linear_rows", &linear_rows, "the linear kernel for any M", py::arg("x"), py::arg("w"),
         py::arg("scale") = py::none());
@@ -58,8 +58,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("matmul_seconds", &DecodeLayers::matmul_seconds,
                      "wall time in the weight-matmul phases, summed over calls (benchmarks)");
   m.def("build_info", &build_info);
-  m.attr("MIN_ROWS") = py::dict(py::arg("float32") = linear_min_rows(at::kFloat),
-                                py::arg("bfloat16") = linear_min_rows(at::kBFloat16),
-                                py::arg("int8") = linear_min_rows(at::kChar));
   m.attr("MAX_ROWS") = linear_max_rows();
 }

@@ -16,7 +16,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale);
 bool linear_kernel_applies(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale);
 int64_t linear_max_rows();
-int64_t linear_min_rows(at::ScalarType weight_dtype);
 
 // attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
