@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -23,6 +23,7 @@ from engine.runner import ModelRunner
 from engine.sampler import sample
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence, Status, expand_params
+from engine.tokenizer import DecodeState
 from kernels import get_backend
 from kernels.weights import check_weight_dtype
 
@@ -65,7 +66,8 @@ def default_kv_budget(device: torch.device) -> int:
 
 @dataclass(slots=True)
 class _Detok:
-    """Incremental detokenization state: text emitted so far is never taken back."""
+    """A request's output text so far (decoded incrementally) and how much of it was emitted (never taken back)."""
+    decoded: DecodeState = field(default_factory=DecodeState)
     emitted: int = 0
     stop_scan_from: int = 0
 
@@ -376,10 +378,10 @@ class LLMEngine:
         return StepOutput(seq, [tok], new_text, reason is not None)
 
     def _detokenize(self, seq: Sequence, final: bool = False) -> tuple[str, str | None]:
-        """Decode the whole output (exact at merges and multi-byte characters); returns the text
+        """Extend the output text by the new tokens (complete characters only, until the end); returns the text
         not yet emitted and the stop string that was hit, if any (the text is cut before it)."""
         st = self._detok[seq.seq_id]
-        text = self.tokenizer.decode(seq.output_ids)
+        text = self.tokenizer.decode_more(seq.output_ids, st.decoded, final)
         hit, cut = None, len(text)
         for stop in seq.params.stop:
             idx = text.find(stop, max(0, st.stop_scan_from - len(stop) + 1))
@@ -391,10 +393,8 @@ class LLMEngine:
                 hit, cut = found
         text = text[:cut]
         st.stop_scan_from = len(text)
-        # a trailing replacement char may be half a multi-byte character: hold it back, unless this is the end
-        stable = len(text) if hit is not None or final else len(text.rstrip("\ufffd"))
-        new = text[st.emitted:stable] if stable > st.emitted else ""
-        st.emitted = max(st.emitted, stable)
+        new = text[st.emitted:]
+        st.emitted = max(st.emitted, len(text))
         seq.text = text
         return new, hit
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -143,6 +144,15 @@ class _SPBackend:
         return out
 
 
+@dataclass(slots=True)
+class DecodeState:
+    """Where an incremental decode stands (vLLM's offsets): `text` decodes ids[:read_offset]; the next call
+    decodes only from `prefix_offset` on."""
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
 class Tokenizer:
     """Backend-independent tokenizer. `encode(..., add_special_tokens=True)` prepends BOS when the model
     wants it (`add_bos`), but never doubles one that the text (e.g. a chat template) already starts with."""
@@ -163,6 +173,19 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._b.decode(list(ids), skip_special_tokens)
+
+    def decode_more(self, ids: list[int], state: DecodeState, final: bool = False) -> str:
+        """`decode(ids)` for a growing `ids`, in O(new tokens) a call instead of O(len(ids)); returns (and keeps
+        in `state`) the text of every complete character so far. The new text is decode(window) minus
+        decode(its head, the tokens decoded last time): both start at the same token, so leading-space rules
+        treat them alike and the difference is what the whole decode adds. A window ending in half a multi-byte
+        character waits for the rest, unless `final`."""
+        head = self.decode(ids[state.prefix_offset:state.read_offset])
+        window = self.decode(ids[state.prefix_offset:])
+        if len(window) > len(head) and (final or not window.endswith("\ufffd")):
+            state.text += window[len(head):]
+            state.prefix_offset, state.read_offset = state.read_offset, len(ids)
+        return state.text
 
     def token_to_id(self, s: str) -> int | None:
         return self._b.token_to_id(s)

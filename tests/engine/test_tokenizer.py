@@ -173,6 +173,11 @@ def _check_sp(tok: Tokenizer, sp) -> None:
     assert tok.encode("kalo", add_special_tokens=True) == [1] + sp.encode("kalo")
     assert tok.encode("<s>kalo", add_special_tokens=True) == [1] + sp.encode("kalo")  # no double BOS
     assert tok.token_to_id("<s>") == 1 and tok.token_to_id("definitely-not-a-piece") is None
+    rng = random.Random(6)  # incremental decoding: the dummy-prefix space and byte pieces, as the whole decode
+    for text in SP_TEXTS + ["🤖 kalo", "kalo\n\n  mi"]:
+        _check_decode_more(tok, tok.encode(text))
+    for _ in range(20):
+        _check_decode_more(tok, [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 30))])
     ids = tok.encode("a 🤖 b")
     for k in range(len(ids) + 1):  # partial byte sequences decode without raising
         assert isinstance(tok.decode(ids[:k]), str)
@@ -213,3 +218,26 @@ def test_llama3_pretokenizer_gguf(smol, tmp_path):
     for text in TEXTS + ["  1", "12345678", "I'LL DO it's"]:
         assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
     assert ours.encode("  1") != ours_smol.encode("  1")  # the split differs from SmolLM2's
+
+
+def _check_decode_more(tok, ids: list[int]) -> None:
+    """decode_more over a growing list == decode of the whole list: exactly at the end, and before it for every
+    prefix whose decode ends on a complete character."""
+    from engine.tokenizer import DecodeState
+    st = DecodeState()
+    for n in range(1, len(ids) + 1):
+        text, whole = tok.decode_more(ids[:n], st, final=n == len(ids)), tok.decode(ids[:n])
+        if n == len(ids) or not whole.endswith("\ufffd"):
+            assert text == whole, (ids[:n], text, whole)
+        else:
+            assert whole.startswith(text)
+
+
+@requires_smollm2
+def test_smollm2_decode_more_equals_whole_decode(smol):
+    ours, _ = smol
+    rng = random.Random(5)
+    for text in TEXTS + ["Zürich 🤖 日本 👨‍👩‍👧!", "  leading spaces\n\n and  gaps", "<|im_start|>x<|im_end|> y"]:
+        _check_decode_more(ours, ours.encode(text))
+    for _ in range(20):  # arbitrary ids: split UTF-8, stray continuation bytes, special tokens
+        _check_decode_more(ours, [rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 40))])
