@@ -162,6 +162,18 @@ class BlockManager:
                 self.block_hash[b], self.cached[h] = h, b
         seq.block_hashes = hashes
 
+    def reset_cache(self) -> bool:
+        """Forget every cached prefix (cold-start benchmarks, order-independent tests). Returns False, changing
+        nothing, while any block is held: its sequence still relies on the block's registration."""
+        if any(self.ref_counts):
+            return False
+        self.free_ids.extend(self.cached_free)
+        for b in self.cached_free:
+            self.block_hash[b] = None
+        self.cached_free.clear()
+        self.cached.clear()
+        return True
+
     def can_append(self, seq: Sequence) -> bool:
         """Room for one more token (the one the next decode step writes)?"""
         return self.blocks_for(len(seq)) <= len(seq.block_table) or self.num_free > 0

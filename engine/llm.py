@@ -135,5 +135,8 @@ class LLM:
         if seq is not None:
             self.engine.release(seq)
 
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()
+
     def stats(self) -> dict[str, int]:
         return self.engine.stats()

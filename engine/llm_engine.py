@@ -427,6 +427,11 @@ class LLMEngine:
             if seq.block_table:
                 self.block_manager.free(seq)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's `reset_prefix_cache`: drop every cached prefix block; False (nothing dropped) while any request
+        holds blocks."""
+        return self.block_manager.reset_cache()
+
     def stats(self) -> dict[str, int]:
         bm = self.block_manager
         return {"free_blocks": bm.num_free, "total_blocks": bm.num_blocks, "block_size": bm.block_size,

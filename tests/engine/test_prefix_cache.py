@@ -185,3 +185,24 @@ def test_abort_frees_and_keeps_the_computed_prefix_cached(tiny_dir):
     for s in (running, waiting):
         eng.release(s)
     assert on.stats()["free_blocks"] == on.stats()["total_blocks"]
+
+
+def test_reset_prefix_cache(tiny_dir):
+    llm = make(tiny_dir, True, block_size=8, num_blocks=64)
+    g = torch.Generator().manual_seed(24)
+    prompt = rand(g, 30)
+    first = llm.generate(prompt, GREEDY)[0]
+    assert llm.stats()["cached_blocks"] == (30 + 10 - 1) // 8
+    eng = llm.engine
+    seq = eng.add_request(prompt, GREEDY)
+    eng.step()  # running, on cached blocks: nothing may be dropped
+    assert seq.prefix_cached_tokens == 24 and not llm.reset_prefix_cache() and llm.stats()["cached_blocks"] == 4
+    while eng.has_unfinished():
+        eng.step()
+    eng.release(seq)
+    assert llm.reset_prefix_cache()
+    st = llm.stats()
+    assert st["cached_blocks"] == 0 and st["free_blocks"] == st["total_blocks"]
+    again = llm.generate(prompt, GREEDY)[0]
+    assert again.num_cached_tokens == 0 and again.token_ids == first.token_ids
+    assert llm.stats()["cached_blocks"] == (30 + 10 - 1) // 8  # blocks register again after the reset
