@@ -31,6 +31,20 @@ _LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k"
 _IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: turned into config.rope_scaling instead
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf's reader over a plain ndarray view of its memmap: slicing a `np.memmap` runs Python-level hooks
+    for every slice, and the reader slices once per vocabulary string (SmolLM2: 2.5 s -> 0.8 s to open).
+    The view keeps the memmap (its base) alive, and the tensors still map the file lazily."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A GGUFReader, or a ValueError naming the file if it is not a readable, complete GGUF."""
     path = Path(path)
@@ -40,7 +54,7 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path}: not a GGUF file (bad magic)")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _Reader(path)
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError/... on garbage
         raise ValueError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from e
     size = path.stat().st_size
