@@ -5,7 +5,7 @@
 //   vf                    a vector of kLanes floats
 //   vload(p)              kLanes weights at p as floats: float, bf16 (exact: << 16) or int8 (exact)
 //   vfma(a, b, c)         a * b + c, one rounding
-//   vsum(v)               horizontal sum
+//   vsum(v)               horizontal sum; vsum4(a, b, c, d, out) four of them at once
 //   vexp(v)               e^v within a few ulp (0 below -87.3, +inf above 88.72)
 // IEEE fp32 throughout (no -ffast-math).
 #pragma once
@@ -52,6 +52,16 @@ inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+// out[k] = vsum of the k-th vector: the 4 reductions share their shuffle tree (10 shuffles and adds, not 4 x 8)
+inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
+  const vf ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const vf cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  vf s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));  // 128-bit lane k: vector k
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));  // element 4k: the sum of vector k
+  _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                                   0, 0, 0, 0), s)));
+}
 inline float vmaxall(vf v) { return _mm512_reduce_max_ps(v); }
 inline vf vround(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vf vpow2i(vf n) {  // 2^n for integral n in [-126, 127]
@@ -91,6 +101,10 @@ inline float vsum(vf v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+inline void vsum4(vf a, vf b, vf c, vf d, float* out) {  // out[k] = vsum of the k-th vector
+  const vf s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [a b c d | a b c d] partial sums
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
 }
 inline float vmaxall(vf v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
