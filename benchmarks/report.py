@@ -33,8 +33,8 @@ def decode_cpu_table(path: Path) -> str:
         outside = f"{100 * r['outside_matmul']:.0f}%" if "outside_matmul" in r else "-"
         lines.append(f"| {key[0]} | {key[1]} | {r['batch']} | {r['ms_per_step']:.1f} | {rel} | "
                      f"{f'{hf:.1f}' if hf else '-'} | {ratio} | {outside} |")
-    lines += ["", "One run on a shared 2-core VM: repeated runs of a row differ by up to ~25%. The CPU anchor, llama.cpp "
-              "on the same GGUF (Q4_1 weights, 2 threads, measured when the C++ issue was filed): ~9.2 ms/token at "
+    lines += ["", "One run on a shared 2-core VM: repeated runs of a row differ by up to ~25%. The CPU anchor, "
+              "llama.cpp on the same GGUF (Q4_1 weights, 2 threads, measured when the C++ issue was filed): ~9.2 ms/token at "
               "batch 1, ~45 ms per batch-8 step."]
     return "\n".join(lines)
 

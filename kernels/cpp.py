@@ -26,7 +26,8 @@ F32 = torch.float32
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """`kernels.reference.linear`; the C++ kernel for float32 x and up to _cpp.MAX_ROWS rows, else at::linear on the widened weights (in C++ too)."""
+    """`kernels.reference.linear`; the C++ kernel for float32 x and up to _cpp.MAX_ROWS rows, else at::linear on
+    the widened weights (in C++ too)."""
     if isinstance(w, Int8Weight):
         return _cpp.linear(x, w.q, w.scale)
     return _cpp.linear(x, w)
