@@ -76,7 +76,6 @@ Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::T
     for (int64_t i = 0; i < (lp[s] + p.BS - 1) / p.BS; ++i)
       TORCH_CHECK(tp[s * p.max_blocks + i] >= 0 && tp[s * p.max_blocks + i] < k_cache.size(0), what,
                   ": block id out of range");
-    p.longest = std::max(p.longest, lp[s]);
     p.total += lp[s];
   }
   return p;

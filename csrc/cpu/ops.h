@@ -59,7 +59,7 @@ void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, i
 
 // Checked views of the pools and the batch's block tables / context lengths (attention.cpp)
 struct Paged {
-  int64_t B, H, D, BS, KVH, G, max_blocks, longest = 0, total = 0;
+  int64_t B, H, D, BS, KVH, G, max_blocks, total = 0;  // total: context tokens of the batch
   at::Tensor tables, lens;  // int64, contiguous
 };
 Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::Tensor& k_cache,
