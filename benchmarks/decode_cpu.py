@@ -1,13 +1,14 @@
 """CPU decode ms/step against batch size for the embedded SmolLM2, per kernel backend and weight storage,
 next to transformers.
 
-    python -m benchmarks.decode_cpu            # cpp backend; fp32, bf16, int8 weights; batch 1-16; 32 steps
+    python -m benchmarks.decode_cpu            # cpp backend; fp32, bf16, int8, bf16-matmul; batch 1-16; 32 steps
     python -m benchmarks.decode_cpu --quick    # tiny random model, seconds (a smoke run)
     python -m benchmarks.decode_cpu --no-hf --backends torch,cpp --weights fp32   # backends side by side
 
 Ours: B chat prompts prefilled, then decode steps through `LLMEngine.step`, timed one by one (median).
 Every weight matmul is timed too: the `model.linear` calls from Python, and inside the cpp backend's one-call
 decode layer loop its matmul phases (each up to the barrier that ends it), which that loop times itself.
+"bf16-matmul": bf16 weights at bf16 matmul precision (`LLM(matmul_precision="bf16")`: AMX where the CPU has it).
 "Outside matmuls" is the share of the step spent in everything else (attention, norms, Python, sampling,
 scheduling). Transformers (fp32 only):
 `generate` on the same left-padded batch, (time for prefill + N tokens - time for prefill + 1 token)
@@ -100,6 +101,7 @@ def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
 
 def main() -> None:
     from kernels.weights import WEIGHT_DTYPES
+    variants = (*WEIGHT_DTYPES, "bf16-matmul")
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--steps", type=int, default=32)
@@ -108,16 +110,16 @@ def main() -> None:
     ap.add_argument("--backends", default=None,
                     help="comma-separated kernel backends to time (torch, cpp; default: the engine's CPU "
                          "default); unavailable ones are skipped")
-    ap.add_argument("--weights", default=",".join(WEIGHT_DTYPES),
-                    help=f"comma-separated weight storages ({', '.join(WEIGHT_DTYPES)}; default: all)")
+    ap.add_argument("--weights", default=",".join(variants),
+                    help=f"comma-separated weight storages ({', '.join(variants)}; default: all)")
     ap.add_argument("--out", default=None, help="results name (default: decode_cpu, or decode_cpu_quick)")
     args = ap.parse_args()
     model = "random:tiny" if args.quick else "default"
     steps = 8 if args.quick else args.steps
     storages = args.weights.split(",")
-    bad = [w for w in storages if w not in WEIGHT_DTYPES]
+    bad = [w for w in storages if w not in variants]
     if bad:
-        ap.error(f"unknown weight storage {bad[0]!r}; choose from {', '.join(WEIGHT_DTYPES)}")
+        ap.error(f"unknown weight storage {bad[0]!r}; choose from {', '.join(variants)}")
     from kernels import BackendUnavailable, get_backend
     rows, llm = [], None
     names = args.backends.split(",") if args.backends else [get_backend(None, "cpu").name]
@@ -128,7 +130,8 @@ def main() -> None:
             print(f"skipping backend {backend!r}: {e}", flush=True)
             continue
         for weights in storages:
-            llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, weight_dtype=weights)
+            kw = {"matmul_precision": "bf16"} if weights == "bf16-matmul" else {"weight_dtype": weights}
+            llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, **kw)
             for b in map(int, args.batches.split(",")):
                 row = {"backend": backend, "weights": weights, "batch": b, **ours(llm, b, steps)}
                 rows.append(row)

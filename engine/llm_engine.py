@@ -78,7 +78,8 @@ class LLMEngine:
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  seed: int = 0, num_threads: int | None = None, cascade: str = "auto",
-                 enable_prefix_caching: bool = True, weight_dtype: str | None = None) -> None:
+                 enable_prefix_caching: bool = True, weight_dtype: str | None = None,
+                 matmul_precision: str = "fp32") -> None:
         """`cascade`: shared-prefix decode attention for sequences that share prefix blocks (fork children, SoT
         points). "auto": on CUDA, for the groups the cost model accepts (`kernels.cascade.cascade_pays`);
         "on": for every group found (tests); "off": never.
@@ -87,11 +88,14 @@ class LLMEngine:
         prompt, SoT's question + skeleton sent again) takes their KV from the pool instead of prefilling it;
         freed blocks stay cached until the pool needs them. Exact, hence on by default.
 
-        `weight_dtype`: storage of the weight matrices and the embedding, "fp32" | "bf16" | "int8" (one scale per
-        row); products and sums stay in `dtype`. None: stored in `dtype`. See `kernels.weights`."""
+        `weight_dtype`: storage of the weight matrices and the embedding, "fp32" | "bf16" | "int8" (a scale per
+        32 weights); products and sums stay in `dtype`. None: stored in `dtype`. `matmul_precision`: "fp32", or "bf16"
+        (bf16 weights, and the matmuls round their activations to bf16: on a CPU with AMX a decode step of up to
+        16 rows then costs about what one row does). See `kernels.weights`."""
         if cascade not in ("auto", "on", "off"):
             raise ValueError(f"cascade must be 'auto', 'on' or 'off', got {cascade!r}")
-        self.weight_dtype = check_weight_dtype(weight_dtype)  # before the (slow) load
+        self.weight_dtype = check_weight_dtype(weight_dtype, matmul_precision)  # before the (slow) load
+        self.matmul_precision = matmul_precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -102,7 +106,7 @@ class LLMEngine:
         self.model_name, self.config = loaded.name, loaded.config
         self.tokenizer, self.chat_template = loaded.tokenizer, loaded.chat_template
         self.backend = get_backend(backend, self.device)
-        self.model = LlamaModel(self.config, loaded.weights, self.backend, weight_dtype)
+        self.model = LlamaModel(self.config, loaded.weights, self.backend, self.weight_dtype, matmul_precision)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         self.cache_cfg = CacheConfig(block_size=block_size, num_blocks=num_blocks,

@@ -55,11 +55,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], backend: Backend,
-                 weight_dtype: str | None = None) -> None:
-        """`weight_dtype`: storage of the matrices, "fp32" | "bf16" | "int8" (None: as loaded)."""
+                 weight_dtype: str | None = None, matmul_precision: str = "fp32") -> None:
+        """`weight_dtype`: storage of the matrices, "fp32" | "bf16" | "int8" (None: as loaded);
+        `matmul_precision` "bf16": bf16 weights whose matmuls round the activations to bf16 too."""
         self.cfg, self.backend = cfg, backend
         w = weights  # consumed: fused matrices replace their parts, so peak memory stays ~1x
-        mat = lambda t: store(t, weight_dtype)  # noqa: E731
+        mat = lambda t: store(t, weight_dtype, matmul_precision)  # noqa: E731
         self.norm = w["model.norm.weight"]
         self.embed = mat(w.pop("model.embed_tokens.weight"))
         self.lm_head = self.embed if cfg.tie_word_embeddings else mat(w.pop("lm_head.weight"))

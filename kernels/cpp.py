@@ -1,6 +1,6 @@
 """The "cpp" backend: C++ CPU kernels from csrc/cpu (module `kernels._cpp`, built by setup.py).
 
-Weight matmuls (`linear`, for float32 / bfloat16 / int8 weight storage), paged decode attention (also
+Weight matmuls (`linear`, for float32 / bfloat16 / int8 weight storage, and bf16 precision on AMX), paged decode attention (also
 fused with RoPE and the KV store), RMSNorm, RoPE, the KV store and the SwiGLU activation run in C++
 for float32 activations, and a plain decode step runs its whole layer loop in one call (`decode_layers`);
 prefill and cascade attention, and any other dtype, are the torch reference. Importing this module
@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from kernels import BACKENDS, Backend, BackendUnavailable, reference
-from kernels.weights import Int8Weight, Weight
+from kernels.weights import Bf16MatmulWeight, Int8Weight, Weight
 
 try:
     from kernels import _cpp
@@ -30,6 +30,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     the widened weights (in C++ too)."""
     if isinstance(w, Int8Weight):
         return _cpp.linear(x, w.q, w.scale)
+    if isinstance(w, Bf16MatmulWeight):  # any number of rows: on AMX prefill is compute-cheap too
+        return _cpp.linear_bf16(x, w.w) if x.dtype == F32 else reference.linear(x, w)
     return _cpp.linear(x, w)
 
 
@@ -117,11 +119,14 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
     layer) and KV pool, or None where it cannot run it: activations, norms or pool not float32, or a weight
     storage the kernel does not read."""
     ln1, ln2, mats, scales = [], [], [], []
+    bf16_act = isinstance(layers[0][1], Bf16MatmulWeight)
     for a, wqkv, wo, b, wgu, wdown in layers:
         ln1.append(a)
         ln2.append(b)
         for w in (wqkv, wo, wgu, wdown):
-            q, sc = (w.q, w.scale) if isinstance(w, Int8Weight) else (w, None)
+            if isinstance(w, Bf16MatmulWeight) != bf16_act:
+                return None
+            q, sc = (w.q, w.scale) if isinstance(w, Int8Weight) else (w.w, None) if bf16_act else (w, None)
             if q.dtype not in (F32, torch.bfloat16, torch.int8) or not q.is_contiguous():
                 return None
             mats.append(q)
@@ -130,7 +135,7 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
             any(c.dtype != F32 or not c.is_contiguous() for kv in kv_cache for c in kv):
         return None
     return DecodeStep(_cpp.DecodeLayers(ln1, ln2, mats, scales, norm, [k for k, _ in kv_cache],
-                                        [v for _, v in kv_cache], num_heads, eps, scale))
+                                        [v for _, v in kv_cache], num_heads, eps, scale, bf16_act))
 
 
 def cpp_backend() -> Backend:

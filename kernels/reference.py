@@ -13,14 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.weights import Int8Weight, Weight
+from kernels.weights import Bf16MatmulWeight, Int8Weight, Weight
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T for any weight storage (`kernels.weights`): the weights are widened (dequantized)
-    to x's dtype, then F.linear."""
+    to x's dtype (at bf16 precision x is first rounded to bf16), then F.linear."""
     if isinstance(w, Int8Weight):
         return F.linear(x, w.dequantize(x.dtype))
+    if isinstance(w, Bf16MatmulWeight):  # x rounded to bf16 too: exact products, sums in x's dtype
+        return F.linear(x.to(torch.bfloat16).to(x.dtype), w.w.to(x.dtype))
     return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
 

@@ -10,6 +10,12 @@ registers (the C++ kernel) or just before the matmul (`kernels.reference.linear`
 int8 scales groups of 32 consecutive weights of a row (llama.cpp's Q8_0 grouping, +12.5% bytes for
 the scales), not whole rows: on SmolLM2 one scale per row moved logits by up to 1.8 and changed the
 first greedy token of one prompt in eight; see `quantize_int8`.
+
+`matmul_precision="bf16"` goes one step further (bf16 storage, `Bf16MatmulWeight`): the matmul rounds its
+activations to bf16 too, so every product is exact in float32 and only the sums are float32 (AMX's
+TDPBF16PS, llama.cpp's BF16 type and torch's "medium" float32 matmul precision make the same trade). What it buys is
+compute, not bytes: a CPU with AMX multiplies bf16 ~20x faster than float32 FMAs, so a decode step of 8-16 rows
+costs what a 1-row step does (csrc/cpu/linear_bf16.cpp) and prefill is compute-cheap too.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 WEIGHT_DTYPES = ("fp32", "bf16", "int8")
+MATMUL_PRECISIONS = ("fp32", "bf16")
 INT8_GROUP = 32  # weights per int8 scale
 
 
@@ -39,14 +46,33 @@ class Int8Weight:
         return (q.view(n, scale.shape[1], -1).to(dtype) * scale[:, :, None].to(dtype)).view(n, k)
 
 
-Weight = torch.Tensor | Int8Weight
+@dataclass(frozen=True, slots=True)
+class Bf16MatmulWeight:
+    """bfloat16 weights at bf16 matmul precision: x @ w^T multiplies bf16(x) by w (exact float32 products) and sums
+    in float32 (or the compute dtype, if wider)."""
+    w: torch.Tensor  # [N, K] bfloat16
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w.shape
 
 
-def check_weight_dtype(weight_dtype: str | None) -> str | None:
-    """`weight_dtype` itself if valid (None: keep the compute dtype); ValueError otherwise."""
+Weight = torch.Tensor | Int8Weight | Bf16MatmulWeight
+
+
+def check_weight_dtype(weight_dtype: str | None, matmul_precision: str = "fp32") -> str | None:
+    """The storage these two ask for (None: keep the compute dtype); ValueError for an unknown value or a pair that
+    does not go together (bf16 precision multiplies bf16 weights: storage None or "bf16")."""
     if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)} (or None: the compute dtype), "
                          f"got {weight_dtype!r}")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
+    if matmul_precision == "bf16":
+        if weight_dtype not in (None, "bf16"):
+            raise ValueError(f"matmul_precision='bf16' multiplies bf16 weights; weight_dtype must be 'bf16' or None, "
+                             f"got {weight_dtype!r}")
+        return "bf16"
     return weight_dtype
 
 
@@ -61,9 +87,11 @@ def quantize_int8(w: torch.Tensor, group: int = INT8_GROUP) -> Int8Weight:
     return Int8Weight(q.view(n, k), scale)
 
 
-def store(w: torch.Tensor, weight_dtype: str | None) -> Weight:
-    """A [N, K] weight matrix in `weight_dtype` storage (None: as it is)."""
-    check_weight_dtype(weight_dtype)
+def store(w: torch.Tensor, weight_dtype: str | None, matmul_precision: str = "fp32") -> Weight:
+    """A [N, K] weight matrix in `weight_dtype` storage (None: as it is) for `matmul_precision`."""
+    weight_dtype = check_weight_dtype(weight_dtype, matmul_precision)
+    if matmul_precision == "bf16":
+        return Bf16MatmulWeight(w.to(torch.bfloat16).contiguous())
     if weight_dtype is None:
         return w
     if weight_dtype == "int8":
@@ -75,10 +103,14 @@ def embedding(ids: torch.Tensor, table: Weight, dtype: torch.dtype) -> torch.Ten
     """Rows `ids` of an embedding table in any storage, as `dtype`."""
     if isinstance(table, Int8Weight):
         return table.dequantize(dtype, rows=ids)
+    if isinstance(table, Bf16MatmulWeight):
+        return table.w[ids].to(dtype)
     return table[ids].to(dtype)
 
 
 def nbytes(w: Weight) -> int:
     if isinstance(w, Int8Weight):
         return w.q.nbytes + w.scale.nbytes
+    if isinstance(w, Bf16MatmulWeight):
+        return w.w.nbytes
     return w.nbytes

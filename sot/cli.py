@@ -16,6 +16,7 @@ from pathlib import Path
 MODES = ("auto", "sot", "normal")  # sot.driver.MODES; repeated so --help does not import torch
 EXPANSIONS = ("paper", "continuation")
 WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
+MATMUL_PRECISIONS = ("fp32", "bf16")  # kernels.weights.MATMUL_PRECISIONS, likewise
 
 
 def _common() -> argparse.ArgumentParser:
@@ -28,6 +29,9 @@ def _common() -> argparse.ArgumentParser:
     m.add_argument("--weights", default=None, choices=WEIGHT_DTYPES,
                    help="storage of the weight matrices, products and sums staying in --dtype (default: --dtype); "
                         "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits")
+    m.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
+                   help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, SoT's "
+                        "batched point expansion then costs about what one sequence does)")
     s = p.add_argument_group("SoT")
     s.add_argument("--mode", choices=MODES, default="auto", help="auto: the router decides (default)")
     s.add_argument("--expansion", choices=EXPANSIONS, default=None,
@@ -89,7 +93,7 @@ def build(args: argparse.Namespace, **engine_args):
         kw["labels"] = False
     cfg = SoTConfig(**kw)  # checked before the (slow) model load
     return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), weight_dtype=args.weights,
-                   **engine_args), cfg)
+                   matmul_precision=args.matmul_precision, **engine_args), cfg)
 
 
 def _check_question(q: str) -> str:

@@ -10,6 +10,7 @@ namespace {
 
 std::string build_info() {
   std::string s = std::string("sot_csrc: ") + SOT_SIMD;
+  if (sot_cpu::amx_compiled()) s += sot_cpu::amx_ready() ? " amx-bf16" : " amx-bf16(off)";
 #ifdef _OPENMP
   s += " openmp";
 #endif
@@ -25,6 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] float32 @ w [N, K]^T; w float32 / bfloat16 / int8 (int8 needs scale [N, G]: K / G weights each). "
         "The kernel for M <= MAX_ROWS, else at::linear on the widened weights",
         py::arg("x"), py::arg("w"), py::arg("scale") = py::none());
+  m.def("linear_bf16", &linear_bf16,
+        "bf16(x) [M, K] @ w [N, K]^T for bfloat16 w: x rounded to bfloat16, products exact, float32 sums; on AMX "
+        "when amx and the CPU and OS allow it (AMX_READY), else the float32 kernel on the rounded x",
+        py::arg("x"), py::arg("w"), py::arg("amx") = true);
   m.def("linear_rows", &linear_rows, "the linear kernel for any M", py::arg("x"), py::arg("w"),
         py::arg("scale") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention, "float32 paged decode attention (GQA)",
@@ -48,9 +53,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            "and KV pool")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, at::Tensor, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, int64_t, double, double>(),
+                    std::vector<at::Tensor>, int64_t, double, double, bool>(),
            py::arg("ln1"), py::arg("ln2"), py::arg("mats"), py::arg("scales"), py::arg("final_norm"),
-           py::arg("k_caches"), py::arg("v_caches"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"))
+           py::arg("k_caches"), py::arg("v_caches"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"),
+           py::arg("bf16_act") = false)
       .def("__call__", &DecodeLayers::forward,
            "x [B, hidden] embeddings -> final-normed hidden [B, hidden]; stores the new K/V (GIL released)",
            py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),
@@ -59,4 +65,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                      "wall time in the weight-matmul phases, summed over calls (benchmarks)");
   m.def("build_info", &build_info);
   m.attr("MAX_ROWS") = linear_max_rows();
+  m.attr("AMX_COMPILED") = amx_compiled();
+  m.attr("AMX_READY") = amx_ready();
 }

@@ -60,7 +60,7 @@ std::pair<int64_t, int64_t> share(int64_t n, int part, int parts, int64_t unit =
 DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> ln2, std::vector<at::Tensor> mats,
                            std::vector<std::optional<at::Tensor>> scales, at::Tensor final_norm,
                            std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t num_heads,
-                           double eps, double scale)
+                           double eps, double scale, bool bf16_act)
     : eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)) {
   const size_t L = ln1.size();
   TORCH_CHECK(L > 0 && ln2.size() == L && mats.size() == 4 * L && scales.size() == 4 * L && k_caches.size() == L &&
@@ -84,6 +84,8 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
     WeightView w[4];
     for (int i = 0; i < 4; ++i) {
       w[i] = weight_view(mats[4 * l + i], scales[4 * l + i]);
+      TORCH_CHECK(!bf16_act || w[i].dtype == at::kBFloat16, "DecodeLayers: bf16 precision needs bfloat16 matrices");
+      w[i].bf16_act = bf16_act;
       keep_.push_back(mats[4 * l + i]);
       if (scales[4 * l + i]) keep_.push_back(*scales[4 * l + i]);
     }

@@ -51,11 +51,21 @@ struct WeightView {
   at::ScalarType dtype;
   const float* scale;  // int8: [N, G]; else nullptr
   int64_t G, N, K;
+  bool bf16_act = false;  // bfloat16 weights at bf16 precision: x rounded to bf16 too (linear_bf16.cpp)
 };
 WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale);
 // out[m, n] (rows ldo apart) = x[m] . w[n] for the calling thread's share `part` of `parts` of the N outputs
 void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int part,
                  int parts);
+
+// linear_bf16.cpp: out = bf16(x) @ w^T for bfloat16 w, the products exact, the sums float32; on AMX where
+// compiled for it and the OS grants the tile state (amx_ready), else the float32 kernel on the rounded x.
+bool amx_compiled();  // built for AMX-BF16 (-march=native on such a CPU)
+bool amx_ready();     // ... and the OS granted the tile state (SOT_NO_AMX=1: never)
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, bool amx);
+// out[:, n0 : n1] of it (n0 a multiple of 16 for the AMX path)
+void linear_bf16_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int64_t n0,
+                      int64_t n1, bool amx);
 
 // Checked views of the pools and the batch's block tables / context lengths (attention.cpp)
 struct Paged {
@@ -83,10 +93,10 @@ void attend_task(const Paged& pg, const float* q, const float* k_cache, const fl
 class DecodeLayers {
  public:
   // per layer l: ln1[l], ln2[l]; mats[4 l .. 4 l + 3] = qkv, o, gate_up, down (scales[i]: int8 only);
-  // k_caches[l], v_caches[l] the layer's pools
+  // k_caches[l], v_caches[l] the layer's pools; bf16_act: bfloat16 matrices at bf16 precision (linear_bf16.cpp)
   DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> ln2, std::vector<at::Tensor> mats,
                std::vector<std::optional<at::Tensor>> scales, at::Tensor final_norm, std::vector<at::Tensor> k_caches,
-               std::vector<at::Tensor> v_caches, int64_t num_heads, double eps, double scale);
+               std::vector<at::Tensor> v_caches, int64_t num_heads, double eps, double scale, bool bf16_act = false);
   // x [B, hidden] embeddings -> final-normed hidden states [B, hidden]; K/V of the new tokens stored
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
                      const at::Tensor& block_tables, const at::Tensor& context_lens);
