@@ -1,14 +1,15 @@
 """CPU decode ms/step against batch size for the embedded SmolLM2, per kernel backend and weight storage,
 next to transformers.
 
-    python -m benchmarks.decode_cpu            # cpp backend; fp32, bf16, int8, bf16-matmul; batch 1-16; 32 steps
+    python -m benchmarks.decode_cpu            # cpp backend, every storage variant below; batch 1-16; 32 steps
     python -m benchmarks.decode_cpu --quick    # tiny random model, seconds (a smoke run)
     python -m benchmarks.decode_cpu --no-hf --backends torch,cpp --weights fp32   # backends side by side
 
 Ours: B chat prompts prefilled, then decode steps through `LLMEngine.step`, timed one by one (median).
 Every weight matmul is timed too: the `model.linear` calls from Python, and inside the cpp backend's one-call
 decode layer loop its matmul phases (each up to the barrier that ends it), which that loop times itself.
-"bf16-matmul": bf16 weights at bf16 matmul precision (`LLM(matmul_precision="bf16")`: AMX where the CPU has it).
+"bf16-matmul": bf16 weights at bf16 matmul precision (`LLM(matmul_precision="bf16")`: AMX where the CPU has it);
+"+kv-bf16": a bf16 K/V pool (`kv_cache_dtype="bf16"`).
 "Outside matmuls" is the share of the step spent in everything else (attention, norms, Python, sampling,
 scheduling). Transformers (fp32 only):
 `generate` on the same left-padded batch, (time for prefill + N tokens - time for prefill + 1 token)
@@ -101,7 +102,7 @@ def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
 
 def main() -> None:
     from kernels.weights import WEIGHT_DTYPES
-    variants = (*WEIGHT_DTYPES, "bf16-matmul")
+    variants = (*WEIGHT_DTYPES, "bf16-matmul", "bf16-matmul+kv-bf16")
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--steps", type=int, default=32)
@@ -130,17 +131,19 @@ def main() -> None:
             print(f"skipping backend {backend!r}: {e}", flush=True)
             continue
         for weights in storages:
-            kw = {"matmul_precision": "bf16"} if weights == "bf16-matmul" else {"weight_dtype": weights}
-            llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, **kw)
+            storage, _, kv = weights.partition("+kv-")
+            kw = {"matmul_precision": "bf16"} if storage == "bf16-matmul" else {"weight_dtype": storage}
+            llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, kv_cache_dtype=kv or None, **kw)
             for b in map(int, args.batches.split(",")):
-                row = {"backend": backend, "weights": weights, "batch": b, **ours(llm, b, steps)}
+                row = {"backend": backend, "weights": storage, **({"kv": kv} if kv else {}), "batch": b,
+                       **ours(llm, b, steps)}
                 rows.append(row)
                 print(row, flush=True)
     if not (args.quick or args.no_hf) and rows:
         from engine.loader import default_model_path
         chats = [llm.engine.encode([{"role": "user", "content": q}]) for q in prompts(max(r["batch"] for r in rows))]
         for row in rows:
-            if (row["backend"], row["weights"]) == (rows[0]["backend"], "fp32"):
+            if (row["backend"], row["weights"], row.get("kv")) == (rows[0]["backend"], "fp32", None):
                 row["transformers_ms_per_step"] = transformers_ms(default_model_path(), chats, row["batch"], steps)
                 print(row, flush=True)
     name = args.out or ("decode_cpu_quick" if args.quick else "decode_cpu")

@@ -20,14 +20,17 @@ def decode_cpu_table(path: Path) -> str:
     lines = [f"CPU decode, {d['model']}, fp32 activations, {env['device']}, {env['threads']} threads, "
              f"torch {env['torch']}, {env['date']} (`python -m benchmarks.decode_cpu`); weights: storage of the "
              "matrices (bf16; int8 with a scale per 32 weights; bf16-matmul: bf16 weights and activations rounded to bf16 "
-             "in the matmuls, on AMX where the CPU has it); outside matmuls: the step's time not in weight "
+             "in the matmuls, on AMX where the CPU has it; kv bf16: a bf16 K/V pool); outside matmuls: the step's time not in weight "
              "matmuls (attention, norms, Python, sampling):", "",
              "| backend | weights | batch | ours ms/step | vs batch 1 | transformers ms/step | ours vs transformers "
              "| outside matmuls |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    one = {(r.get("backend", "torch"), r.get("weights", "fp32")): r["ms_per_step"] for r in d["rows"] if r["batch"] == 1}
+    def key_of(r: dict) -> tuple[str, str]:
+        return r.get("backend", "torch"), r.get("weights", "fp32") + (f", kv {r['kv']}" if r.get("kv") else "")
+
+    one = {key_of(r): r["ms_per_step"] for r in d["rows"] if r["batch"] == 1}
     for r in d["rows"]:
-        key = (r.get("backend", "torch"), r.get("weights", "fp32"))
+        key = key_of(r)
         hf = r.get("transformers_ms_per_step")
         ratio = f"{hf / r['ms_per_step']:.2f}x" if hf else "-"
         rel = f"{r['ms_per_step'] / one[key]:.2f}x" if key in one else "-"

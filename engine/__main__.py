@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
                    help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, batched "
                         "decode steps cost about what one row does)")
+    g.add_argument("--kv-cache-dtype", default=None, choices=("fp32", "bf16"),
+                   help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
     g.add_argument("--backend", default=None, help="kernel backend (default: best for the device)")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 seed=args.seed, max_tokens=args.max_tokens, stop=args.stop)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, weight_dtype=args.weights,
-                  matmul_precision=args.matmul_precision)
+                  matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype)
         if args.raw or llm.engine.chat_template is None:
             prompts = list(args.prompts)
         else:

@@ -79,7 +79,7 @@ class LLMEngine:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  seed: int = 0, num_threads: int | None = None, cascade: str = "auto",
                  enable_prefix_caching: bool = True, weight_dtype: str | None = None,
-                 matmul_precision: str = "fp32") -> None:
+                 matmul_precision: str = "fp32", kv_cache_dtype: str | None = None) -> None:
         """`cascade`: shared-prefix decode attention for sequences that share prefix blocks (fork children, SoT
         points). "auto": on CUDA, for the groups the cost model accepts (`kernels.cascade.cascade_pays`);
         "on": for every group found (tests); "off": never.
@@ -91,7 +91,11 @@ class LLMEngine:
         `weight_dtype`: storage of the weight matrices and the embedding, "fp32" | "bf16" | "int8" (a scale per
         32 weights); products and sums stay in `dtype`. None: stored in `dtype`. `matmul_precision`: "fp32", or "bf16"
         (bf16 weights, and the matmuls round their activations to bf16: on a CPU with AMX a decode step of up to
-        16 rows then costs about what one row does). See `kernels.weights`."""
+        16 rows then costs about what one row does). See `kernels.weights`.
+
+        `kv_cache_dtype`: the K/V pool's dtype, "fp32" | "bf16" (None: `dtype`). On CPU a bf16 pool under float32
+        activations halves the KV memory and the bytes decode attention reads (K/V rounded once when stored, then
+        widened exactly; products and sums float32). Elsewhere it must be `dtype` itself."""
         if cascade not in ("auto", "on", "off"):
             raise ValueError(f"cascade must be 'auto', 'on' or 'off', got {cascade!r}")
         self.weight_dtype = check_weight_dtype(weight_dtype, matmul_precision)  # before the (slow) load
@@ -100,6 +104,7 @@ class LLMEngine:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.kv_dtype = self._kv_dtype(kv_cache_dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or physical_cores())
         loaded = load_model(model, dtype=self.dtype, device=self.device, seed=seed)
@@ -113,13 +118,13 @@ class LLMEngine:
                                      memory_budget_bytes=kv_cache_memory)
         if num_blocks is None:
             budget = kv_cache_memory or default_kv_budget(self.device)
-            per_block = KVCache.bytes_per_block(self.config, block_size, self.dtype)
+            per_block = KVCache.bytes_per_block(self.config, block_size, self.kv_dtype)
             enough = max_num_seqs * -(-self.max_model_len // block_size)  # no use for more
             num_blocks = min(budget // per_block, enough)
             if num_blocks < 1:
                 raise ValueError(f"KV cache budget of {budget} bytes is below one block ({per_block} bytes)")
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=enable_prefix_caching)
-        self.kv_cache = KVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(self.config, num_blocks, block_size, self.kv_dtype, self.device)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
                                    self.block_manager)
         if cascade == "auto" and self.device.type != "cuda":
@@ -144,6 +149,18 @@ class LLMEngine:
         self.step_hooks: list[StepHook] = []
 
     # ---- input ---------------------------------------------------------------------------------
+
+    def _kv_dtype(self, name: str | None) -> torch.dtype:
+        """The pool dtype `kv_cache_dtype` names (checked before the slow load)."""
+        kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        if name is not None and name not in kinds:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(kinds)} (or None: the compute dtype), "
+                             f"got {name!r}")
+        kv = kinds[name] if name else self.dtype
+        if kv != self.dtype and (self.device.type != "cpu" or kv.itemsize > self.dtype.itemsize):
+            raise ValueError(f"kv_cache_dtype={name!r} with dtype {self.dtype}: the pool may be narrower than the "
+                             "activations on CPU only, and never wider")
+        return kv
     def encode(self, prompt: Prompt, add_bos: bool = True) -> list[int]:
         """A string (tokenized, BOS as the model wants unless `add_bos` is off, as for a suffix
         that continues another prompt), token ids, or chat messages."""

@@ -23,6 +23,12 @@ except ImportError as e:  # not built: no compiler, torch missing at build time,
         "rebuild with `pip install -e . --no-build-isolation` (torch must be installed first)") from e
 
 F32 = torch.float32
+KV_DTYPES = (torch.float32, torch.bfloat16)  # pools the C++ attention reads (bf16 widened exactly)
+
+
+def _pools_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return k_cache.dtype in KV_DTYPES and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() \
+        and v_cache.is_contiguous()
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
@@ -68,9 +74,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float, max_context_len: int | None = None) -> torch.Tensor:
-    """`kernels.reference.paged_decode_attention`, in C++ for float32 CPU tensors."""
-    if q.dtype == F32 and k_cache.dtype == F32 and v_cache.dtype == F32 and k_cache.is_contiguous() \
-            and v_cache.is_contiguous():
+    """`kernels.reference.paged_decode_attention`, in C++ for float32 queries over float32 or bfloat16 pools."""
+    if q.dtype == F32 and _pools_ok(k_cache, v_cache):
         return _cpp.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                            max_context_len)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
@@ -83,8 +88,7 @@ def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch
                                 ) -> torch.Tensor:
     """`kernels.reference.rope_store_decode_attention` as one C++ call for float32: what a decode step does per
     layer between two matmuls, without the Python-side views and calls of three kernels."""
-    if qkv.dtype == F32 and k_cache.dtype == F32 and v_cache.dtype == F32 and cos.dtype == F32 \
-            and k_cache.is_contiguous() and v_cache.is_contiguous():
+    if qkv.dtype == F32 and cos.dtype == F32 and _pools_ok(k_cache, v_cache):
         return _cpp.rope_store_decode_attention(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables,
                                                 context_lens, scale)
     return reference.rope_store_decode_attention(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables,
@@ -116,8 +120,8 @@ class DecodeStep:
 def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
                   num_heads: int, eps: float, scale: float) -> DecodeStep | None:
     """The whole decode layer loop for these weights (`LlamaModel.layers`: ln1, wqkv, wo, ln2, wgate_up, wdown per
-    layer) and KV pool, or None where it cannot run it: activations, norms or pool not float32, or a weight
-    storage the kernel does not read."""
+    layer) and KV pool, or None where it cannot run it: activations or norms not float32, a pool neither float32
+    nor bfloat16, or a weight storage the kernel does not read."""
     ln1, ln2, mats, scales = [], [], [], []
     bf16_act = isinstance(layers[0][1], Bf16MatmulWeight)
     for a, wqkv, wo, b, wgu, wdown in layers:
@@ -131,8 +135,8 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
                 return None
             mats.append(q)
             scales.append(sc)
-    if norm.dtype != F32 or any(t.dtype != F32 for t in ln1 + ln2) or \
-            any(c.dtype != F32 or not c.is_contiguous() for kv in kv_cache for c in kv):
+    if norm.dtype != F32 or any(t.dtype != F32 for t in ln1 + ln2) or not all(_pools_ok(k, v) for k, v in kv_cache) \
+            or len({k.dtype for k, _ in kv_cache}) != 1:
         return None
     return DecodeStep(_cpp.DecodeLayers(ln1, ln2, mats, scales, norm, [k for k, _ in kv_cache],
                                         [v for _, v in kv_cache], num_heads, eps, scale, bf16_act))

@@ -32,6 +32,8 @@ def _common() -> argparse.ArgumentParser:
     m.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
                    help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, SoT's "
                         "batched point expansion then costs about what one sequence does)")
+    m.add_argument("--kv-cache-dtype", default=None, choices=("fp32", "bf16"),
+                   help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
     s = p.add_argument_group("SoT")
     s.add_argument("--mode", choices=MODES, default="auto", help="auto: the router decides (default)")
     s.add_argument("--expansion", choices=EXPANSIONS, default=None,
@@ -93,7 +95,7 @@ def build(args: argparse.Namespace, **engine_args):
         kw["labels"] = False
     cfg = SoTConfig(**kw)  # checked before the (slow) model load
     return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), weight_dtype=args.weights,
-                   matmul_precision=args.matmul_precision, **engine_args), cfg)
+                   matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype, **engine_args), cfg)
 
 
 def _check_question(q: str) -> str:

@@ -68,7 +68,8 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
               "DecodeLayers: per layer 2 norms, 4 matrices (+ 4 scales), a K and a V pool");
   k0_ = k_caches[0];
   v0_ = v_caches[0];
-  TORCH_CHECK(k0_.dim() == 4 && k0_.scalar_type() == at::kFloat, "DecodeLayers: float32 pools [blocks, bs, kvh, D]");
+  TORCH_CHECK(k0_.dim() == 4 && (k0_.scalar_type() == at::kFloat || k0_.scalar_type() == at::kBFloat16),
+              "DecodeLayers: float32 or bfloat16 pools [blocks, bs, kvh, D]");
   H_ = num_heads, KVH_ = k0_.size(2), D_ = k0_.size(3), hidden_ = final_norm.size(0);
   TORCH_CHECK(H_ > 0 && H_ % KVH_ == 0 && D_ % 2 == 0, "DecodeLayers: head shapes");
   check_f32_vector(final_norm, hidden_, "the final norm");
@@ -78,9 +79,9 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
     check_f32_vector(ln1[l], hidden_, "a norm weight");
     check_f32_vector(ln2[l], hidden_, "a norm weight");
     for (auto* c : {&k_caches[l], &v_caches[l]})
-      TORCH_CHECK(c->sizes() == k0_.sizes() && c->scalar_type() == at::kFloat && c->is_contiguous() &&
+      TORCH_CHECK(c->sizes() == k0_.sizes() && c->scalar_type() == k0_.scalar_type() && c->is_contiguous() &&
                       c->device().is_cpu(),
-                  "DecodeLayers: every layer's pools alike, contiguous float32 CPU");
+                  "DecodeLayers: every layer's pools alike, contiguous, one dtype, CPU");
     WeightView w[4];
     for (int i = 0; i < 4; ++i) {
       w[i] = weight_view(mats[4 * l + i], scales[4 * l + i]);
@@ -96,8 +97,8 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
     layers_.push_back({ln1[l].data_ptr<float>(), ln2[l].data_ptr<float>(), w[0], w[1], rows(w[2], 0, F_),
                        rows(w[2], F_, 2 * F_), w[3]});
     keep_.insert(keep_.end(), {ln1[l], ln2[l], k_caches[l], v_caches[l]});
-    k_.push_back(k_caches[l].data_ptr<float>());
-    v_.push_back(v_caches[l].data_ptr<float>());
+    k_.push_back(k_caches[l].data_ptr());
+    v_.push_back(v_caches[l].data_ptr());
   }
 }
 

@@ -70,21 +70,22 @@ void linear_bf16_rows(const float* x, int64_t ldx, const WeightView& w, float* o
 // Checked views of the pools and the batch's block tables / context lengths (attention.cpp)
 struct Paged {
   int64_t B, H, D, BS, KVH, G, max_blocks, total = 0;  // total: context tokens of the batch
+  bool bf16 = false;  // the pools hold bfloat16 (else float32)
   at::Tensor tables, lens;  // int64, contiguous
 };
 Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens);
 // per-thread scratch of attend_task, grown as contexts grow
 struct AttendScratch {
-  std::vector<const float*> krows, vrows;
+  std::vector<const void*> krows, vrows;
   std::vector<float> scores;
 };
 // RoPE of the q heads of KV group kh of row s of qkv [B, (H + 2 KVH) D] into q [B, H, D]; k head kh rotated into
 // its slot of k_cache, v head kh copied into v_cache
 void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,
-                     const int64_t* slots, float* q, float* k_cache, float* v_cache, int64_t s, int64_t kh);
+                     const int64_t* slots, float* q, void* k_cache, void* v_cache, int64_t s, int64_t kh);
 // attention of row s's query heads of KV group kh (task t = s * KVH + kh): q, out [B, H, D]
-void attend_task(const Paged& pg, const float* q, const float* k_cache, const float* v_cache, float* out, float scale,
+void attend_task(const Paged& pg, const float* q, const void* k_cache, const void* v_cache, float* out, float scale,
                  int64_t t, AttendScratch& scratch);
 
 
@@ -113,7 +114,7 @@ class DecodeLayers {
   };
   std::vector<at::Tensor> keep_;  // owners of the memory the views point into
   std::vector<Layer> layers_;
-  std::vector<float*> k_, v_;
+  std::vector<void*> k_, v_;  // pools of pg.bf16 ? bfloat16 : float32
   at::Tensor k0_, v0_;  // the first layer's pools, for shapes (all layers' are alike)
   const float* final_norm_;
   int64_t hidden_, H_, KVH_, D_, F_;

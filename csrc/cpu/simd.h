@@ -150,7 +150,9 @@ inline vf vexp(vf x) {
 #endif
 
 // ---- array helpers (vector body, scalar tail)
-inline float dot(const float* a, const float* b, int64_t n) {
+// b float32 or bf16 (widened exactly)
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   int64_t k = 0;
   float s = 0.f;
 #if defined(SOT_SIMD_VECTOR)
@@ -162,7 +164,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; k + kLanes <= n; k += kLanes) acc0 = vfma(vload(a + k), vload(b + k), acc0);
   s = vsum(vadd(acc0, acc1));
 #endif
-  for (; k < n; ++k) s += a[k] * b[k];
+  for (; k < n; ++k) s += a[k] * to_float(b[k]);
   return s;
 }
 

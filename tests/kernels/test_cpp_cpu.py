@@ -131,6 +131,14 @@ def test_amx_is_used_where_the_cpu_has_it():
     assert _cpp.AMX_COMPILED and _cpp.AMX_READY and "amx-bf16" in _cpp.build_info()
 
 
+def test_kv_cache_dtype_is_checked():
+    from engine import LLM
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of fp32, bf16 .* got 'int8'"):
+        LLM("random:tiny", device="cpu", kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="narrower than the activations on CPU only"):
+        LLM("random:tiny", device="cpu", dtype=torch.bfloat16, kv_cache_dtype="fp32")
+
+
 def test_matmul_precision_is_checked():
     assert weights.check_weight_dtype(None, "bf16") == "bf16"
     assert isinstance(weights.store(torch.randn(4, 32), None, "bf16"), Bf16MatmulWeight)
@@ -244,12 +252,15 @@ def make_pool(lens, heads, kvh, d, bs, seed):
 
 
 @needs_cpp
+@pytest.mark.parametrize("pool", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bs", [4, 16])
 @pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2), (8, 2), (9, 3)])
 @pytest.mark.parametrize("d", [8, 40, 64, 128])  # under, between and over the vector chunks
-def test_paged_decode_matches_reference(bs, heads, kvh, d):
+def test_paged_decode_matches_reference(bs, heads, kvh, d, pool):
+    """float32 queries over float32 or bfloat16 pools (widened exactly: the float64 oracle reads the same pool)."""
     lens = [1, 5, bs, bs + 1, 3 * bs - 1, 50, 211]
     q, kc, vc, tables, ctx = make_pool(lens, heads, kvh, d, bs, seed=bs + heads + d)
+    kc, vc = kc.to(pool), vc.to(pool)
     want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, ctx, 0.17)
     got = _cpp.paged_decode_attention(q, kc, vc, tables, ctx, 0.17, max(lens))
     assert got.dtype == torch.float32 and got.shape == q.shape
@@ -269,21 +280,39 @@ def test_paged_decode_other_dtypes_use_the_reference():
 
 
 @needs_cpp
+@pytest.mark.parametrize("pool", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (4, 4, 16), (6, 2, 34)])
-def test_rope_store_decode_attention_matches_float64(heads, kvh, d):
+def test_rope_store_decode_attention_matches_float64(heads, kvh, d, pool):
     bs = 4
     lens = [1, 6, 2 * bs, 37]
     _, kc, vc, tables, ctx = make_pool(lens, heads, kvh, d, bs, seed=heads + d)
+    kc, vc = kc.to(pool), vc.to(pool)
     g = torch.Generator().manual_seed(d)
     qkv = torch.randn(len(lens), (heads + 2 * kvh) * d, generator=g)
     ang = torch.rand(len(lens), d // 2, generator=g) * 30
     last = ctx - 1  # the new token's position: its K/V go to that slot before attention
     slots = tables.gather(1, (last // bs)[:, None])[:, 0] * bs + last % bs
     kr, vr = kc.double(), vc.double()
+    if pool == torch.bfloat16:  # the oracle stores what a bf16 pool holds: rotated in float64, rounded to bf16
+        kr = kr.bfloat16()
+        vr = vr.bfloat16()
     want = reference.rope_store_decode_attention(qkv.double(), ang.cos().double(), ang.sin().double(), kr, vr,
                                                  slots, tables, ctx, 0.3)
     got = _cpp.rope_store_decode_attention(qkv, ang.cos(), ang.sin(), kc, vc, slots, tables, ctx, 0.3)
     assert got.shape == (len(lens), heads * d) and got.dtype == torch.float32
+    if pool == torch.bfloat16:
+        # K rotated in float32 by C++ and in float64 by the oracle may round to neighbouring bf16 values (one ulp,
+        # 2^-8 relative) where the rotation lands on a rounding midpoint: compare K to one ulp, and attention
+        # against the oracle run over the very pools C++ wrote (exact widening)
+        ulp = kc.float().abs() * 2.0 ** -7
+        assert bool(((kc.double() - kr.double()).abs() <= ulp.double()).all())
+        assert (kc != kr).sum() <= 2  # rare
+        assert torch.equal(vc, vr)  # V rounded like Tensor.to(bfloat16)
+        want = reference.paged_decode_attention(
+            reference.apply_rope(qkv.double().view(len(lens), heads + 2 * kvh, d)[:, :heads], ang.cos().double(),
+                                 ang.sin().double()), kc.double(), vc.double(), tables, ctx, 0.3).reshape(len(lens), -1)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+        return
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
     torch.testing.assert_close(kc.double(), kr, rtol=0, atol=1e-6)  # rotated K in its slot
     assert torch.equal(vc.double(), vr)  # V copied as is
@@ -325,21 +354,26 @@ CASES = [(4, 2, 12, [1, 7, 40]), (6, 6, 8, [5]), (9, 3, 16, [3, 17, 33, 2, 64, 9
 
 
 @needs_cpp
-@pytest.mark.parametrize("storage,heads,kvh,d,lens,hidden,ffn",
-                         [(s, *c, 48, 80) for s in (None, "bf16", "int8") for c in CASES] +
+@pytest.mark.parametrize("storage,heads,kvh,d,lens,hidden,ffn,pool",
+                         [(s, *c, 48, 80, torch.float32) for s in (None, "bf16", "int8") for c in CASES] +
                          # every matrix on AMX tiles (K % 32 == 0, gate/up split in 16-row blocks); then mixed
-                         [("bf16-matmul", 4, 2, 16, [1, 7, 40], 64, 96),
-                          ("bf16-matmul", 8, 2, 16, [3, 17, 33, 2, 64, 9, 1, 20, 11, 5, 5, 6, 7, 8, 9, 10], 64, 224),
-                          ("bf16-matmul", 9, 3, 16, [3, 17, 33, 2], 48, 80)])
-def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden, ffn):
+                         [("bf16-matmul", 4, 2, 16, [1, 7, 40], 64, 96, torch.float32),
+                          ("bf16-matmul", 8, 2, 16, [3, 17, 33, 2, 64, 9, 1, 20, 11, 5, 5, 6, 7, 8, 9, 10], 64, 224,
+                           torch.float32),
+                          ("bf16-matmul", 9, 3, 16, [3, 17, 33, 2], 48, 80, torch.float32)] +
+                         # bf16 K/V pools
+                         [(None, *CASES[2], 48, 80, torch.bfloat16), ("bf16-matmul", 4, 2, 16, [1, 7, 40], 64, 96,
+                                                                     torch.bfloat16)])
+def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden, ffn, pool):
     """One C++ call for all layers == the model's Python loop over the same backend's kernels (ragged contexts,
-    GQA ratios, every weight storage), hidden states and the K/V written into the pool."""
+    GQA ratios, every weight storage, float32 and bf16 pools), hidden states and the K/V written into the pool."""
     from engine.model import AttnMetadata
     model = random_model(heads, kvh, d, storage, seed=heads + len(lens), hidden=hidden, ffn=ffn)
     bs, b = 4, len(lens)
     g = torch.Generator().manual_seed(d)
     n = b * 16 + 3
-    kv = [(torch.randn(n, bs, kvh, d, generator=g), torch.randn(n, bs, kvh, d, generator=g)) for _ in range(3)]
+    kv = [(torch.randn(n, bs, kvh, d, generator=g).to(pool), torch.randn(n, bs, kvh, d, generator=g).to(pool))
+          for _ in range(3)]
     tables = torch.randperm(n, generator=g)[:b * 16].view(b, 16)  # scattered blocks, none shared
     ctx = torch.tensor(lens)
     slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
@@ -354,8 +388,9 @@ def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden
     want = model.forward(ids, pos, meta, kv_loop)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     for (k, v), (kr, vr) in zip(kv, kv_loop):
-        torch.testing.assert_close(k, kr, rtol=0, atol=2e-5)
-        torch.testing.assert_close(v, vr, rtol=0, atol=2e-5)
+        assert k.dtype == pool
+        torch.testing.assert_close(k.float(), kr.float(), rtol=0, atol=2e-5)
+        torch.testing.assert_close(v.float(), vr.float(), rtol=0, atol=2e-5)
     assert step.matmul_seconds > 0
     if storage == "bf16-matmul":  # and the loop itself == the torch reference at bf16 precision
         model.backend = get_backend("torch", "cpu")
@@ -425,19 +460,22 @@ def test_engine_matches_torch_token_for_token(tiny_dir, storage):
 
 
 @needs_cpp
-def test_engine_at_bf16_precision_matches_torch_to_rounding(tiny_dir):
-    """At bf16 precision the C++ backend (AMX where present) and the torch reference compute the same rounded
-    products, but an activation within fp32 rounding of a bf16 rounding midpoint may round the other way in one of
-    them (measured on this model: 1 logit row of 4 moved by 1.4e-3, and one sequence's 10th token changed where
-    the top-2 margin was 0.007). So: logits to that, and greedy tokens equal up to such a flip."""
+@pytest.mark.parametrize("kw", [{"matmul_precision": "bf16"}, {"kv_cache_dtype": "bf16"},
+                                {"matmul_precision": "bf16", "kv_cache_dtype": "bf16"}], ids=["matmul", "kv", "both"])
+def test_engine_with_bf16_rounding_matches_torch_to_rounding(tiny_dir, kw):
+    """At bf16 matmul precision, or with a bf16 K/V pool, the C++ backend (AMX where present) and the torch
+    reference round the same values, but one within fp32 rounding of a bf16 rounding midpoint may round the other
+    way in one of them (measured on this model at bf16 precision: 1 logit row of 4 moved by 1.4e-3, and one
+    sequence's 10th token changed where the top-2 margin was 0.007). So: logits to that, and greedy tokens equal up
+    to such a flip."""
     from engine import LLM, SamplingParams
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     g = torch.Generator().manual_seed(11)
     batch = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
     out, logits = {}, {}
     for name in ("torch", "cpp"):
-        llm = LLM(str(tiny_dir), backend=name, device="cpu", dtype=torch.float32, block_size=16,
-                  matmul_precision="bf16")
+        llm = LLM(str(tiny_dir), backend=name, device="cpu", dtype=torch.float32, block_size=16, **kw)
+        assert llm.engine.kv_cache.data.dtype == (torch.bfloat16 if "kv_cache_dtype" in kw else torch.float32)
         out[name] = [o.token_ids for o in llm.generate(batch, greedy)]
         eng = llm.engine
         seqs = [eng.add_request(ids, SamplingParams(temperature=0, max_tokens=2)) for ids in batch]
