@@ -5,7 +5,8 @@ next to transformers.
     python -m benchmarks.decode_cpu --quick    # tiny random model, seconds (a smoke run)
     python -m benchmarks.decode_cpu --no-hf --backends torch,cpp --weights fp32   # backends side by side
 
-Ours: B chat prompts prefilled, then decode steps through `LLMEngine.step`, timed one by one (median).
+Ours: B chat prompts prefilled, then decode steps through `LLMEngine.step`, timed one by one (median); each
+(configuration, batch) once per round, the rounds interleaved, the fastest round kept (`--rounds`).
 Every weight matmul is timed too: the `model.linear` calls from Python, and inside the cpp backend's one-call
 decode layer loop its matmul phases (each up to the barrier that ends it), which that loop times itself.
 "bf16-matmul": bf16 weights at bf16 matmul precision (`LLM(matmul_precision="bf16")`: AMX where the CPU has it);
@@ -106,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is kept (default 3)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, no transformers run")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--backends", default=None,
@@ -122,8 +124,8 @@ def main() -> None:
     if bad:
         ap.error(f"unknown weight storage {bad[0]!r}; choose from {', '.join(variants)}")
     from kernels import BackendUnavailable, get_backend
-    rows, llm = [], None
     names = args.backends.split(",") if args.backends else [get_backend(None, "cpu").name]
+    configs = []  # (row key, LLM): every one loaded first, then timed in rounds
     for backend in names:
         try:
             get_backend(backend, "cpu")
@@ -133,12 +135,22 @@ def main() -> None:
         for weights in storages:
             storage, _, kv = weights.partition("+kv-")
             kw = {"matmul_precision": "bf16"} if storage == "bf16-matmul" else {"weight_dtype": storage}
-            llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, kv_cache_dtype=kv or None, **kw)
+            llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, kv_cache_dtype=kv or None,
+                      kv_cache_memory=256 << 20, **kw)
+            configs.append(({"backend": backend, "weights": storage, **({"kv": kv} if kv else {})}, llm))
+    # a shared VM's neighbours slow whole stretches of a run: every (config, batch) is timed once per round, the
+    # rounds interleaved, and the fastest round kept (interference only ever adds time)
+    best: dict[tuple[int, int], dict] = {}
+    for r in range(args.rounds):
+        for i, (key, llm) in enumerate(configs):
             for b in map(int, args.batches.split(",")):
-                row = {"backend": backend, "weights": storage, **({"kv": kv} if kv else {}), "batch": b,
-                       **ours(llm, b, steps)}
-                rows.append(row)
-                print(row, flush=True)
+                got = ours(llm, b, steps)
+                if (i, b) not in best or got["ms_per_step"] < best[i, b]["ms_per_step"]:
+                    best[i, b] = got
+                print(f"round {r + 1}/{args.rounds}", {**key, "batch": b, **got}, flush=True)
+    rows = [{**key, "batch": b, **best[i, b]} for i, (key, _) in enumerate(configs)
+            for b in map(int, args.batches.split(","))]
+    llm = configs[-1][1] if configs else None
     if not (args.quick or args.no_hf) and rows:
         from engine.loader import default_model_path
         chats = [llm.engine.encode([{"role": "user", "content": q}]) for q in prompts(max(r["batch"] for r in rows))]
@@ -148,7 +160,8 @@ def main() -> None:
                 print(row, flush=True)
     name = args.out or ("decode_cpu_quick" if args.quick else "decode_cpu")
     label = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)" if model == "default" else model
-    print("wrote", write_result(name, torch.device("cpu"), {"model": label, "steps": steps, "rows": rows}))
+    print("wrote", write_result(name, torch.device("cpu"), {"model": label, "steps": steps, "rounds": args.rounds,
+                                                            "rows": rows}))
 
 
 if __name__ == "__main__":

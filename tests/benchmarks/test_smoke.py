@@ -13,13 +13,17 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_decode_cpu_quick(tmp_path):
     env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "benchmarks.decode_cpu", "--quick", "--batches", "1,2",
-                        "--weights", "fp32,int8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        "--weights", "fp32,int8,bf16-matmul+kv-bf16", "--rounds", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     d = json.loads((tmp_path / "cpu" / "decode_cpu_quick.json").read_text())
-    assert [(row["weights"], row["batch"]) for row in d["rows"]] == [("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)]
+    assert [(row["weights"], row.get("kv"), row["batch"]) for row in d["rows"]] == [
+        ("fp32", None, 1), ("fp32", None, 2), ("int8", None, 1), ("int8", None, 2), ("bf16-matmul", "bf16", 1),
+        ("bf16-matmul", "bf16", 2)]
+    assert d["rounds"] == 2 and r.stdout.count("round 2/2") == 6
     assert all(row["ms_per_step"] > 0 and 0 < row["matmul_ms"] < row["ms_per_step"] and 0 < row["outside_matmul"] < 1
                for row in d["rows"]) and d["env"]["device_type"] == "cpu"
     from benchmarks.report import decode_cpu_table  # the README table renders from it
     table = decode_cpu_table(tmp_path / "cpu" / "decode_cpu_quick.json").splitlines()
     rows = [line for line in table if line.startswith("| cpp") or line.startswith("| torch")]
-    assert len(rows) == 4 and rows[-1].split("|")[2:4] == [" int8 ", " 2 "] and "llama.cpp" in table[-1]
+    assert len(rows) == 6 and rows[3].split("|")[2:4] == [" int8 ", " 2 "] and "llama.cpp" in table[-1]
+    assert rows[-1].split("|")[2:4] == [" bf16-matmul, kv bf16 ", " 2 "]
