@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import copy_bandwidth, write_result
 from engine import LLM, SamplingParams
 
 QUESTIONS = [
@@ -140,6 +140,9 @@ def main() -> None:
             configs.append(({"backend": backend, "weights": storage, **({"kv": kv} if kv else {})}, llm))
     # a shared VM's neighbours slow whole stretches of a run: every (config, batch) is timed once per round, the
     # rounds interleaved, and the fastest round kept (interference only ever adds time)
+    # the memory bandwidth this VM gives now (its neighbours move it by up to ~30%): decode is bound by it
+    cpu = torch.device("cpu")
+    copy = [copy_bandwidth(cpu, 256 << 20)["gbps"] if not args.quick else 0.0]
     best: dict[tuple[int, int], dict] = {}
     for r in range(args.rounds):
         for i, (key, llm) in enumerate(configs):
@@ -148,6 +151,7 @@ def main() -> None:
                 if (i, b) not in best or got["ms_per_step"] < best[i, b]["ms_per_step"]:
                     best[i, b] = got
                 print(f"round {r + 1}/{args.rounds}", {**key, "batch": b, **got}, flush=True)
+    copy.append(copy_bandwidth(cpu, 256 << 20)["gbps"] if not args.quick else 0.0)
     rows = [{**key, "batch": b, **best[i, b]} for i, (key, _) in enumerate(configs)
             for b in map(int, args.batches.split(","))]
     llm = configs[-1][1] if configs else None
@@ -160,8 +164,8 @@ def main() -> None:
                 print(row, flush=True)
     name = args.out or ("decode_cpu_quick" if args.quick else "decode_cpu")
     label = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)" if model == "default" else model
-    print("wrote", write_result(name, torch.device("cpu"), {"model": label, "steps": steps, "rounds": args.rounds,
-                                                            "rows": rows}))
+    print("wrote", write_result(name, cpu, {"model": label, "steps": steps, "rounds": args.rounds,
+                                            "copy_gbps_before_after": copy, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,11 @@ def decode_cpu_table(path: Path) -> str:
         outside = f"{100 * r['outside_matmul']:.0f}%" if "outside_matmul" in r else "-"
         lines.append(f"| {key[0]} | {key[1]} | {r['batch']} | {r['ms_per_step']:.1f} | {rel} | "
                      f"{f'{hf:.1f}' if hf else '-'} | {ratio} | {outside} |")
-    lines += ["", "One run on a shared 2-core VM: repeated runs of a row differ by up to ~25%. The CPU anchor, "
+    copy = d.get("copy_gbps_before_after")
+    bw = (f" Copy bandwidth at the start / end of this run: {copy[0]:.1f} / {copy[1]:.1f} GB/s (it moves with the "
+          "VM's neighbours, and decode with it)." if copy and copy[0] else "")
+    rounds = f"fastest of {d['rounds']} interleaved rounds" if d.get("rounds") else "one run"
+    lines += ["", f"A shared 2-core VM, {rounds}: repeated runs of a row differ by up to ~25%.{bw} The CPU anchor, "
               "llama.cpp on the same GGUF (Q4_1 weights, 2 threads, measured when the C++ issue was filed): ~9.2 ms/token at "
               "batch 1, ~45 ms per batch-8 step."]
     return "\n".join(lines)
@@ -46,13 +50,21 @@ def decode_cpu_table(path: Path) -> str:
 def sot_table(path: Path) -> str:
     d = json.loads(path.read_text())
     env, cfg = d["env"], d["config"]
+    narrow = {"--weights": d.get("weights"), "--matmul-precision": d.get("matmul_precision"),
+              "--kv-cache-dtype": d.get("kv_cache_dtype")}
+    narrow = {k: v for k, v in narrow.items() if v and v not in ("fp32", "float32")}
     head = (f"End-to-end SoT ({d['mode']} mode, {d['expansion']} expansion) vs normal decoding on {d['dataset']}, "
-            f"{d['model']} {d['dtype'].replace('torch.', '')}, {env['device']}, {env['threads']} threads, "
+            f"{d['model']} {d['dtype'].replace('torch.', '')}"
+            + "".join(f", {k.lstrip('-')} {v.replace('bfloat16', 'bf16')}" for k, v in narrow.items()
+                      if k != "--weights" or "--matmul-precision" not in narrow)
+            + f", {env['device']}, {env['threads']} threads, "
             f"{env['date']}; greedy, normal capped at {cfg['normal_max_tokens']} tokens, points at "
             f"{cfg['point_max_tokens']} (`python -m sot bench --dataset {d['dataset']} "
             f"--normal-max-tokens {cfg['normal_max_tokens']}"
             + (f" --expansion {d['expansion']}" if d["expansion"] != "paper" else "")
-            + (f" --categories {' '.join(d['categories'])}" if d.get("categories") else "") + "`):")
+            + (f" --categories {' '.join(d['categories'])}" if d.get("categories") else "")
+            + "".join(f" {k} {v.replace('bfloat16', 'bf16')}" for k, v in narrow.items()
+                      if k != "--weights" or "--matmul-precision" not in narrow) + "`):")
     return head + "\n\n" + d["table"]
 
 

@@ -264,10 +264,11 @@ def test_paged_decode_matches_reference(bs, heads, kvh, d, pool):
     want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, ctx, 0.17)
     got = _cpp.paged_decode_attention(q, kc, vc, tables, ctx, 0.17, max(lens))
     assert got.dtype == torch.float32 and got.shape == q.shape
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+    tol = max(2e-6, 3e-8 * d)  # a build without SIMD sums a 128-long dot in one sequential fp32 chain: 2.9e-6
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
     from kernels.cpp import paged_decode_attention  # the backend's wrapper, int32 lengths too
     got = paged_decode_attention(q, kc, vc, tables.int(), ctx.int(), 0.17)
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
 
 
 @needs_cpp
