@@ -19,9 +19,9 @@ def decode_cpu_table(path: Path) -> str:
     env = d["env"]
     lines = [f"CPU decode, {d['model']}, fp32 activations, {env['device']}, {env['threads']} threads, "
              f"torch {env['torch']}, {env['date']} (`python -m benchmarks.decode_cpu`); weights: storage of the "
-             "matrices (bf16; int8 with a scale per 32 weights; bf16-matmul: bf16 weights and activations rounded to bf16 "
-             "in the matmuls, on AMX where the CPU has it; kv bf16: a bf16 K/V pool); outside matmuls: the step's time not in weight "
-             "matmuls (attention, norms, Python, sampling):", "",
+             "matrices (bf16; int8 with a scale per 32 weights; bf16-matmul: bf16 weights and activations rounded "
+             "to bf16 in the matmuls, on AMX where the CPU has it; kv bf16: a bf16 K/V pool); outside matmuls: the "
+             "step's time not in weight matmuls (attention, norms, Python, sampling):", "",
              "| backend | weights | batch | ours ms/step | vs batch 1 | transformers ms/step | ours vs transformers "
              "| outside matmuls |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -148,8 +148,6 @@ class LLMEngine:
         # synchronous caller such as the SoT driver runs): before_step() then after_step(outputs)
         self.step_hooks: list[StepHook] = []
 
-    # ---- input ---------------------------------------------------------------------------------
-
     def _kv_dtype(self, name: str | None) -> torch.dtype:
         """The pool dtype `kv_cache_dtype` names (checked before the slow load)."""
         kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -161,6 +159,9 @@ class LLMEngine:
             raise ValueError(f"kv_cache_dtype={name!r} with dtype {self.dtype}: the pool may be narrower than the "
                              "activations on CPU only, and never wider")
         return kv
+
+    # ---- input ---------------------------------------------------------------------------------
+
     def encode(self, prompt: Prompt, add_bos: bool = True) -> list[int]:
         """A string (tokenized, BOS as the model wants unless `add_bos` is off, as for a suffix
         that continues another prompt), token ids, or chat messages."""

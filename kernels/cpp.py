@@ -1,7 +1,7 @@
 """The "cpp" backend: C++ CPU kernels from csrc/cpu (module `kernels._cpp`, built by setup.py).
 
-Weight matmuls (`linear`, for float32 / bfloat16 / int8 weight storage, and bf16 precision on AMX), paged decode attention (also
-fused with RoPE and the KV store), RMSNorm, RoPE, the KV store and the SwiGLU activation run in C++
+Weight matmuls (`linear`, for float32 / bfloat16 / int8 weight storage, and bf16 precision on AMX), paged
+decode attention over float32 or bfloat16 pools (also fused with RoPE and the KV store), RMSNorm, RoPE, the KV store and the SwiGLU activation run in C++
 for float32 activations, and a plain decode step runs its whole layer loop in one call (`decode_layers`);
 prefill and cascade attention, and any other dtype, are the torch reference. Importing this module
 raises BackendUnavailable when the extension was not built.

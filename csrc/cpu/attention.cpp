@@ -1,9 +1,9 @@
 // Paged decode attention, float32 queries over float32 or bf16 K/V pools (a bf16 pool halves the bytes a step
 // reads; its rows are widened exactly, every product and sum is float32): one query per sequence over its paged
-// context, the contract of kernels.reference.paged_decode_attention. A task is one (sequence, KV head) and its G query heads
-// (GQA): the addresses of the context's K and V rows are listed once, then the scores of all G
-// heads (each K row read once from memory), one softmax per head, and per head the weighted sum of
-// the V rows in registers (V rows come from memory for the first head, from cache for the others).
+// context, the contract of kernels.reference.paged_decode_attention. A task is one (sequence, KV head) and its G
+// query heads (GQA): the addresses of the context's K and V rows are listed once, then the scores of all G heads
+// (score_rows: each K row read once from memory), one softmax per head, and the weighted sums of the V rows for
+// several heads at once (weighted_all: each V row read once per pass).
 #include "ops.h"
 #include "simd.h"
 
@@ -103,7 +103,8 @@ bool weighted_group(float* og, const float* scores, int64_t ctx, const void* con
   switch (gn) {  // GN * NV accumulators + NV row vectors within the register file
 #define SOT_GN(n) \
   case n:         \
-    if constexpr (n * NV + NV <= kVectorRegs - 4) return weighted_heads<T, NV, n>(og, scores, ctx, vrows, D, inv), true; \
+    if constexpr (n * NV + NV <= kVectorRegs - 4)                                 \
+      return weighted_heads<T, NV, n>(og, scores, ctx, vrows, D, inv), true;      \
     return false;
     SOT_GN(1) SOT_GN(2) SOT_GN(3) SOT_GN(4)
 #undef SOT_GN
@@ -324,7 +325,8 @@ at::Tensor rope_store_decode_attention(const at::Tensor& qkv, const at::Tensor& 
   TORCH_CHECK(slot.dim() == 1 && slot.size(0) == B, "rope_store_decode_attention: slot_mapping [B]");
   const int64_t* sp = slot.data_ptr<int64_t>();
   const int64_t slots = k_cache.size(0) * k_cache.size(1);
-  for (int64_t t = 0; t < B; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "rope_store_decode_attention: slot out of range");
+  for (int64_t t = 0; t < B; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "rope_store_decode_attention: slot out of range");
   const auto x = qkv.stride(1) == 1 ? qkv : qkv.contiguous();
   const auto cc = cos.contiguous();
   const auto sc = sin.contiguous();

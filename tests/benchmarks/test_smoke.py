@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_decode_cpu_quick(tmp_path):
     env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "benchmarks.decode_cpu", "--quick", "--batches", "1,2",
-                        "--weights", "fp32,int8,bf16-matmul+kv-bf16", "--rounds", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        "--weights", "fp32,int8,bf16-matmul+kv-bf16", "--rounds", "2"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     d = json.loads((tmp_path / "cpu" / "decode_cpu_quick.json").read_text())
     assert [(row["weights"], row.get("kv"), row["batch"]) for row in d["rows"]] == [
