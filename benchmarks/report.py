@@ -50,21 +50,21 @@ def decode_cpu_table(path: Path) -> str:
 def sot_table(path: Path) -> str:
     d = json.loads(path.read_text())
     env, cfg = d["env"], d["config"]
-    narrow = {"--weights": d.get("weights"), "--matmul-precision": d.get("matmul_precision"),
-              "--kv-cache-dtype": d.get("kv_cache_dtype")}
-    narrow = {k: v for k, v in narrow.items() if v and v not in ("fp32", "float32")}
+    # the run's non-default storage switches (bf16 matmul precision implies bf16 weights)
+    switches = [("--weights", d.get("weights")), ("--matmul-precision", d.get("matmul_precision")),
+                ("--kv-cache-dtype", d.get("kv_cache_dtype"))]
+    narrow = [(k, v.replace("bfloat16", "bf16")) for k, v in switches if v and v not in ("fp32", "float32")
+              and not (k == "--weights" and d.get("matmul_precision") == "bf16")]
     head = (f"End-to-end SoT ({d['mode']} mode, {d['expansion']} expansion) vs normal decoding on {d['dataset']}, "
             f"{d['model']} {d['dtype'].replace('torch.', '')}"
-            + "".join(f", {k.lstrip('-')} {v.replace('bfloat16', 'bf16')}" for k, v in narrow.items()
-                      if k != "--weights" or "--matmul-precision" not in narrow)
+            + "".join(f", {k.lstrip('-')} {v}" for k, v in narrow)
             + f", {env['device']}, {env['threads']} threads, "
             f"{env['date']}; greedy, normal capped at {cfg['normal_max_tokens']} tokens, points at "
             f"{cfg['point_max_tokens']} (`python -m sot bench --dataset {d['dataset']} "
             f"--normal-max-tokens {cfg['normal_max_tokens']}"
             + (f" --expansion {d['expansion']}" if d["expansion"] != "paper" else "")
             + (f" --categories {' '.join(d['categories'])}" if d.get("categories") else "")
-            + "".join(f" {k} {v.replace('bfloat16', 'bf16')}" for k, v in narrow.items()
-                      if k != "--weights" or "--matmul-precision" not in narrow) + "`):")
+            + "".join(f" {k} {v}" for k, v in narrow) + "`):")
     return head + "\n\n" + d["table"]
 
 

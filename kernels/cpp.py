@@ -128,9 +128,12 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
         ln1.append(a)
         ln2.append(b)
         for w in (wqkv, wo, wgu, wdown):
-            if isinstance(w, Bf16MatmulWeight) != bf16_act:
+            if isinstance(w, Bf16MatmulWeight) != bf16_act:  # one precision for the whole loop
                 return None
-            q, sc = (w.q, w.scale) if isinstance(w, Int8Weight) else (w.w, None) if bf16_act else (w, None)
+            if isinstance(w, Int8Weight):
+                q, sc = w.q, w.scale
+            else:
+                q, sc = (w.w if bf16_act else w), None
             if q.dtype not in (F32, torch.bfloat16, torch.int8) or not q.is_contiguous():
                 return None
             mats.append(q)

@@ -49,11 +49,6 @@ inline void barrier() {
 #endif
 }
 
-// [a, b) of n items for part `part` of `parts`, in units of `unit` items
-std::pair<int64_t, int64_t> share(int64_t n, int part, int parts, int64_t unit = 1) {
-  const int64_t units = (n + unit - 1) / unit;
-  return {std::min(n, unit * (units * part / parts)), std::min(n, unit * (units * (part + 1) / parts))};
-}
 
 }  // namespace
 

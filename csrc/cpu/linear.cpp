@@ -197,8 +197,7 @@ WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& sca
 void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int part,
                  int parts) {
   if (w.bf16_act) {  // in units of two AMX weight tiles (32 rows)
-    const int64_t units = (w.N + 31) / 32, n0 = std::min(w.N, 32 * (units * part / parts)),
-                  n1 = std::min(w.N, 32 * (units * (part + 1) / parts));
+    const auto [n0, n1] = share(w.N, part, parts, 32);
     return linear_bf16_rows(x, ldx, w, out, ldo, M, n0, n1, true);
   }
   dispatch_view(x, ldx, w, out, ldo, M, part, parts);

@@ -4,12 +4,20 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <mutex>
 #include <vector>
 
 namespace sot_cpu {
+
+// [a, b) of n items for part `part` of `parts`, in units of `unit` items (the last unit may be short)
+inline std::pair<int64_t, int64_t> share(int64_t n, int part, int parts, int64_t unit = 1) {
+  const int64_t units = (n + unit - 1) / unit;
+  return {std::min(n, unit * (units * part / parts)), std::min(n, unit * (units * (part + 1) / parts))};
+}
 
 // linear.cpp: out = x @ w^T for w float32, bfloat16, or int8 with scale [N, G] float32 (a scale per K / G weights)
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale);
