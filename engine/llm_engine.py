@@ -57,6 +57,9 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+KV_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # LLMEngine(kv_cache_dtype=...)
+
+
 def default_kv_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -150,11 +153,10 @@ class LLMEngine:
 
     def _kv_dtype(self, name: str | None) -> torch.dtype:
         """The pool dtype `kv_cache_dtype` names (checked before the slow load)."""
-        kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
-        if name is not None and name not in kinds:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(kinds)} (or None: the compute dtype), "
-                             f"got {name!r}")
-        kv = kinds[name] if name else self.dtype
+        if name is not None and name not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (or None: the compute "
+                             f"dtype), got {name!r}")
+        kv = KV_CACHE_DTYPES[name] if name else self.dtype
         if kv != self.dtype and (self.device.type != "cpu" or kv.itemsize > self.dtype.itemsize):
             raise ValueError(f"kv_cache_dtype={name!r} with dtype {self.dtype}: the pool may be narrower than the "
                              "activations on CPU only, and never wider")

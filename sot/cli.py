@@ -17,6 +17,7 @@ MODES = ("auto", "sot", "normal")  # sot.driver.MODES; repeated so --help does n
 EXPANSIONS = ("paper", "continuation")
 WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
 MATMUL_PRECISIONS = ("fp32", "bf16")  # kernels.weights.MATMUL_PRECISIONS, likewise
+KV_CACHE_DTYPES = ("fp32", "bf16")  # engine.llm_engine.KV_CACHE_DTYPES, likewise
 
 
 def _common() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def _common() -> argparse.ArgumentParser:
     m.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
                    help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, SoT's "
                         "batched point expansion then costs about what one sequence does)")
-    m.add_argument("--kv-cache-dtype", default=None, choices=("fp32", "bf16"),
+    m.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                    help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
     s = p.add_argument_group("SoT")
     s.add_argument("--mode", choices=MODES, default="auto", help="auto: the router decides (default)")

@@ -65,7 +65,6 @@ void weighted_rows(float* out, const float* w, const void* const* rows, int64_t 
 
 constexpr int kVectorRegs = kLanes == 16 ? 32 : 16;  // AVX-512 : AVX2
 
-template <typename T>
 inline void prefetch_row(const void* row, int64_t bytes, int hint) {
   for (int64_t b = 0; b < bytes; b += 64) {
     if (hint == 0)
@@ -96,7 +95,8 @@ void weighted_heads(float* og, const float* scores, int64_t ctx, const void* con
     for (int v = 0; v < NV; ++v) vstore(og + g * D + v * kLanes, vmul(acc[g][v], vset1(inv[g])));
 }
 
-// weighted_heads over heads [g0, g0 + gn) for a D of NV vectors; false where no instance fits
+// weighted_heads for gn heads (og, scores and inv at the first of them) and a D of NV vectors; false where no
+// instance fits the register file
 template <typename T, int NV>
 bool weighted_group(float* og, const float* scores, int64_t ctx, const void* const* vrows, int64_t D, int64_t gn,
                     const float* inv) {
@@ -150,8 +150,8 @@ void score_rows(const float* qg, int64_t G, int64_t D, const void* const* krows,
     for (; p + 4 <= ctx; p += 4) {
       if (SOT_ATT_PF > 0)
         for (int64_t j = p + SOT_ATT_PF; j < std::min(ctx, p + SOT_ATT_PF + 4); ++j) {
-          prefetch_row<T>(krows[j], row_bytes, 0);
-          prefetch_row<T>(vrows[j], row_bytes, 1);
+          prefetch_row(krows[j], row_bytes, 0);
+          prefetch_row(vrows[j], row_bytes, 1);
         }
       const T* k0 = static_cast<const T*>(krows[p]);
       const T* k1 = static_cast<const T*>(krows[p + 1]);
