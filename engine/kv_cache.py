@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 import torch
 
 from engine.config import ModelConfig
+from engine.memory import huge_zeros
 from engine.sequence import Sequence
 
 
@@ -216,7 +217,8 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        # on CPU a decode step reads K/V rows scattered over the pool: on 2 MiB pages, committed as first written
+        self.data = huge_zeros(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
         self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(cfg.num_layers)]
 
     @staticmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
+from engine.memory import into_hugepages
 from kernels import Backend, reference
 from kernels.cascade import PrefixGroup
 from kernels.weights import embedding, store
@@ -75,6 +76,12 @@ class LlamaModel:
                 mat(torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])),
                 mat(w.pop(p + "mlp.down_proj.weight")),
             ))
+        if self.norm.device.type == "cpu":  # a decode step streams them all: on 2 MiB pages (engine.memory)
+            flat = [self.norm, self.embed, self.lm_head, *(m for layer in self.layers for m in layer)]
+            del self.embed, self.lm_head, self.layers  # so that each original goes once copied
+            flat = into_hugepages(flat)
+            self.norm, self.embed, self.lm_head = flat[:3]
+            self.layers = [tuple(flat[3 + 6 * i:9 + 6 * i]) for i in range(cfg.num_layers)]
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(cfg))
         dev = self.norm.device

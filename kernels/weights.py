@@ -20,6 +20,7 @@ costs what a 1-row step does (csrc/cpu/linear_bf16.cpp) and prefill is compute-c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -106,6 +107,15 @@ def embedding(ids: torch.Tensor, table: Weight, dtype: torch.dtype) -> torch.Ten
     if isinstance(table, Bf16MatmulWeight):
         return table.w[ids].to(dtype)
     return table[ids].to(dtype)
+
+
+def map_tensors(w: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight:
+    """The weight with each tensor it holds replaced by fn(tensor), in the same storage class."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(fn(w.q), fn(w.scale))
+    if isinstance(w, Bf16MatmulWeight):
+        return Bf16MatmulWeight(fn(w.w))
+    return fn(w)
 
 
 def nbytes(w: Weight) -> int:
