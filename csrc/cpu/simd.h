@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -179,6 +180,20 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {
 }
 
 // x[i] = e^(x[i] - m); returns the sum
+// max over x[0:n] (-inf for n == 0), NaNs skipped as std::max(m, x) skips them: one dependent maxss a value was the
+// softmax's slowest loop
+inline float max_of(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t k = 0;
+#if defined(SOT_SIMD_VECTOR)
+  vf mv = vset1(m);
+  for (; k + kLanes <= n; k += kLanes) mv = vmax(vload(x + k), mv);  // a NaN in the first operand: mv kept
+  m = vmaxall(mv);
+#endif
+  for (; k < n; ++k) m = std::max(m, x[k]);
+  return m;
+}
+
 inline float exp_shift_sum(float* x, int64_t n, float m) {
   int64_t k = 0;
   float s = 0.f;

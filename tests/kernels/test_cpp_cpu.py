@@ -254,7 +254,7 @@ def make_pool(lens, heads, kvh, d, bs, seed):
 @needs_cpp
 @pytest.mark.parametrize("pool", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bs", [4, 16])
-@pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2), (8, 2), (9, 3)])
+@pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2), (8, 2), (9, 3), (10, 2)])  # G 1-5: heads in passes of up to 4
 @pytest.mark.parametrize("d", [8, 40, 64, 128])  # under, between and over the vector chunks
 def test_paged_decode_matches_reference(bs, heads, kvh, d, pool):
     """float32 queries over float32 or bfloat16 pools (widened exactly: the float64 oracle reads the same pool)."""
