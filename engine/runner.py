@@ -69,18 +69,23 @@ class ModelRunner:
         return groups or None
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        lens = [len(s) for s in seqs]
+        # the per-sequence ints in one tensor (one host-to-device copy on a GPU, one torch.tensor call on a CPU)
+        ids, positions, slots, context_lens = self._tensor([
+            [s.token_ids[-1] for s in seqs], [n - 1 for n in lens],
+            [self._slot(s, n - 1) for s, n in zip(seqs, lens)], lens]).unbind(0)
         meta = AttnMetadata(
             is_prefill=False,
-            slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs]),
+            slot_mapping=slots,
             block_tables=self._block_tables(seqs),
-            context_lens=self._tensor([len(s) for s in seqs]),
+            context_lens=context_lens,
             cu_seqlens_q=None,
             logits_indices=torch.arange(len(seqs), device=self.device),
-            max_context_len=max(len(s) for s in seqs),
+            max_context_len=max(lens),
             prefix_groups=self.prefix_groups(seqs),
         )
         self.cascade_steps += meta.prefix_groups is not None
-        return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
+        return ids, positions, meta
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
