@@ -26,6 +26,8 @@ _ALIGN = 64  # bytes: every tensor in an arena starts on a cache line
 
 def huge_empty(nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor of `nbytes` zero bytes on memory advised MADV_HUGEPAGE (where the OS has it)."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no anonymous private mappings through this module
+        return torch.zeros(nbytes, dtype=torch.uint8)
     buf = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("SOT_HUGEPAGES", "1") != "0":
         try:
