@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace sot_cpu {
@@ -97,21 +98,33 @@ void weighted_heads(float* og, const float* scores, int64_t ctx, const void* con
     for (int v = 0; v < NV; ++v) vstore(og + g * D + v * kLanes, vmul(acc[g][v], vset1(inv[g])));
 }
 
+// f(std::integral_constant<int, n>{}) for n = gn in 1..4: the compile-time head count of a register-blocked loop
+// (f returns false where that instance would not fit the register file); false for any other gn
+template <typename F>
+bool with_head_count(int64_t gn, F&& f) {
+  switch (gn) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return false;
+  }
+}
+
 // weighted_heads for gn heads (og, scores and inv at the first of them) and a D of NV vectors; false where no
 // instance fits the register file
 template <typename T, int NV>
 bool weighted_group(float* og, const float* scores, int64_t ctx, const void* const* vrows, int64_t D, int64_t gn,
                     const float* inv) {
-  switch (gn) {  // GN * NV accumulators + NV row vectors within the register file
-#define SOT_GN(n) \
-  case n:         \
-    if constexpr (n * NV + NV <= kVectorRegs - 4)                                 \
-      return weighted_heads<T, NV, n>(og, scores, ctx, vrows, D, inv), true;      \
-    return false;
-    SOT_GN(1) SOT_GN(2) SOT_GN(3) SOT_GN(4)
-#undef SOT_GN
-    default: return false;
-  }
+  return with_head_count(gn, [&](auto n) {
+    constexpr int GN = decltype(n)::value;
+    if constexpr (GN * NV + NV <= kVectorRegs - 4) {  // GN * NV accumulators + NV row vectors
+      weighted_heads<T, NV, GN>(og, scores, ctx, vrows, D, inv);
+      return true;
+    } else {
+      return false;
+    }
+  });
 }
 #endif
 
@@ -171,16 +184,15 @@ inline void score4_heads(const float* qg, const T* const* k, int64_t D, int64_t 
 template <typename T, int NV>
 bool score4_group(const float* qg, const T* const* k, int64_t D, int64_t ctx, int64_t p, float sc, float* scores,
                   int64_t gn) {
-  switch (gn) {
-#define SOT_GN(n)                                                                \
-  case n:                                                                        \
-    if constexpr (4 * n + 5 <= kVectorRegs)                                      \
-      return score4_heads<T, NV, n>(qg, k, D, ctx, p, sc, scores), true;         \
-    return false;
-    SOT_GN(1) SOT_GN(2) SOT_GN(3) SOT_GN(4)
-#undef SOT_GN
-    default: return false;
-  }
+  return with_head_count(gn, [&](auto n) {
+    constexpr int GN = decltype(n)::value;
+    if constexpr (4 * GN + 5 <= kVectorRegs) {
+      score4_heads<T, NV, GN>(qg, k, D, ctx, p, sc, scores);
+      return true;
+    } else {
+      return false;
+    }
+  });
 }
 #endif
 
@@ -207,10 +219,11 @@ void score_rows(const float* qg, int64_t G, int64_t D, const void* const* krows,
         const int64_t gn = std::min(step, G - g);
         const float* q = qg + g * D;
         float* sg = scores + g * ctx;
-        nv == 1   ? score4_group<T, 1>(q, k, D, ctx, p, sc, sg, gn)
-        : nv == 2 ? score4_group<T, 2>(q, k, D, ctx, p, sc, sg, gn)
-        : nv == 4 ? score4_group<T, 4>(q, k, D, ctx, p, sc, sg, gn)
-                  : score4_group<T, 8>(q, k, D, ctx, p, sc, sg, gn);
+        const bool done = nv == 1   ? score4_group<T, 1>(q, k, D, ctx, p, sc, sg, gn)
+                          : nv == 2 ? score4_group<T, 2>(q, k, D, ctx, p, sc, sg, gn)
+                          : nv == 4 ? score4_group<T, 4>(q, k, D, ctx, p, sc, sg, gn)
+                                    : score4_group<T, 8>(q, k, D, ctx, p, sc, sg, gn);
+        TORCH_INTERNAL_ASSERT(done, "score_rows: no register-blocked instance for ", gn, " heads");  // step fits
       }
     }
   }
