@@ -14,6 +14,7 @@ tensor made from it: it lives as long as that tensor or any view of it.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
@@ -39,11 +40,7 @@ def huge_empty(nbytes: int) -> torch.Tensor:
 
 def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """torch.zeros(shape, dtype) on huge-page memory (nothing is written: the mapping is zero-filled)."""
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    return huge_empty(nbytes).view(dtype).view(shape)
+    return huge_empty(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def into_hugepages(weights: list[Weight | None]) -> list[Weight]:

@@ -154,19 +154,18 @@ void weighted_all(float* og, const float* scores, int64_t ctx, const void* const
 }
 
 #if defined(SOT_SIMD_VECTOR)
-// scores of tokens p..p+3 for GN heads at once (q_g at qg + g D, D = NV * kLanes): the 4 * GN dot products are
-// independent FMA chains, so the FMA pipes stay busy instead of waiting on one chain's latency; one vsum4 per head
-template <typename T, int NV, int GN>
+// scores of tokens p..p+3 for GN heads at once (q_g at qg + g D, D a multiple of kLanes): the 4 * GN dot products
+// are independent FMA chains, so the FMA pipes stay busy instead of waiting on one chain's latency; one vsum4 a head
+template <typename T, int GN>
 inline void score4_heads(const float* qg, const T* const* k, int64_t D, int64_t ctx, int64_t p, float sc,
                          float* scores) {
   vf a[GN][4];
   for (int g = 0; g < GN; ++g)
     for (int j = 0; j < 4; ++j) a[g][j] = vzero();
-  for (int v = 0; v < NV; ++v) {
-    const vf k0 = vload(k[0] + v * kLanes), k1 = vload(k[1] + v * kLanes), k2 = vload(k[2] + v * kLanes),
-             k3 = vload(k[3] + v * kLanes);
+  for (int64_t d = 0; d < D; d += kLanes) {
+    const vf k0 = vload(k[0] + d), k1 = vload(k[1] + d), k2 = vload(k[2] + d), k3 = vload(k[3] + d);
     for (int g = 0; g < GN; ++g) {
-      const vf qv = vload(qg + g * D + v * kLanes);
+      const vf qv = vload(qg + g * D + d);
       a[g][0] = vfma(qv, k0, a[g][0]);
       a[g][1] = vfma(qv, k1, a[g][1]);
       a[g][2] = vfma(qv, k2, a[g][2]);
@@ -180,14 +179,14 @@ inline void score4_heads(const float* qg, const T* const* k, int64_t D, int64_t 
   }
 }
 
-// score4_heads for gn heads and a D of NV vectors where the 4 gn accumulators and 4 K vectors fit the registers
-template <typename T, int NV>
+// score4_heads for gn heads where the 4 gn accumulators, 4 K vectors and a q vector fit the registers
+template <typename T>
 bool score4_group(const float* qg, const T* const* k, int64_t D, int64_t ctx, int64_t p, float sc, float* scores,
                   int64_t gn) {
   return with_head_count(gn, [&](auto n) {
     constexpr int GN = decltype(n)::value;
     if constexpr (4 * GN + 5 <= kVectorRegs) {
-      score4_heads<T, NV, GN>(qg, k, D, ctx, p, sc, scores);
+      score4_heads<T, GN>(qg, k, D, ctx, p, sc, scores);
       return true;
     } else {
       return false;
@@ -204,9 +203,9 @@ void score_rows(const float* qg, int64_t G, int64_t D, const void* const* krows,
                 int64_t ctx, float sc, float* scores) {
   int64_t p = 0;
 #if defined(SOT_SIMD_VECTOR)
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T)), nv = D / kLanes;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   const int64_t step = std::min<int64_t>(4, (kVectorRegs - 5) / 4);  // heads a pass keeps in registers
-  if (D % kLanes == 0 && (nv == 1 || nv == 2 || nv == 4 || nv == 8) && step > 0) {
+  if (D % kLanes == 0) {
     for (; p + 4 <= ctx; p += 4) {
       if (SOT_ATT_PF > 0)
         for (int64_t j = p + SOT_ATT_PF; j < std::min(ctx, p + SOT_ATT_PF + 4); ++j) {
@@ -217,12 +216,7 @@ void score_rows(const float* qg, int64_t G, int64_t D, const void* const* krows,
                        static_cast<const T*>(krows[p + 2]), static_cast<const T*>(krows[p + 3])};
       for (int64_t g = 0; g < G; g += step) {
         const int64_t gn = std::min(step, G - g);
-        const float* q = qg + g * D;
-        float* sg = scores + g * ctx;
-        const bool done = nv == 1   ? score4_group<T, 1>(q, k, D, ctx, p, sc, sg, gn)
-                          : nv == 2 ? score4_group<T, 2>(q, k, D, ctx, p, sc, sg, gn)
-                          : nv == 4 ? score4_group<T, 4>(q, k, D, ctx, p, sc, sg, gn)
-                                    : score4_group<T, 8>(q, k, D, ctx, p, sc, sg, gn);
+        const bool done = score4_group<T>(qg + g * D, k, D, ctx, p, sc, scores + g * ctx, gn);
         TORCH_INTERNAL_ASSERT(done, "score_rows: no register-blocked instance for ", gn, " heads");  // step fits
       }
     }

@@ -179,7 +179,6 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {
   for (; k < n; ++k) y[k] += a * x[k];
 }
 
-// x[i] = e^(x[i] - m); returns the sum
 // max over x[0:n] (-inf for n == 0), NaNs skipped as std::max(m, x) skips them: one dependent maxss a value was the
 // softmax's slowest loop
 inline float max_of(const float* x, int64_t n) {
@@ -194,6 +193,7 @@ inline float max_of(const float* x, int64_t n) {
   return m;
 }
 
+// x[i] = e^(x[i] - m); returns the sum
 inline float exp_shift_sum(float* x, int64_t n, float m) {
   int64_t k = 0;
   float s = 0.f;
