@@ -1,7 +1,7 @@
 """Build hook. The pure-Python packages are described in pyproject.toml; this adds the optional C++
-CPU kernels (csrc/cpu/*.cpp -> `kernels._cpp`, the "cpp" kernel backend) as a torch extension, and,
-when torch has CUDA and nvcc is found, the CUDA kernels (csrc/cuda -> `kernels._cuda`, the "cuda"
-backend; without this build that backend compiles them on first use, see kernels/cuda.py).
+CPU kernels (csrc/cpu/*.cpp -> `sot_engine.kernels._cpp`, the "cpp" kernel backend) as a torch extension, and,
+when torch has CUDA and nvcc is found, the CUDA kernels (csrc/cuda -> `sot_engine.kernels._cuda`, the "cuda"
+backend; without this build that backend compiles them on first use, see sot_engine/kernels/cuda.py).
 
 The extensions need torch importable at build time, so install with `--no-build-isolation` after
 torch (scripts/install.sh does). They are optional: no torch at build time, no compiler, or a failed
@@ -20,10 +20,10 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 
 
-CUDA_EXT = "kernels._cuda"
+CUDA_EXT = "sot_engine.kernels._cuda"
 
 
-CUDA_LATER = "the 'cuda' kernel backend compiles it on first use instead, where nvcc is (kernels/cuda.py)"
+CUDA_LATER = "the 'cuda' kernel backend compiles it on first use instead, where nvcc is (sot_engine/kernels/cuda.py)"
 
 
 def _warn(msg: str, then: str = "the 'cpp' kernel backend will be unavailable") -> None:
@@ -31,14 +31,14 @@ def _warn(msg: str, then: str = "the 'cpp' kernel backend will be unavailable") 
 
 
 def cuda_extension(torch):
-    """`kernels._cuda` from csrc/cuda, or None: a CPU torch (silently), no sources, or no nvcc (a warning)."""
+    """`sot_engine.kernels._cuda` from csrc/cuda, or None: a CPU torch (silently), no sources, or no nvcc (a warning)."""
     folder = HERE / "csrc" / "cuda"
     sources = sorted(p.relative_to(HERE).as_posix() for pat in ("*.cpp", "*.cu") for p in folder.glob(pat))
     if not torch.version.cuda or not sources:
         return None
     from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
     if CUDA_HOME is None:
-        _warn("torch has CUDA but nvcc was not found (set CUDA_HOME); skipping kernels._cuda", CUDA_LATER)
+        _warn("torch has CUDA but nvcc was not found (set CUDA_HOME); skipping sot_engine.kernels._cuda", CUDA_LATER)
         return None
     flags = {"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-lineinfo"]}
     return CUDAExtension(CUDA_EXT, sources, extra_compile_args=flags, optional=True)
@@ -54,7 +54,7 @@ def csrc_extensions() -> dict:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as e:  # e.g. an isolated build environment without torch
-        _warn(f"torch is not importable at build time ({e}); skipping kernels._cpp "
+        _warn(f"torch is not importable at build time ({e}); skipping sot_engine.kernels._cpp "
               "(pip install -e . --no-build-isolation after torch builds it)")
         return {}
 
@@ -97,7 +97,7 @@ def csrc_extensions() -> dict:
     if torch._C.has_openmp:
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
-    ext = CppExtension("kernels._cpp", sources, extra_compile_args=cflags, extra_link_args=ldflags,
+    ext = CppExtension("sot_engine.kernels._cpp", sources, extra_compile_args=cflags, extra_link_args=ldflags,
                        optional=True)
     cuda = cuda_extension(torch)
     return {"ext_modules": [ext] + ([cuda] if cuda else []),

@@ -2,11 +2,8 @@
 how a device is timed (median ms, the measured copy bandwidth as the roof) and how a plot is drawn."""
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import statistics
 import time
@@ -16,41 +13,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from sot_engine.environment import cpu_name, device_name, environment  # noqa: F401 (re-exported)
+
 # SOT_BENCH_RESULTS redirects output (the smoke tests write to a temporary folder)
 RESULTS = Path(os.environ.get("SOT_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
-def _version(dist: str) -> str | None:
-    try:  # metadata only: importing triton just to read its version costs a second
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-    }
 
 
 def result_path(name: str, device: torch.device, suffix: str = ".json") -> Path:

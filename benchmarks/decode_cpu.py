@@ -25,7 +25,7 @@ import time
 import torch
 
 from benchmarks.common import copy_bandwidth, write_result
-from engine import LLM, SamplingParams
+from sot_engine.engine import LLM, SamplingParams
 
 QUESTIONS = [
     "How can I improve my time management skills?",
@@ -102,7 +102,7 @@ def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
 
 
 def main() -> None:
-    from kernels.weights import WEIGHT_DTYPES
+    from sot_engine.kernels.weights import WEIGHT_DTYPES
     variants = (*WEIGHT_DTYPES, "bf16-matmul", "bf16-matmul+kv-bf16")
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8,16")
@@ -123,7 +123,7 @@ def main() -> None:
     bad = [w for w in storages if w not in variants]
     if bad:
         ap.error(f"unknown weight storage {bad[0]!r}; choose from {', '.join(variants)}")
-    from kernels import BackendUnavailable, get_backend
+    from sot_engine.kernels import BackendUnavailable, get_backend
     names = args.backends.split(",") if args.backends else [get_backend(None, "cpu").name]
     configs = []  # (row key, LLM): every one loaded first, then timed in rounds
     for backend in names:
@@ -156,7 +156,7 @@ def main() -> None:
             for b in map(int, args.batches.split(","))]
     llm = configs[-1][1] if configs else None
     if not (args.quick or args.no_hf) and rows:
-        from engine.loader import default_model_path
+        from sot_engine.engine.loader import default_model_path
         chats = [llm.engine.encode([{"role": "user", "content": q}]) for q in prompts(max(r["batch"] for r in rows))]
         for row in rows:
             if (row["backend"], row["weights"], row.get("kv")) == (rows[0]["backend"], "fp32", None):

@@ -28,7 +28,7 @@ BUILD_S="${BUILD_S:-200}"      # the CUDA extension's JIT build, alongside the T
 CUDA_TEST_S="${CUDA_TEST_S:-90}"  # tests/kernels/test_cuda_decode.py
 BENCH_S="${BENCH_S:-250}"      # hard limit for the kernel benchmark; it stops starting configs at BENCH_BUDGET_S
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-190}"
-# the JIT build folder (kernels/cuda.py); outside $OUT, whose files come back to the caller
+# the JIT build folder (sot_engine/kernels/cuda.py); outside $OUT, whose files come back to the caller
 export SOT_CUDA_BUILD_DIR="${SOT_CUDA_BUILD_DIR:-${TMPDIR:-/tmp}/sot-engine-cuda-build}"
 LATENCY_S="${LATENCY_S:-170}"  # latency 7B + 13B; new measurements stop at LATENCY_BUDGET_S
 LATENCY_BUDGET_S="${LATENCY_BUDGET_S:-120}"

@@ -124,7 +124,7 @@ def prefix_once_evidence(cascade_us: float, copy_gbps: float | None, plain_bytes
 
 def cost_model_picks(members: int, prefix: int, suffix: int, shape: AttnShape) -> bool:
     """Whether `kernels.cascade.cascade_pays` would run this group with cascade."""
-    from kernels.cascade import cascade_pays
+    from sot_engine.kernels.cascade import cascade_pays
     return bool(cascade_pays(members, prefix, suffix, shape.group))
 
 
@@ -269,7 +269,7 @@ def load_cuda_decode(device: torch.device) -> tuple[object | None, str]:
     if device.type != "cuda":
         return None, "unavailable: needs a CUDA GPU"
     try:
-        from kernels.cuda import load_extension
+        from sot_engine.kernels.cuda import load_extension
         return load_extension(), ""
     except Exception as e:  # noqa: BLE001 - BackendUnavailable, or an import problem: reported, not raised
         return None, f"unavailable: {e}"[:300]
@@ -304,8 +304,8 @@ class Runner:
         return row
 
     def decode(self, cfg: dict) -> list[dict]:
-        from kernels import reference
-        from kernels.triton.decode import paged_decode_attention
+        from sot_engine.kernels import reference
+        from sot_engine.kernels.triton.decode import paged_decode_attention
         shape, dtype = shape_by_name(cfg["shape"]), DTYPES[cfg["dtype"]]
         b, ctx = cfg["batch"], cfg["context"]
         q, k, v, tables, lens = paged_pool(b, ctx, shape, dtype, self.device, self.gen)
@@ -341,9 +341,9 @@ class Runner:
         return rows
 
     def cascade(self, cfg: dict, cascade_fn: Callable | None, why_absent: str) -> dict:
-        from kernels import reference
-        from kernels.cascade import find_groups
-        from kernels.triton.decode import paged_decode_attention
+        from sot_engine.kernels import reference
+        from sot_engine.kernels.cascade import find_groups
+        from sot_engine.kernels.triton.decode import paged_decode_attention
         shape, dtype = shape_by_name(cfg["shape"]), DTYPES[cfg["dtype"]]
         m, p, s = cfg["members"], cfg["prefix"], cfg["suffix"]
         assert p % BLOCK_SIZE == 0, "the shared prefix must be whole blocks"
@@ -370,7 +370,7 @@ class Runner:
         row["groups"] = [len(g.members) for g in groups]
         plan = groups
         try:  # the per-step host work (packing the groups) once, outside the timing, as the engine does per step
-            from kernels.triton.cascade import make_plan
+            from sot_engine.kernels.triton.cascade import make_plan
             plan = make_plan(groups, tables, lens, BLOCK_SIZE)
         except ImportError:
             pass
@@ -385,8 +385,8 @@ class Runner:
         return row
 
     def prefill(self, cfg: dict) -> list[dict]:
-        from kernels import reference
-        from kernels.triton.prefill import paged_prefill_attention
+        from sot_engine.kernels import reference
+        from sot_engine.kernels.triton.prefill import paged_prefill_attention
         shape, dtype = shape_by_name(cfg["shape"]), DTYPES[cfg["dtype"]]
         n_seq, n = cfg["seqs"], cfg["new"]
         q, k, v, tables, lens = paged_pool(n_seq, n, shape, dtype, self.device, self.gen, queries=n_seq * n)
@@ -418,7 +418,7 @@ class Runner:
 def load_cascade_kernel() -> tuple[Callable | None, str]:
     """`kernels.triton.cascade.cascade_decode_attention`, or None and why not."""
     try:
-        from kernels.triton.cascade import cascade_decode_attention
+        from sot_engine.kernels.triton.cascade import cascade_decode_attention
         return cascade_decode_attention, ""
     except ImportError as e:
         return None, f"no Triton cascade kernel ({e})"

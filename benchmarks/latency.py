@@ -29,8 +29,8 @@ import torch
 
 from benchmarks.common import (copy_bandwidth, environment, format_table, pyplot, result_path, sigterm_as_interrupt,
                                save_figure, sync, write_result)
-from engine import LLM, SamplingParams
-from engine.config import ModelConfig, shape
+from sot_engine.engine import LLM, SamplingParams
+from sot_engine.engine.config import ModelConfig, shape
 
 GIB = 1 << 30
 BLOCK = 16  # the engine's default block size

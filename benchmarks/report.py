@@ -60,7 +60,7 @@ def sot_table(path: Path) -> str:
             + "".join(f", {k.lstrip('-')} {v}" for k, v in narrow)
             + f", {env['device']}, {env['threads']} threads, "
             f"{env['date']}; greedy, normal capped at {cfg['normal_max_tokens']} tokens, points at "
-            f"{cfg['point_max_tokens']} (`python -m sot bench --dataset {d['dataset']} "
+            f"{cfg['point_max_tokens']} (`sot bench --dataset {d['dataset']} "
             f"--normal-max-tokens {cfg['normal_max_tokens']}"
             + (f" --expansion {d['expansion']}" if d["expansion"] != "paper" else "")
             + (f" --categories {' '.join(d['categories'])}" if d.get("categories") else "")

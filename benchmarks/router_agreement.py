@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks import common
-from sot.router import SOT, route
+from sot_engine.sot.router import SOT, route
 
 DATASETS = ("vicuna", "wizardlm")
 LABELS = "sot_router_labels_{}.csv"

@@ -57,8 +57,8 @@ async def load(server, questions: list[str], max_tokens: int) -> list[dict | Bas
 
 
 def run(llm, n: int, max_tokens: int) -> dict:
-    from sot.bench import load_dataset
-    from sot.server.background import BackgroundServer
+    from sot_engine.sot.bench import load_dataset
+    from sot_engine.sot.server.background import BackgroundServer
     questions = [q.text for q in load_dataset("vicuna80")]
     questions = [questions[i % len(questions)] + ("" if i < len(questions) else f" ({i})") for i in range(n)]
     server = BackgroundServer(llm)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="16 requests of 8 tokens")
     args = ap.parse_args(argv)
-    from engine import LLM
+    from sot_engine.engine import LLM
     n, max_tokens = (16, 8) if args.quick else (args.requests, args.max_tokens)
     llm = LLM(args.model, max_num_seqs=max(n, 1))
     res = run(llm, n, max_tokens)

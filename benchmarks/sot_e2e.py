@@ -40,9 +40,9 @@ import torch
 from benchmarks import common
 from benchmarks.common import (environment, pyplot, result_path, save_figure, sigterm_as_interrupt, sync,
                                write_result)
-from engine import LLM, SamplingParams
-from engine.config import SHAPES, ModelConfig, shape
-from sot.bench import summarize, table
+from sot_engine.engine import LLM, SamplingParams
+from sot_engine.engine.config import SHAPES, ModelConfig, shape
+from sot_engine.sot.bench import summarize, table
 
 DEFAULT_RECORDS = Path(__file__).resolve().parent / "results" / "cpu" / "sot_vicuna80_auto_paper.jsonl"
 SYSTEMS = ("ours", "hf")
@@ -93,9 +93,9 @@ def backfill(path: Path, model: str = "default") -> int:
     with the driver (`SoT.point_prompts`) on the run's tokenizer. Every rebuilt length is checked against the
     totals the record does hold (point prompt tokens, tokens prefilled); a row that disagrees is left without
     a trace. Returns the number of rows given a trace."""
-    from sot.bench import trace
-    from sot.driver import Answer, PointAnswer, SoT, SoTConfig, TokenCounts, common_prefix_len
-    from sot.skeleton import Point
+    from sot_engine.sot.bench import trace
+    from sot_engine.sot.driver import Answer, PointAnswer, SoT, SoTConfig, TokenCounts, common_prefix_len
+    from sot_engine.sot.skeleton import Point
     meta = json.loads(path.with_suffix(".json").read_text())
     sot = SoT(LLM(model, device="cpu", enable_prefix_caching=False), SoTConfig(**meta["config"]))
     rows, added = read_records(path), 0
@@ -557,8 +557,8 @@ def validate(model: str, *, device: torch.device, dtype: torch.dtype, backend: s
     """A real run on `model` (`sot bench` on a few questions per category) and its replay on random weights of
     the same shape, same device, dtype, backend and threads, interleaved question by question (so a change in
     the machine's load hits both alike): the counters must be equal, the latency close."""
-    from sot.bench import load_dataset, run_bench
-    from sot.driver import SoT, SoTConfig
+    from sot_engine.sot.bench import load_dataset, run_bench
+    from sot_engine.sot.driver import SoT, SoTConfig
     qs = load_dataset(dataset)
     ids = [r["question_id"] for r in select([{"question_id": q.id, "category": q.category} for q in qs],
                                              per_category)]

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import ModelConfig, shape  # noqa: E402
+from sot_engine.engine.config import ModelConfig, shape  # noqa: E402
 
 
 def smollm2_gguf() -> Path | None:
@@ -64,7 +64,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def prompt_logits(llm, prompt) -> torch.Tensor:
     """The logits a prompt's prefill gives for its last token, read off the runner (the engine left as found)."""
-    from engine import SamplingParams
+    from sot_engine.engine import SamplingParams
     eng = llm.engine
     seq = eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
     batch, _ = eng.scheduler.schedule()
@@ -79,12 +79,11 @@ class SmolLM2:
 
     def __init__(self) -> None:
         import json
-        from engine import LLM
+        from sot_engine.engine import LLM
         self.path = smollm2_gguf()
         self.llm = LLM("default", device="cpu", dtype=torch.float32)
-        data = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
-        self.questions = [json.loads(l) for l in data.read_text().splitlines()] if data.exists() else [
-            {"text": f"Question number {i}: how do plants turn sunlight into sugar, step by step?"} for i in range(80)]
+        from sot_engine.sot.bench import DATASETS
+        self.questions = [json.loads(l) for l in DATASETS["vicuna80"].read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +97,8 @@ def tiny_chat_dir(tmp_path_factory) -> Path:
     enough to drive chat prompts and SoT end to end in milliseconds. Its text is noise."""
     import json
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from engine.chat import ChatTemplate
-    from sot.prompts import CONTINUATION_TEMPLATE, POINT_TEMPLATE, SKELETON_TEMPLATE
+    from sot_engine.engine.chat import ChatTemplate
+    from sot_engine.sot.prompts import CONTINUATION_TEMPLATE, POINT_TEMPLATE, SKELETON_TEMPLATE
     path = tmp_path_factory.mktemp("tiny_chat")
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -121,5 +120,5 @@ def tiny_chat_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llm_small_pool(tiny_dir):
     """A tiny model with a pool small enough that preemption and fork fallbacks happen."""
-    from engine import LLM
+    from sot_engine.engine import LLM
     return LLM(str(tiny_dir), num_blocks=12, block_size=4, max_num_seqs=8)

@@ -1,4 +1,4 @@
-// Python bindings of the C++ CPU kernels: the module `kernels._cpp` (wrapped by kernels/cpp.py).
+// Python bindings of the C++ CPU kernels: the module `sot_engine.kernels._cpp` (wrapped by sot_engine/kernels/cpp.py).
 #include <torch/extension.h>
 
 #include <string>

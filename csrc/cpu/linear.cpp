@@ -4,7 +4,7 @@
 // each weight row from memory once for all M rows: an MR x NR micro-tile (MR rows of x, NR rows of w)
 // accumulates in registers along k; for one block of NR weight rows every row tile of x runs before
 // the next block, the block being re-read from L1. Weights may be stored as float32, bfloat16 or int8
-// with a float32 scale per group of K / G weights of a row (kernels/weights.py): in registers they
+// with a float32 scale per group of K / G weights of a row (sot_engine/kernels/weights.py): in registers they
 // become the float32 weights exactly (bf16 << 16; int8 * its scale, one rounding, as
 // Int8Weight.dequantize computes them), then every product and sum is float32.
 #include "ops.h"
@@ -63,7 +63,7 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, const float
   vf acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
-  // a cache line of weights per row and step (int8: a 32-weight group, kernels/weights.py's INT8_GROUP)
+  // a cache line of weights per row and step (int8: a 32-weight group, sot_engine/kernels/weights.py's INT8_GROUP)
   constexpr int kStep = kScaled ? 32 / kLanes : std::max<int>(1, 64 / (kLanes * int(sizeof(T))));
 #endif
   const int64_t segments = kScaled ? G : 1, len = K / segments;

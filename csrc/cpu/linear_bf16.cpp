@@ -1,5 +1,5 @@
 // Weight matmul at bf16 precision: out[m, n] = sum_k bf16(x[m, k]) * w[n, k] for bfloat16 weights, the products
-// exact in float32 and the sums float32 (kernels/weights.py: Bf16MatmulWeight).
+// exact in float32 and the sums float32 (sot_engine/kernels/weights.py: Bf16MatmulWeight).
 //
 // Why: at float32 the fp32 FMA units bound a decode step of 8-16 rows (2 GFLOP a SmolLM2 step at 8 rows, ~100
 // GFLOP/s a core), so it costs 1.5-3x a 1-row step that only streams the weights. AMX's TDPBF16PS runs ~2 TFLOP/s

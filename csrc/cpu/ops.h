@@ -1,5 +1,5 @@
-// The C++ CPU kernels bound as `kernels._cpp` (bindings.cpp); each mirrors a function of
-// kernels/reference.py (same arguments, same result up to fp32 rounding) for float32 activations.
+// The C++ CPU kernels bound as `sot_engine.kernels._cpp` (bindings.cpp); each mirrors a function of
+// sot_engine/kernels/reference.py (same arguments, same result up to fp32 rounding) for float32 activations.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// torch bindings of the CUDA paged decode kernel (paged_decode.cu), module `kernels._cuda`.
+// torch bindings of the CUDA paged decode kernel (paged_decode.cu), module `sot_engine.kernels._cuda`.
 //
 // Everything a caller can get wrong is checked here (a ValueError naming the argument); the launch goes
 // on the current CUDA stream of q's device. The split-K workspace comes from torch's caching allocator,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import kernels_gpu as kg
-from kernels.cascade import cascade_pays
+from sot_engine.kernels.cascade import cascade_pays
 
 LLAMA = kg.shape_by_name("llama7b")
 GQA = kg.shape_by_name("gqa32/8")

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import latency
 from benchmarks.latency import Cost, prefill_keys, roofline_ms, sot_pairs
-from engine.config import shape
+from sot_engine.engine.config import shape
 
 
 @pytest.mark.parametrize("tied", [False, True])

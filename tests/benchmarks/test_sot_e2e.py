@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from benchmarks import sot_e2e
-from engine import LLM
-from sot.bench import run_bench
-from sot.driver import SoT, SoTConfig
-from sot.prompts import SoTPrompts
+from sot_engine.engine import LLM
+from sot_engine.sot.bench import run_bench
+from sot_engine.sot.driver import SoT, SoTConfig
+from sot_engine.sot.prompts import SoTPrompts
 
 QUESTIONS = [("How can I learn faster?", "generic"), ("What is 12*7?", "math"),
              ("What are good ways to save money?", "generic")]

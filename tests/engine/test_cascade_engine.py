@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from sot_engine.engine import LLM, SamplingParams
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

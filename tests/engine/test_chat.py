@@ -6,7 +6,7 @@ import pytest
 from jinja2.exceptions import TemplateError
 
 from conftest import smollm2_gguf
-from engine.chat import VICUNA_SYSTEM, ChatTemplate, guess_chat_template
+from sot_engine.engine.chat import VICUNA_SYSTEM, ChatTemplate, guess_chat_template
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 CONVERSATIONS = [

@@ -1,4 +1,4 @@
-"""`python -m engine generate` end to end in a subprocess."""
+"""`python -m sot_engine generate` (the engine's CLI under `sot`) end to end in a subprocess."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", "generate", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "sot_engine", "generate", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from sot_engine.engine import LLM, SamplingParams
 
 
 def test_fork_children_equal_full_prompts_and_share_blocks(tiny_dir):

@@ -14,8 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from conftest import make_hf_model, requires_smollm2, save_hf
-from engine import LLM, GuidedDecoding, SamplingParams
-from engine.config import shape
+from sot_engine.engine import LLM, GuidedDecoding, SamplingParams
+from sot_engine.engine.config import shape
 
 pytest.importorskip("llguidance")
 TINY = {"dtype": torch.float32, "num_threads": 1}  # a 128-wide model: a second torch thread only waits
@@ -287,7 +287,7 @@ def test_engine_runs_without_llguidance_and_names_the_extra():
     code = """
 import sys
 sys.modules["llguidance"] = None  # as if not installed
-from engine import LLM, GuidedDecoding, SamplingParams
+from sot_engine.engine import LLM, GuidedDecoding, SamplingParams
 llm = LLM("random:tiny", block_size=4, num_blocks=16, num_threads=1)
 print(len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].token_ids))
 try:

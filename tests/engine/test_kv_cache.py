@@ -7,9 +7,9 @@ import torch
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine import LLM, SamplingParams
-from engine.kv_cache import BlockManager, PoolExhausted, chain_hash
-from engine.sequence import Sequence
+from sot_engine.engine import LLM, SamplingParams
+from sot_engine.engine.kv_cache import BlockManager, PoolExhausted, chain_hash
+from sot_engine.engine.sequence import Sequence
 
 
 def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:

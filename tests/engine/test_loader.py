@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import make_hf_model, requires_smollm2, smollm2_gguf
-from engine.config import shape
-from engine.loader import expected_shapes, load_model
-from engine.loader.gguf import llama3_scaling_from_freqs, permute_qk
+from sot_engine.engine.config import shape
+from sot_engine.engine.loader import expected_shapes, load_model
+from sot_engine.engine.loader.gguf import llama3_scaling_from_freqs, permute_qk
 
 Q = gguf.GGMLQuantizationType
 

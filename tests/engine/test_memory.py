@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM
-from engine.memory import huge_empty, huge_zeros, into_hugepages
-from kernels.weights import Bf16MatmulWeight, quantize_int8
+from sot_engine.engine import LLM
+from sot_engine.engine.memory import huge_empty, huge_zeros, into_hugepages
+from sot_engine.kernels.weights import Bf16MatmulWeight, quantize_int8
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

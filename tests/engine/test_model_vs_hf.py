@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import shape
-from engine.llm_engine import LLMEngine
-from engine.sequence import SamplingParams
+from sot_engine.engine.config import shape
+from sot_engine.engine.llm_engine import LLMEngine
+from sot_engine.engine.sequence import SamplingParams
 from tests.conftest import make_hf_model, save_hf
 
 

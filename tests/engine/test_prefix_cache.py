@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import LLM, SamplingParams
+from sot_engine.engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from engine import LLM, SamplingParams
-from engine.sampler import sample_row
+from sot_engine.engine import LLM, SamplingParams
+from sot_engine.engine.sampler import sample_row
 
 
 def empirical(logits: torch.Tensor, p: SamplingParams, n: int = 20000) -> torch.Tensor:
@@ -64,7 +64,7 @@ def test_stream_deltas_add_up_and_abandoning_frees_blocks(tiny_dir):
 
 
 def test_argmax_rows_is_torch_argmax_ties_and_nan_included():
-    from engine.sampler import argmax_rows
+    from sot_engine.engine.sampler import argmax_rows
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 1000, generator=g)
     x[1, [7, 300]] = 50.0  # a tie: the first index wins

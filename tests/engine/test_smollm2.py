@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import SamplingParams
+from sot_engine.engine import SamplingParams
 from tests.conftest import prompt_logits, requires_smollm2
 
 CHATS = [

@@ -9,7 +9,7 @@ import gguf
 import pytest
 
 from conftest import requires_smollm2, smollm2_gguf
-from engine.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
+from sot_engine.engine.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
 
 TEXTS = [
     "", "Hello world", "12345", "x 12 y", "I'm   ok. It's 3.14159!", "héllo wörld ñandú", "日本語のテキストです",
@@ -223,7 +223,7 @@ def test_llama3_pretokenizer_gguf(smol, tmp_path):
 def _check_decode_more(tok, ids: list[int]) -> None:
     """decode_more over a growing list == decode of the whole list: exactly at the end, and before it for every
     prefix whose decode ends on a complete character."""
-    from engine.tokenizer import DecodeState
+    from sot_engine.engine.tokenizer import DecodeState
     st = DecodeState()
     for n in range(1, len(ids) + 1):
         text, whole = tok.decode_more(ids[:n], st, final=n == len(ids)), tok.decode(ids[:n])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from sot_engine.engine import LLM, SamplingParams
 from tests.conftest import prompt_logits, requires_smollm2
 
 CHATS = [

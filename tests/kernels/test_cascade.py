@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.cascade import attention_lse, cascade_decode_attention, cascade_pays, find_groups, merge_state
+from sot_engine.kernels import reference as ref
+from sot_engine.kernels.cascade import attention_lse, cascade_decode_attention, cascade_pays, find_groups, merge_state
 
 
 def forked_pool(groups_spec, solo_lens, kvh, d, bs, g):

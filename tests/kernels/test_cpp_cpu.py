@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (csrc/cpu, module kernels._cpp): each against a float64 oracle, the "cpp"
+"""The C++ CPU kernels (csrc/cpu, module sot_engine.kernels._cpp): each against a float64 oracle, the "cpp"
 backend end to end against torch token for token, and the fallback when the extension is missing.
 
 Skipped where the extension is not built (`pip install -e . --no-build-isolation` builds it; CI's
@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import BackendUnavailable, get_backend, reference, weights
-from kernels.weights import Bf16MatmulWeight, quantize_int8
+from sot_engine import kernels
+from sot_engine.kernels import BackendUnavailable, get_backend, reference, weights
+from sot_engine.kernels.weights import Bf16MatmulWeight, quantize_int8
 
 try:
-    from kernels import _cpp
+    from sot_engine.kernels import _cpp
 except ImportError as e:
-    _cpp, _why = None, f"C++ extension kernels._cpp not built ({e})"
+    _cpp, _why = None, f"C++ extension sot_engine.kernels._cpp not built ({e})"
 else:
     _why = ""
 needs_cpp = pytest.mark.skipif(_cpp is None, reason=_why or "built")
@@ -55,7 +55,7 @@ def test_linear_kernel_matches_float64(storage, m, n, k):
     tol = 1e-5 * k ** 0.5 * w64.abs().max().item()
     torch.testing.assert_close(_cpp.linear_rows(x, *args).double(), want, rtol=0, atol=tol)
     torch.testing.assert_close(_cpp.linear(x, *args).double(), want, rtol=0, atol=tol)  # the dispatching entry
-    from kernels.cpp import linear  # the backend's entry point, Int8Weight included
+    from sot_engine.kernels.cpp import linear  # the backend's entry point, Int8Weight included
     torch.testing.assert_close(linear(x, w).double(), want, rtol=0, atol=tol)
     torch.testing.assert_close(reference.linear(x, w).double(), want, rtol=0, atol=tol)
 
@@ -110,7 +110,7 @@ def test_bf16_matmul_matches_float64_on_rounded_inputs(amx, m, n, k):
     got = _cpp.linear_bf16(x, w, amx).double()
     torch.testing.assert_close(got, want, rtol=0, atol=tol)
     assert (got - F.linear(x.double(), w.double())).abs().max() > 10 * tol  # the activations were rounded
-    from kernels.cpp import linear
+    from sot_engine.kernels.cpp import linear
     torch.testing.assert_close(linear(x, Bf16MatmulWeight(w)).double(), want, rtol=0, atol=tol)
     torch.testing.assert_close(reference.linear(x, Bf16MatmulWeight(w)).double(), want, rtol=0, atol=tol)
     if m <= 16:  # rows of a strided x (the decode loop's views) and the fallback agree with AMX to rounding
@@ -132,7 +132,7 @@ def test_amx_is_used_where_the_cpu_has_it():
 
 
 def test_kv_cache_dtype_is_checked():
-    from engine import LLM
+    from sot_engine.engine import LLM
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of fp32, bf16 .* got 'int8'"):
         LLM("random:tiny", device="cpu", kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="narrower than the activations on CPU only"):
@@ -146,7 +146,7 @@ def test_matmul_precision_is_checked():
         weights.check_weight_dtype(None, "fp16")
     with pytest.raises(ValueError, match="weight_dtype must be 'bf16' or None, got 'int8'"):
         weights.check_weight_dtype("int8", "bf16")
-    from engine import LLM
+    from sot_engine.engine import LLM
     with pytest.raises(ValueError, match="matmul_precision"):
         LLM("random:tiny", device="cpu", matmul_precision="tf32")
 
@@ -170,7 +170,7 @@ def test_quantize_int8_rounds_each_group_to_its_own_grid(k, groups):
 def test_bad_weight_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="weight_dtype must be one of fp32, bf16, int8"):
         weights.store(torch.zeros(2, 2), "fp8")
-    from engine import LLM
+    from sot_engine.engine import LLM
     with pytest.raises(ValueError, match="weight_dtype must be one of .* got 'bfloat16'"):
         LLM("random:tiny", device="cpu", weight_dtype="bfloat16")
 
@@ -266,14 +266,14 @@ def test_paged_decode_matches_reference(bs, heads, kvh, d, pool):
     assert got.dtype == torch.float32 and got.shape == q.shape
     tol = max(2e-6, 3e-8 * d)  # a build without SIMD sums a 128-long dot in one sequential fp32 chain: 2.9e-6
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
-    from kernels.cpp import paged_decode_attention  # the backend's wrapper, int32 lengths too
+    from sot_engine.kernels.cpp import paged_decode_attention  # the backend's wrapper, int32 lengths too
     got = paged_decode_attention(q, kc, vc, tables.int(), ctx.int(), 0.17)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
 
 
 @needs_cpp
 def test_paged_decode_other_dtypes_use_the_reference():
-    from kernels.cpp import paged_decode_attention
+    from sot_engine.kernels.cpp import paged_decode_attention
     q, kc, vc, tables, ctx = make_pool([3, 9], 4, 2, 16, 4, seed=5)
     q, kc, vc = q.double(), kc.double(), vc.double()
     torch.testing.assert_close(paged_decode_attention(q, kc, vc, tables, ctx, 0.25),
@@ -317,7 +317,7 @@ def test_rope_store_decode_attention_matches_float64(heads, kvh, d, pool):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
     torch.testing.assert_close(kc.double(), kr, rtol=0, atol=1e-6)  # rotated K in its slot
     assert torch.equal(vc.double(), vr)  # V copied as is
-    from kernels.cpp import rope_store_decode_attention  # the backend's wrapper: float64 goes to the reference
+    from sot_engine.kernels.cpp import rope_store_decode_attention  # the backend's wrapper: float64 goes to the reference
     kr2, vr2 = kc.double(), vc.double()
     torch.testing.assert_close(rope_store_decode_attention(qkv.double(), ang.cos().double(), ang.sin().double(),
                                                            kr2, vr2, slots, tables, ctx, 0.3), want)
@@ -331,8 +331,8 @@ def test_rope_store_decode_attention_matches_float64(heads, kvh, d, pool):
 def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, hidden: int = 48, ffn: int = 80):
     """A random 3-layer LlamaModel on the cpp backend (norm weights away from 1, so a skipped norm shows).
     storage "bf16-matmul": bf16 weights at bf16 matmul precision."""
-    from engine.config import ModelConfig
-    from engine.model import LlamaModel
+    from sot_engine.engine.config import ModelConfig
+    from sot_engine.engine.model import LlamaModel
     cfg = ModelConfig(vocab_size=97, hidden_size=hidden, intermediate_size=ffn, num_layers=3, num_heads=heads,
                       num_kv_heads=kvh, head_dim=d, max_position_embeddings=256)
     g = torch.Generator().manual_seed(seed)
@@ -368,7 +368,7 @@ CASES = [(4, 2, 12, [1, 7, 40]), (6, 6, 8, [5]), (9, 3, 16, [3, 17, 33, 2, 64, 9
 def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden, ffn, pool):
     """One C++ call for all layers == the model's Python loop over the same backend's kernels (ragged contexts,
     GQA ratios, every weight storage, float32 and bf16 pools), hidden states and the K/V written into the pool."""
-    from engine.model import AttnMetadata
+    from sot_engine.engine.model import AttnMetadata
     model = random_model(heads, kvh, d, storage, seed=heads + len(lens), hidden=hidden, ffn=ffn)
     bs, b = 4, len(lens)
     g = torch.Generator().manual_seed(d)
@@ -415,7 +415,7 @@ def test_decode_layers_decline_what_they_do_not_run():
                 torch.ones(many, dtype=torch.long)) is None
     assert step(torch.randn(1, 48).double(), cs[:1], cs[:1], torch.tensor([0]), torch.zeros(1, 1, dtype=torch.long),
                 torch.ones(1, dtype=torch.long)) is None
-    from kernels.cpp import decode_layers
+    from sot_engine.kernels.cpp import decode_layers
     assert decode_layers(model.layers, model.norm, [(k.double(), v.double()) for k, v in kv], 4, 1e-5, 1.0) is None
     with pytest.raises(RuntimeError, match="slot out of range"):
         step(torch.randn(1, 48), cs[:1], cs[:1], torch.tensor([10 ** 6]), torch.zeros(1, 1, dtype=torch.long),
@@ -429,7 +429,7 @@ def test_backend_registry():
     assert b.name == "cpp"
     for f in ("linear", "silu_mul", "rms_norm", "add_rms_norm", "apply_rope", "store_kv", "paged_decode_attention",
               "rope_store_decode_attention"):
-        assert getattr(b, f).__module__ == "kernels.cpp", f
+        assert getattr(b, f).__module__ == "sot_engine.kernels.cpp", f
     assert b.paged_prefill_attention is reference.paged_prefill_attention
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # built: the CPU default, picked without a warning
@@ -441,7 +441,7 @@ def test_backend_registry():
 @needs_cpp
 @pytest.mark.parametrize("storage", [None, "bf16", "int8"])
 def test_engine_matches_torch_token_for_token(tiny_dir, storage):
-    from engine import LLM, SamplingParams
+    from sot_engine.engine import LLM, SamplingParams
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     g = torch.Generator().manual_seed(11)
     batch = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
@@ -469,7 +469,7 @@ def test_engine_with_bf16_rounding_matches_torch_to_rounding(tiny_dir, kw):
     way in one of them (measured on this model at bf16 precision: 1 logit row of 4 moved by 1.4e-3, and one
     sequence's 10th token changed where the top-2 margin was 0.007). So: logits to that, and greedy tokens equal up
     to such a flip."""
-    from engine import LLM, SamplingParams
+    from sot_engine.engine import LLM, SamplingParams
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     g = torch.Generator().manual_seed(11)
     batch = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
@@ -493,12 +493,12 @@ def test_missing_extension_falls_back_to_torch_with_one_warning(monkeypatch):
     real_import = builtins.__import__
 
     def no_cpp(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "kernels._cpp" or (name == "kernels" and fromlist and "_cpp" in fromlist):
+        if name == "sot_engine.kernels._cpp" or (name == "sot_engine.kernels" and fromlist and "_cpp" in fromlist):
             raise ImportError("simulated: not built")
         return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.setattr(builtins, "__import__", no_cpp)
-    for mod in ("kernels._cpp", "kernels.cpp"):
+    for mod in ("sot_engine.kernels._cpp", "sot_engine.kernels.cpp"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
     monkeypatch.delattr(kernels, "_cpp", raising=False)
     monkeypatch.delattr(kernels, "cpp", raising=False)
@@ -509,4 +509,4 @@ def test_missing_extension_falls_back_to_torch_with_one_warning(monkeypatch):
         warnings.simplefilter("always")
         b = get_backend(None, "cpu")
     assert b.name == "torch" and b.linear is None
-    assert len(caught) == 1 and "kernels._cpp is not built" in str(caught[0].message)
+    assert len(caught) == 1 and "sot_engine.kernels._cpp is not built" in str(caught[0].message)

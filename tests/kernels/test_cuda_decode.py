@@ -20,10 +20,10 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from kernels import BackendUnavailable, get_backend
-from kernels import reference as ref
-from kernels.cascade import attention_lse
+from sot_engine import kernels
+from sot_engine.kernels import BackendUnavailable, get_backend
+from sot_engine.kernels import reference as ref
+from sot_engine.kernels.cascade import attention_lse
 from tests.kernels import cuda_emulator
 from tests.kernels.test_triton_decode import expected, paged_inputs
 
@@ -48,7 +48,7 @@ class Gpu:
 def gpu_impl() -> Gpu:
     if not HAS_CUDA:
         pytest.skip("no CUDA GPU: the compiled kernel cannot run here (the emulated variant checks its logic)")
-    from kernels import cuda
+    from sot_engine.kernels import cuda
     try:
         return Gpu(cuda.load_extension())
     except BackendUnavailable as e:
@@ -232,7 +232,7 @@ def test_bad_arguments_raise(gpu):
 @needs_gpu
 def test_backend_wrapper_and_fallback(gpu):
     """The backend's entry: the CUDA kernel for what it is compiled for, Triton's for the rest (head_dim 32)."""
-    from kernels import cuda
+    from sot_engine.kernels import cuda
     b = get_backend("cuda", "cuda")
     assert b.name == "cuda" and b.paged_decode_attention is cuda.paged_decode_attention
     assert b.rms_norm is get_backend("triton", "cuda").rms_norm  # everything else is the Triton backend
@@ -252,9 +252,9 @@ def test_backend_wrapper_and_fallback(gpu):
 def test_engine_cuda_matches_triton_token_for_token(gpu, tmp_path, monkeypatch):
     """A tiny random LLaMA with head_dim 64 (the kernel's, unlike the shared 'tiny' shape's 32), fp32, greedy:
     the cuda backend generates what the triton backend does, and its decode steps did run the CUDA kernel."""
-    from engine import LLM, SamplingParams
-    from engine.config import shape
-    from kernels import cuda
+    from sot_engine.engine import LLM, SamplingParams
+    from sot_engine.engine.config import shape
+    from sot_engine.kernels import cuda
     from tests.conftest import make_hf_model, save_hf
     folder = save_hf(make_hf_model(shape("tiny", hidden_size=256), seed=17), tmp_path / "tiny_d64")
     calls = []
@@ -276,7 +276,7 @@ def test_engine_cuda_matches_triton_token_for_token(gpu, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- any machine
 def test_unavailable_without_gpu_or_build(monkeypatch):
-    from kernels import cuda
+    from sot_engine.kernels import cuda
     with pytest.raises(BackendUnavailable, match="CUDA GPUs only"):
         get_backend("cuda", "cpu")
     monkeypatch.setattr(cuda, "_ext", None)
@@ -288,7 +288,7 @@ def test_unavailable_without_gpu_or_build(monkeypatch):
         raise RuntimeError("Error building extension 'sot_cuda_kernels'\npaged_decode.cu(1): error: simulated")
     monkeypatch.setattr(cuda, "_import_or_build", failing_build)
     for _ in range(2):  # the failure is remembered: no second build
-        with pytest.raises(BackendUnavailable, match="building kernels._cuda failed.*simulated"):
+        with pytest.raises(BackendUnavailable, match="building sot_engine.kernels._cuda failed.*simulated"):
             get_backend("cuda", "cuda")
     assert attempts == [1]
     monkeypatch.setitem(kernels.DEFAULT_ORDER, "cuda", ["cuda", "torch"])
@@ -300,7 +300,7 @@ def test_unavailable_without_gpu_or_build(monkeypatch):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only message")
 def test_no_gpu_message(monkeypatch):
-    from kernels import cuda
+    from sot_engine.kernels import cuda
     monkeypatch.setattr(cuda, "_ext", None)
     monkeypatch.setattr(cuda, "_failure", None)
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
+from sot_engine.kernels import reference as ref
 
 
 def dense_attention(q, k, v, causal_offset: int, scale: float) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from kernels import BackendUnavailable, get_backend  # noqa: E402
+from sot_engine import kernels  # noqa: E402
+from sot_engine.engine import LLM, SamplingParams  # noqa: E402
+from sot_engine.kernels import BackendUnavailable, get_backend  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -22,7 +22,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 def test_registry_and_default_order(monkeypatch):
     assert "triton" in kernels.available_backends()
     b = get_backend("triton", DEV)
-    assert b.name == "triton" and b.rms_norm.__module__ == "kernels.triton.elementwise"
+    assert b.name == "triton" and b.rms_norm.__module__ == "sot_engine.kernels.triton.elementwise"
     assert get_backend(None, "cpu").name != "triton"  # the interpreter is for tests, not serving
     assert get_backend(None, "cuda").name == "triton"  # picking a backend launches nothing
     # no triton: cuda falls back to torch; asking for it by name is a clear error

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.cascade import attention_lse, cascade_decode_attention as torch_cascade, find_groups
-from kernels.triton import cascade, decode
+from sot_engine.kernels import reference as ref
+from sot_engine.kernels.cascade import attention_lse, cascade_decode_attention as torch_cascade, find_groups
+from sot_engine.kernels.triton import cascade, decode
 from tests.kernels.test_cascade import forked_pool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

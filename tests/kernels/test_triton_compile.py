@@ -89,8 +89,8 @@ def test_compiles_for_sm90_without_spills(compiled, call):
 def _run_call(kind: str, shape: str | None, dt: str, bs: int | None, split: bool | None) -> None:
     """One launcher call on small CPU tensors shaped like the engine's (q a view of the fused qkv)."""
     import torch
-    from kernels.cascade import find_groups
-    from kernels.triton import cascade, decode, elementwise, prefill
+    from sot_engine.kernels.cascade import find_groups
+    from sot_engine.kernels.triton import cascade, decode, elementwise, prefill
     dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dt])
     if kind == "norms":
         x, w = torch.randn(3, 576, dtype=dtype), torch.randn(576, dtype=dtype)

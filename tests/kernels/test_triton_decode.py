@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.triton import decode
+from sot_engine.kernels import reference as ref
+from sot_engine.kernels.triton import decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import reference as ref  # noqa: E402
-from kernels.triton import elementwise as tk  # noqa: E402
+from sot_engine.kernels import reference as ref  # noqa: E402
+from sot_engine.kernels.triton import elementwise as tk  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter truncates float32 -> bfloat16 casts instead of rounding them, so bf16 runs on a GPU only

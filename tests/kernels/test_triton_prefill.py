@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.triton.prefill import _tile_table, paged_prefill_attention
+from sot_engine.kernels import reference as ref
+from sot_engine.kernels.triton.prefill import _tile_table, paged_prefill_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

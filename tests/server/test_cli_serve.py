@@ -1,4 +1,4 @@
-"""`python -m sot serve` starts a server that answers the official client, and stops on SIGINT."""
+"""`python -m sot_engine serve` starts a server that answers the official client, and stops on SIGINT."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ def test_sot_serve_cli(tiny_chat_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sot", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "sot_engine", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
                              "--served-model-name", "tiny", "--no-prefix-caching"],
                             cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -71,7 +71,7 @@ def test_instructor_sot_flow(serve_smollm2):
     hits = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
     prefilled = after["prefill_tokens"] - before["prefill_tokens"]
     assert prefilled + hits == prompts, (hits, prefilled, prompts)
-    from sot.driver import common_prefix_len
+    from sot_engine.sot.driver import common_prefix_len
     shared = common_prefix_len([srv.llm.engine.encode([{"role": "user", "content": point_prompt(
         QUESTION, skeleton, p.index)}]) for p in skeleton.points])
     full_blocks = shared // after["block_size"] * after["block_size"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 import asyncio
 
 from benchmarks.server_load import load
-from sot.bench import load_dataset
+from sot_engine.sot.bench import load_dataset
 
 
 def test_64_concurrent_streams(tiny_chat_dir):
-    from engine import LLM
-    from sot.server.background import BackgroundServer
+    from sot_engine.engine import LLM
+    from sot_engine.sot.server.background import BackgroundServer
     # a pool that holds ~a third of the load at once: requests queue, join as blocks free, some get preempted
     srv = BackgroundServer(LLM(str(tiny_chat_dir), max_model_len=512, num_blocks=600, block_size=8,
                                max_num_seqs=64))

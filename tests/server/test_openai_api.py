@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from engine import SamplingParams
+from sot_engine.engine import SamplingParams
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
 

@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from sot import SoT, SoTConfig
+from sot_engine.sot import SoT, SoTConfig
 
 CFG = SoTConfig(skeleton_max_tokens=80, point_max_tokens=24, normal_max_tokens=32)
 QUESTION = "What are the most effective ways to deal with stress?"

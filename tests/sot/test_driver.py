@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM
-from sot.driver import SoT, SoTConfig, common_prefix_len
-from sot.prompts import SoTPrompts
+from sot_engine.engine import LLM
+from sot_engine.sot.driver import SoT, SoTConfig, common_prefix_len
+from sot_engine.sot.prompts import SoTPrompts
 
 POINTS = ["Read widely", "Practice every day", "Ask good questions", "Teach someone else"]
 
@@ -160,7 +160,7 @@ def test_question_longer_than_the_context(llm):
 
 def test_skeleton_prompt_over_context_falls_back(tiny_chat_dir):
     # the question fits for normal decoding, but not inside the long skeleton prompt
-    from sot.prompts import skeleton_messages
+    from sot_engine.sot.prompts import skeleton_messages
     q = "tell me " * 30
     probe = LLM(str(tiny_chat_dir))
     n_normal = len(probe.engine.encode([{"role": "user", "content": q}]))

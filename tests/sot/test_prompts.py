@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 
 from conftest import smollm2_gguf
-from engine.chat import ChatTemplate
-from sot.prompts import (DEFAULT_PROMPTS, SoTPrompts, point_messages, point_prefill,
+from sot_engine.engine.chat import ChatTemplate
+from sot_engine.sot.prompts import (DEFAULT_PROMPTS, SoTPrompts, point_messages, point_prefill,
                          skeleton_messages)
-from sot.skeleton import Point, format_skeleton
+from sot_engine.sot.skeleton import Point, format_skeleton
 
 QUESTION = "How can I improve my time management skills?"
 POINTS = [Point(1, "Set clear goals"), Point(2, "Prioritize tasks"), Point(3, "Avoid multitasking")]
@@ -121,15 +121,15 @@ def smol_tokenizer():
     path = smollm2_gguf()
     if path is None:
         pytest.skip("embedded model not installed")
-    from engine.loader.gguf import open_gguf
-    from engine.tokenizer import Tokenizer
+    from sot_engine.engine.loader.gguf import open_gguf
+    from sot_engine.engine.tokenizer import Tokenizer
     return Tokenizer.from_gguf(open_gguf(path))
 
 
 def test_point_prompts_share_everything_up_to_the_point_number(smol_tokenizer):
     """The driver forks on the common token prefix of the full point prompts: it must hold the question and
     the whole skeleton, i.e. end just before the point's own number."""
-    from sot.driver import common_prefix_len
+    from sot_engine.sot.driver import common_prefix_len
     ids = [smol_tokenizer.encode(t) for t in point_prompts()]
     n = common_prefix_len(ids)
     prefix = smol_tokenizer.decode(ids[0][:n], skip_special_tokens=False)

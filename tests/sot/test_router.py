@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from sot.router import NORMAL, RULES, SOT, Route, route
+from sot_engine.sot.router import NORMAL, RULES, SOT, Route, route
 
 
 def check(question: str, mode: str, category: str) -> Route:

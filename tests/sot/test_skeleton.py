@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sot.skeleton import (MAX_POINT_WORDS, Point, format_skeleton, parse_skeleton,
+from sot_engine.sot.skeleton import (MAX_POINT_WORDS, Point, format_skeleton, parse_skeleton,
                           skeleton_done)
 
 CHINESE = " Dumplings.\n2. Noodles.\n3. Dim Sum.\n4. Hot Pot.\n5. Wonton.\n6. Ma Po Tofu.\n7. Char Siu.\n8. Fried Rice."

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sot import cli
+from sot_engine.sot import cli
 
 SMALL = ["--normal-max-tokens", "8", "--point-max-tokens", "8", "--skeleton-max-tokens", "16"]
 
@@ -23,8 +23,8 @@ def model(tiny_chat_dir) -> list[str]:
 
 
 def test_modes_match_driver():
-    from kernels.weights import WEIGHT_DTYPES
-    from sot import driver
+    from sot_engine.kernels.weights import WEIGHT_DTYPES
+    from sot_engine.sot import driver
     assert cli.MODES == driver.MODES and cli.EXPANSIONS == driver.EXPANSIONS and cli.WEIGHT_DTYPES == WEIGHT_DTYPES
 
 
@@ -44,7 +44,7 @@ def test_ask_json(capsys, model, mode):
 
 
 def test_weights_flag_reaches_the_engine(capsys, model, monkeypatch):
-    import engine
+    from sot_engine import engine
     seen = []
 
     class Spy(engine.LLM):
@@ -121,8 +121,8 @@ def test_bad_mode(capsys):
 
 
 def _events():
-    from sot.driver import Answer, Event, PointAnswer
-    from sot.skeleton import Point
+    from sot_engine.sot.driver import Answer, Event, PointAnswer
+    from sot_engine.sot.skeleton import Point
     ans = Answer("How to sleep?", "sot", "SoT was asked for", "1. Routine: Go to bed early.\n2. Screens: Avoid them.",
                  skeleton="1. Routine\n2. Screens",
                  points=[PointAnswer(1, "Routine", "Go to bed early.", 5, "stop", "newline", 20, 15),
@@ -145,7 +145,7 @@ def _text(renderable) -> str:
 
 
 def test_live_view_renders_points():
-    from sot.view import LiveView
+    from sot_engine.sot.view import LiveView
     view = LiveView("How to sleep?")
     evs = _events()
     for ev in evs[:6]:  # mid-way: point 2 has "Avoid", point 1 "Go to bed"
@@ -162,7 +162,7 @@ def test_live_view_renders_points():
 
 def test_plain_view_prints_points_in_finishing_order():
     import io
-    from sot.view import PlainView
+    from sot_engine.sot.view import PlainView
     buf = io.StringIO()
     view = PlainView(buf)
     for ev in _events():

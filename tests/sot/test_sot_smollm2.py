@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sot.driver import SoT, SoTConfig
+from sot_engine.sot.driver import SoT, SoTConfig
 from tests.conftest import requires_smollm2
 
 pytestmark = requires_smollm2

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from sot.skeleton import skeleton_end
-from sot.stops import point_stop, repeated_ngram, skeleton_stop
+from sot_engine.engine import LLM, SamplingParams
+from sot_engine.sot.skeleton import skeleton_end
+from sot_engine.sot.stops import point_stop, repeated_ngram, skeleton_stop
 
 
 @pytest.mark.parametrize("text, want", [

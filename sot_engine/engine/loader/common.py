@@ -1,0 +1,54 @@
+"""What every loader returns, and the weight names/shapes they all agree on (HF LLaMA naming, [out, in])."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sot_engine.engine.chat import ChatTemplate
+from sot_engine.engine.config import ModelConfig
+from sot_engine.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # HF LlamaForCausalLM state-dict names; no lm_head.weight when tied
+    tokenizer: Tokenizer | None  # None for random weights: prompts are token ids then
+    chat_template: ChatTemplate | None
+    name: str
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight a LLaMA of this config has, in HF naming and layout."""
+    h, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (cfg.num_heads * hd, h),
+            p + "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, h),
+            p + "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, h),
+            p + "self_attn.o_proj.weight": (h, cfg.num_heads * hd),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ValueError naming `where` if any weight is missing, unexpected or mis-shaped."""
+    want = expected_shapes(cfg)
+    missing = [k for k in want if k not in weights]
+    extra = [k for k in weights if k not in want]
+    bad = [f"{k}: {tuple(weights[k].shape)} != {want[k]}" for k in want if k in weights and tuple(weights[k].shape) != want[k]]
+    for what, items in (("missing weights", missing), ("unexpected weights", extra), ("wrong shapes", bad)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            raise ValueError(f"{where}: {what}: {', '.join(items[:5])}{more}")

@@ -1,0 +1,190 @@
+"""LLaMA from a GGUF file (llama.cpp's format), through `gguf.GGUFReader`.
+
+Three llama.cpp conventions are undone so the result is a plain HF state dict:
+* tensor names (`blk.0.attn_q.weight` -> `model.layers.0.self_attn.q_proj.weight`);
+* shapes: GGUF lists dims fastest-first (`ne`), the reader's arrays are already row-major [out, in];
+* convert_hf_to_gguf permutes q/k rows per head (interleaved RoPE pairs); we permute back to HF's
+  rotate_half layout.
+Quantized tensors are dequantized with `gguf.quants.dequantize` (F32/F16/BF16/Q4_0/Q4_1/Q5_x/Q8_0/K-quants...).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from sot_engine.engine.chat import ChatTemplate, guess_chat_template
+from sot_engine.engine.config import ModelConfig
+from sot_engine.engine.loader.common import LoadedModel, check_weights
+from sot_engine.engine.tokenizer import Tokenizer
+
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: turned into config.rope_scaling instead
+
+
+class _Reader(gguf.GGUFReader):
+    """gguf's reader over a plain ndarray view of its memmap: slicing a `np.memmap` runs Python-level hooks
+    for every slice, and the reader slices once per vocabulary string (SmolLM2: 2.5 s -> 0.8 s to open).
+    The view keeps the memmap (its base) alive, and the tensors still map the file lazily."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """A GGUFReader, or a ValueError naming the file if it is not a readable, complete GGUF."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        reader = _Reader(path)
+    except Exception as e:  # the reader raises ValueError/KeyError/IndexError/... on garbage
+        raise ValueError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ValueError(f"{path}: truncated GGUF (tensor {t.name} ends past the end of the file)")
+    return reader
+
+
+def gguf_meta(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def hf_name(name: str) -> str | None:
+    """HF name of a GGUF tensor; None for tensors we deliberately drop; ValueError for unknown ones."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    if name in _IGNORED:
+        return None
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in _LAYER:
+        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    raise ValueError(f"unexpected tensor {name!r} (not a plain LLaMA)")
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf's `permute`: per head, rows (i, 2) -> (2, i)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's `permute` (HF rotate_half rows -> llama.cpp interleaved pairs); for tests/writers."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int, orig_ctx: int = 8192) -> dict[str, Any]:
+    """Recover HF's llama3 `rope_scaling` from llama.cpp's `rope_freqs` tensor (per-dim divisors of inv_freq).
+
+    In the llama3 formula only low_freq_factor/orig_ctx and high_freq_factor/orig_ctx matter, so with orig_ctx
+    fixed the two factors follow from a line fit through the smoothly interpolated dims. Verified exactly."""
+    r = factors.astype(np.float64)
+    factor = float(r.max())
+    x = orig_ctx * theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)  # orig_ctx / wavelen
+    mid = (r > 1 + 1e-6) & (r < factor * (1 - 1e-6))
+    if factor <= 1 + 1e-6:
+        raise ValueError("rope_freqs has no scaling")
+    if mid.sum() < 2:
+        raise ValueError("rope_freqs cannot be expressed as llama3 rope scaling")
+    s = (1 / r[mid] - 1 / factor) / (1 - 1 / factor)  # smooth factor per interpolated dim
+    a, b = np.polyfit(x[mid], s, 1)
+    low, high = -b / a, -b / a + 1 / a
+    cfg = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low), "high_freq_factor": float(high),
+           "original_max_position_embeddings": orig_ctx}
+    smooth = np.clip((x - low) / (high - low), 0, 1)
+    back = 1 / ((1 - smooth) / factor + smooth)
+    if not np.allclose(back, r, rtol=1e-3):
+        raise ValueError("rope_freqs cannot be expressed as llama3 rope scaling")
+    return cfg
+
+
+def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
+    meta = lambda k, d=None: gguf_meta(reader, k, d)  # noqa: E731
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported architecture {arch!r} (only 'llama')")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError("no token_embd.weight tensor")
+    hidden = int(meta("llama.embedding_length"))
+    heads = int(meta("llama.attention.head_count"))
+    head_dim = int(meta("llama.attention.key_length", meta("llama.rope.dimension_count", hidden // heads)))
+    theta = float(meta("llama.rope.freq_base", 10000.0))
+    ctx = int(meta("llama.context_length", 2048))
+    scaling = None
+    kind = meta("llama.rope.scaling.type")
+    if kind not in (None, "none"):
+        scaling = {"rope_type": kind, "factor": float(meta("llama.rope.scaling.factor", 1.0))}
+        if (o := meta("llama.rope.scaling.original_context_length")) is not None:
+            scaling["original_max_position_embeddings"] = int(o)
+    elif "rope_freqs.weight" in tensors:
+        freqs = gguf.quants.dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type)
+        orig = meta("llama.rope.scaling.original_context_length", 8192)
+        scaling = llama3_scaling_from_freqs(np.asarray(freqs).reshape(-1), theta, head_dim, int(orig))
+    eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    return ModelConfig(
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ne = [hidden, vocab]
+        hidden_size=hidden,
+        intermediate_size=int(meta("llama.feed_forward_length")),
+        num_layers=int(meta("llama.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(meta("llama.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=ctx,
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=list(dict.fromkeys(int(e) for e in eos if e is not None)),
+    )
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    path = Path(path)
+    reader = open_gguf(path)
+    try:
+        config = config_from_gguf(reader)
+    except (TypeError, KeyError, ValueError) as e:  # TypeError: int(None) for a missing key
+        raise ValueError(f"{path}: {e}") from e
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        try:
+            name = hf_name(t.name)
+            if name is None:
+                continue
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        except (NotImplementedError, ValueError) as e:
+            raise ValueError(f"{path}: tensor {t.name} ({t.tensor_type.name}): {e}") from e
+        if name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, config.num_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, config.num_kv_heads)
+        weights[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(device=device, dtype=dtype)
+    check_weights(config, weights, str(path))
+    tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    name = gguf_meta(reader, "general.name") or path.stem
+    bos, eos = (tokenizer.bos_token, tokenizer.eos_token) if tokenizer else (None, None)
+    if (src := gguf_meta(reader, "tokenizer.chat_template")) is not None:
+        chat = ChatTemplate(src, bos_token=bos or "", eos_token=eos or "", name="gguf")
+    else:
+        chat = guess_chat_template(f"{name} {path.name}", bos, eos) if tokenizer else None
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, chat_template=chat, name=name)

@@ -1,0 +1,160 @@
+"""The LLaMA forward pass over a flat ragged batch (no padding anywhere).
+
+Weights arrive in HF naming and `[out, in]` layout; q/k/v and gate/up are fused into one matrix
+each so a step runs 4 matmuls per layer. The matrices and the embedding table may be stored narrower
+than the compute dtype (`weight_dtype`, see `kernels.weights`). Attention, norms and RoPE go through a kernel backend
+(`kernels.get_backend`), so swapping a kernel never touches this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sot_engine.engine.config import ModelConfig
+from sot_engine.engine.memory import into_hugepages
+from sot_engine.kernels import Backend, reference
+from sot_engine.kernels.cascade import PrefixGroup
+from sot_engine.kernels.weights import embedding, store
+
+
+@dataclass(slots=True)
+class AttnMetadata:
+    """What attention needs to know about one step's ragged batch."""
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] pool slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    context_lens: torch.Tensor  # [B] tokens in the pool per sequence, new ones included
+    cu_seqlens_q: torch.Tensor | None  # [B+1] new-token offsets (prefill only)
+    logits_indices: torch.Tensor  # [B] row of each sequence's last new token
+    max_context_len: int = 0  # max(context_lens), known on the host
+    prefix_groups: list[PrefixGroup] | None = None  # decode: rows sharing prefix blocks, for cascade attention
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (float32), with llama3-style or linear scaling from the config."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], backend: Backend,
+                 weight_dtype: str | None = None, matmul_precision: str = "fp32") -> None:
+        """`weight_dtype`: storage of the matrices, "fp32" | "bf16" | "int8" (None: as loaded);
+        `matmul_precision` "bf16": bf16 weights whose matmuls round the activations to bf16 too."""
+        self.cfg, self.backend = cfg, backend
+        w = weights  # consumed: fused matrices replace their parts, so peak memory stays ~1x
+        mat = lambda t: store(t, weight_dtype, matmul_precision)  # noqa: E731
+        self.norm = w["model.norm.weight"]
+        self.embed = mat(w.pop("model.embed_tokens.weight"))
+        self.lm_head = self.embed if cfg.tie_word_embeddings else mat(w.pop("lm_head.weight"))
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append((
+                w.pop(p + "input_layernorm.weight"),
+                mat(torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                mat(w.pop(p + "self_attn.o_proj.weight")),
+                w.pop(p + "post_attention_layernorm.weight"),
+                mat(torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])),
+                mat(w.pop(p + "mlp.down_proj.weight")),
+            ))
+        if self.norm.device.type == "cpu":  # a decode step streams them all: on 2 MiB pages (engine.memory)
+            flat = [self.norm, self.embed, self.lm_head, *(m for layer in self.layers for m in layer)]
+            del self.embed, self.lm_head, self.layers  # so that each original goes once copied
+            flat = into_hugepages(flat)
+            self.norm, self.embed, self.lm_head = flat[:3]
+            self.layers = [tuple(flat[3 + 6 * i:9 + 6 * i]) for i in range(cfg.num_layers)]
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(cfg))
+        dev = self.norm.device
+        self.cos, self.sin = freqs.cos().to(dev), freqs.sin().to(dev)
+        self.scale = cfg.head_dim ** -0.5
+        self.linear = backend.linear or reference.linear  # weight matmuls: x [T, in] @ w[out, in]^T
+        self.silu_mul = backend.silu_mul or reference.silu_mul
+        self.decode_step = None  # the backend's one-call decode layer loop, built for the first KV pool seen
+        self._decode_step_pool: list | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations, norms, KV cache); the matrices may be stored narrower."""
+        return self.norm.dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hidden states after the final norm for every input token: [T, hidden]."""
+        cfg, kb = self.cfg, self.backend
+        t, h, kvh, d = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = embedding(input_ids, self.embed, self.dtype)
+        if not meta.is_prefill and not meta.prefix_groups and (step := self._decode_layers(kv_cache)) is not None:
+            out = step(x, cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)
+            if out is not None:
+                return out
+        residual = None
+        # plain decode (no shared-prefix groups): the backend's one-call RoPE + KV store + attention, if it has one
+        fused_decode = None if meta.is_prefill or meta.prefix_groups else kb.rope_store_decode_attention
+        for (ln1, wqkv, wo, ln2, wgu, wdown), (kc, vc) in zip(self.layers, kv_cache):
+            if residual is None:
+                residual, y = x, kb.rms_norm(x, ln1, cfg.rms_norm_eps)
+            else:
+                y, residual = kb.add_rms_norm(x, residual, ln1, cfg.rms_norm_eps)
+            qkv = self.linear(y, wqkv)
+            if fused_decode is not None:
+                o = fused_decode(qkv, cos, sin, kc, vc, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                                 self.scale, meta.max_context_len)
+            else:
+                o = self.attention(qkv.view(t, h + 2 * kvh, d), cos, sin, kc, vc, meta)
+            x = self.linear(o, wo)
+            y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
+            x = self.linear(self.silu_mul(self.linear(y, wgu)), wdown)
+        return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
+
+    def _decode_layers(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The backend's `decode_layers` step for these weights and `kv_cache` (built once per pool), or None."""
+        if self.backend.decode_layers is None:
+            return None
+        if self._decode_step_pool is not kv_cache:
+            cfg = self.cfg
+            self.decode_step = self.backend.decode_layers(self.layers, self.norm, kv_cache, cfg.num_heads,
+                                                          cfg.rms_norm_eps, self.scale)
+            self._decode_step_pool = kv_cache
+        return self.decode_step
+
+    def attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                  meta: AttnMetadata) -> torch.Tensor:
+        """RoPE, KV store and attention of one layer, kernel by kernel: qkv [T, H + 2 KVH, D] -> [T, H * D]."""
+        kb, h, kvh = self.backend, self.cfg.num_heads, self.cfg.num_kv_heads
+        qk = kb.apply_rope(qkv[:, :h + kvh], cos, sin)  # q and k heads rotated in one call
+        q, k = qk[:, :h], qk[:, h:]
+        kb.store_kv(k, qkv[:, h + kvh:], kc, vc, meta.slot_mapping)
+        if meta.is_prefill:
+            o = kb.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                                           self.scale)
+        elif meta.prefix_groups:
+            o = kb.cascade_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
+                                            meta.prefix_groups, meta.max_context_len)
+        else:
+            o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
+                                          meta.max_context_len)
+        return o.reshape(qkv.shape[0], h * self.cfg.head_dim)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden, self.lm_head).float()

@@ -1,0 +1,112 @@
+"""Continuous batching: which sequences run this step.
+
+Two queues, as in nano-vllm. A step is either a prefill of newly admitted sequences (admitted as
+soon as their blocks fit) or one decode token for every running sequence. When the pool runs dry
+during decode, the youngest running sequence is preempted (its blocks freed, recomputed later).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from sot_engine.engine.config import SchedulerConfig
+from sot_engine.engine.kv_cache import BlockManager
+from sot_engine.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.cfg, self.bm = cfg, block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns (sequences, is_prefill). Blocks for this step's tokens are allocated here."""
+        batch = self._admit()
+        if batch:
+            return batch, True
+        batch = self._decode_batch()
+        if batch or not self.waiting:
+            return batch, False
+        # every running sequence was preempted: admit again (may reclaim blocks held by waiting forks)
+        return self._admit(), True
+
+    def _admit(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        held: list[Sequence] = []  # waiting on a block that this step computes (kept in order, in front)
+        computing: set[int] = set()  # chain hashes of the full blocks this step computes
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            hittable, todo = self.bm.blocks_to_compute(seq)
+            if hittable and todo[0] in computing:
+                # SGLang's in-batch prefix check: prefilled now it would compute a prefix another request
+                # of this step computes too; one step later that prefix is a cache hit.
+                held.append(self.waiting.popleft())
+                continue
+            n_new = len(seq) - seq.num_cached_tokens
+            if batch and tokens + n_new > self.cfg.max_num_batched_tokens:
+                break
+            if not self.bm.can_allocate(seq):
+                if batch or self.running or not self._reclaim_from_waiting():
+                    break
+                continue
+            self.bm.allocate(seq)  # may take cached prefix blocks: fewer tokens to compute
+            if not seq.num_preemptions:  # first admission: the prompt tokens this request does not prefill
+                seq.prefix_cached_tokens = seq.num_cached_tokens
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            batch.append(seq)
+            computing.update(todo)
+            tokens += len(seq) - seq.num_cached_tokens
+        self.waiting.extendleft(reversed(held))
+        self.running.extend(batch)
+        return batch
+
+    def _reclaim_from_waiting(self) -> bool:
+        """Nothing runs and the head of the queue does not fit: blocks held by waiting sequences
+        (forked children holding their prefix) are given up, from the back; they recompute later.
+        Returns whether anything was freed."""
+        for seq in reversed(self.waiting):
+            if seq.block_table:
+                self.bm.free(seq)
+                return True
+        return False
+
+    def _decode_batch(self) -> list[Sequence]:
+        queue = deque(self.running)
+        batch: list[Sequence] = []
+        while queue:
+            seq = queue.popleft()
+            while not self.bm.can_append(seq):
+                victim = queue.pop() if queue else seq
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.bm.append_slot(seq)
+                batch.append(seq)
+        self.running = batch
+        return list(batch)  # finishing sequences leave `running` while the caller walks this batch
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks and queue it (first) to be recomputed from its tokens so far."""
+        self.bm.free(seq)
+        seq.num_preemptions += 1
+        self.add(seq, front=True)
+
+    def remove(self, seq: Sequence, free: bool = True) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks at once, unless the caller
+        keeps them (a finished sequence that a fork will continue)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if free:
+            self.bm.free(seq)

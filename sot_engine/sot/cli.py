@@ -1,0 +1,199 @@
+"""`sot ask | compare | bench`: Skeleton-of-Thought from the command line.
+
+ask      answer one question, streaming (a live view on a terminal, plain lines otherwise, --json: the Answer)
+compare  normal decoding, then SoT, on the same question: both answers, latencies and the speed-up
+bench    normal vs SoT over a question set (`sot.bench.run_bench`), results written as JSON
+serve    an OpenAI-compatible server (`sot.server`): /v1/chat/completions (+ {"sot": "auto"}), /v1/completions
+generate plain generation on any model, no SoT (`sot generate --help`; `python -m sot_engine.engine generate`)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import closing
+from pathlib import Path
+
+MODES = ("auto", "sot", "normal")  # sot.driver.MODES; repeated so --help does not import torch
+EXPANSIONS = ("paper", "continuation")
+WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
+MATMUL_PRECISIONS = ("fp32", "bf16")  # kernels.weights.MATMUL_PRECISIONS, likewise
+KV_CACHE_DTYPES = ("fp32", "bf16")  # engine.llm_engine.KV_CACHE_DTYPES, likewise
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand shares: the model and the SoT config. None means SoTConfig's default."""
+    p = argparse.ArgumentParser(add_help=False)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="default", help='GGUF file, HF folder, "default" or "random:<shape>"')
+    m.add_argument("--device", default=None)
+    m.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
+    m.add_argument("--weights", default=None, choices=WEIGHT_DTYPES,
+                   help="storage of the weight matrices, products and sums staying in --dtype (default: --dtype); "
+                        "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits")
+    m.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
+                   help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, SoT's "
+                        "batched point expansion then costs about what one sequence does)")
+    m.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                   help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
+    s = p.add_argument_group("SoT")
+    s.add_argument("--mode", choices=MODES, default="auto", help="auto: the router decides (default)")
+    s.add_argument("--expansion", choices=EXPANSIONS, default=None,
+                   help="paper: the paper's point prompt per point; continuation: reuse the skeleton's KV")
+    s.add_argument("--no-labels", action="store_true", help='drop the "i. point:" label before each expansion')
+    s.add_argument("--max-points", type=int, default=None)
+    s.add_argument("--skeleton-max-tokens", type=int, default=None)
+    s.add_argument("--point-max-tokens", type=int, default=None)
+    s.add_argument("--normal-max-tokens", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=None, help="points and normal decoding (skeleton: greedy)")
+    s.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = _common()
+    a = sub.add_parser("ask", parents=[common], help="answer one question, streaming")
+    a.add_argument("question")
+    a.add_argument("--json", action="store_true", help="print only the Answer as JSON")
+    c = sub.add_parser("compare", parents=[common], help="normal decoding vs SoT on one question")
+    c.add_argument("question")
+    c.add_argument("--json", action="store_true", help="print both answers as one JSON object")
+    b = sub.add_parser("bench", parents=[common], help="normal vs SoT over a question set")
+    b.add_argument("--dataset", default="vicuna80", help='"vicuna80" or a JSONL file (text, category)')
+    b.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")
+    b.add_argument("--categories", nargs="+", default=None, help="only these categories")
+    b.add_argument("--out", default=None, help="output folder (default: $SOT_BENCH_RESULTS, else benchmarks/results when run from a checkout, else ./sot-bench-results; then /<device>)")
+    b.add_argument("--name", default=None, help="file name stem (default: sot_<dataset>_<mode>_<expansion>)")
+    v = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients use in 'model' (default: the model's own name)")
+    v.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
+    v.add_argument("--no-prefix-caching", action="store_true", help="prefill every prompt in full")
+    g = sub.add_parser("generate", add_help=False, help="plain generation, no SoT (sot generate --help)")
+    g.add_argument("rest", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
+    return dt
+
+
+def build(args: argparse.Namespace, **engine_args):
+    """The SoT on the chosen model, built once per command."""
+    from sot_engine.engine import LLM
+    from sot_engine.sot.driver import SoT, SoTConfig
+    fields = ("expansion", "max_points", "skeleton_max_tokens", "point_max_tokens", "normal_max_tokens",
+              "temperature", "seed")
+    kw = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.no_labels:
+        kw["labels"] = False
+    cfg = SoTConfig(**kw)  # checked before the (slow) model load
+    return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), weight_dtype=args.weights,
+                   matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype, **engine_args), cfg)
+
+
+def _check_question(q: str) -> str:
+    if not q.strip():  # before loading the model; the driver says the same
+        raise ValueError("empty question: ask something (the question is empty or only whitespace)")
+    return q
+
+
+def ask(args: argparse.Namespace) -> int:
+    from sot_engine.sot.view import LiveView, PlainView
+    q = _check_question(args.question)
+    sot = build(args)
+    if args.json:
+        print(json.dumps(sot.answer(q, mode=args.mode).to_dict()))
+        return 0
+    prefill = sot.config.prompts.skeleton_prefill
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.live import Live
+        view = LiveView(q, prefill)
+        with closing(sot.stream(q, mode=args.mode)) as events, \
+                Live(view.render(), console=Console(), refresh_per_second=12) as live:
+            for ev in events:
+                view.update(ev)
+                live.update(view.render())
+    else:
+        plain = PlainView(sys.stdout, prefill)
+        with closing(sot.stream(q, mode=args.mode)) as events:
+            for ev in events:
+                plain.update(ev)
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from sot_engine.sot.view import summary_line
+    q = _check_question(args.question)
+    sot = build(args)
+    print("normal decoding ...", file=sys.stderr, flush=True)
+    normal = sot.answer(q, mode="normal")
+    print(f"SoT ({args.mode}) ...", file=sys.stderr, flush=True)
+    ans = sot.answer(q, mode=args.mode)
+    speedup = normal.timings.total / ans.timings.total
+    if args.json:
+        print(json.dumps({"question": q, "normal": normal.to_dict(), "sot": ans.to_dict(), "speedup": speedup}))
+        return 0
+    for title, a in (("normal decoding", normal), (f"SoT ({args.mode})", ans)):
+        print(f"== {title}: {a.mode}, {a.timings.total:.2f} s, {a.tokens.output} tokens ==")
+        print(a.text)
+        print(summary_line(a) + "\n")
+    print(f"normal {normal.timings.total:.2f} s, {normal.tokens.output} tokens | "
+          f"SoT {ans.timings.total:.2f} s, {ans.tokens.output} tokens ({ans.mode}: {ans.reason}) | "
+          f"speed-up {speedup:.2f}x")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from sot_engine.sot.bench import load_dataset, run_bench
+    load_dataset(args.dataset)  # a bad name fails before the model loads
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    sot = build(args, enable_prefix_caching=False)  # each question costs what it costs alone (as the paper measures)
+    path, _ = run_bench(sot, args.dataset, limit=args.limit, categories=args.categories, mode=args.mode,
+                        name=args.name, out_dir=Path(args.out) if args.out else None)
+    print(f"wrote {path.with_suffix('.jsonl')} (one line per question) and {path} (summary)")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+        from sot_engine.sot.server import create_app
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra ({e.name} is missing): bash scripts/install.sh server") from None
+    sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+    app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config)
+    print(f"serving {app.state.server.names} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:  # the engine's own CLI, under this command
+        from sot_engine.engine.__main__ import main as generate
+        return generate(argv, prog="sot")
+    args = parser().parse_args(argv)
+    try:
+        return {"ask": ask, "compare": compare, "bench": bench, "serve": serve}[args.cmd](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
