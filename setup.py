@@ -61,6 +61,12 @@ def csrc_extensions() -> dict:
     class OptionalBuildExtension(BuildExtension):
         """BuildExtension whose failures (compiler missing, compile error, ninja error) only warn."""
 
+        def finalize_options(self) -> None:
+            """Objects in one folder of the checkout (build/csrc), whichever command builds: an editable install and
+            `pip wheel .` then share them, and ninja recompiles only what changed (flags, sources, headers)."""
+            super().finalize_options()
+            self.build_temp = str(HERE / "build" / "csrc")
+
         def run(self) -> None:
             try:
                 super().run()
