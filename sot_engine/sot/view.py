@@ -5,14 +5,12 @@ the live view can be tested on a made-up event sequence without a model.
 """
 from __future__ import annotations
 
-from typing import TextIO
-
-from rich.console import Group, RenderableType
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, TextIO
 
 from sot_engine.sot.driver import Answer, Event
+
+if TYPE_CHECKING:  # rich loads with the first live view: a pipe or a file never pays for it
+    from rich.console import RenderableType
 
 
 def timing_line(ans: Answer) -> str:
@@ -66,6 +64,10 @@ class LiveView:
             self.answer = ev.answer
 
     def render(self) -> RenderableType:
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.table import Table
+        from rich.text import Text
         parts: list[RenderableType] = [Text.assemble(("Q: ", "bold"), self.question),
                                        Text.assemble(("route: ", "bold cyan"), self.reason or "...")]
         if self.skeleton:

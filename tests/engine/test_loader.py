@@ -263,3 +263,64 @@ def test_random_deterministic():
 def test_random_dtype():
     m = load_model("random:tiny", dtype=torch.bfloat16, seed=5)
     assert all(w.dtype == torch.bfloat16 for w in m.weights.values())
+
+
+# ---- the fast paths of the GGUF loader, against gguf's own reader and dequantizer -----------------------------
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q6_K])
+def test_dequantize_equals_gguf_bit_for_bit(qtype, tmp_path):
+    from sot_engine.engine.loader.dequant import dequantize
+    rows, cols = 24, 512  # 512: a multiple of the K-quants' 256-wide blocks too
+    a = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(int(qtype))) *
+         torch.logspace(-3, 1, rows).unsqueeze(1)).numpy()  # scales from tiny to large, per row
+    if qtype == Q.Q6_K:  # gguf cannot quantize to it: random blocks with a finite fp16 scale (their last 2 bytes)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = np.random.default_rng(6).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+        raw[..., -2:] = np.array([0.01], np.float16).view(np.uint8)
+        raw = raw.reshape(rows, -1)
+    else:
+        raw = a if qtype == Q.F32 else gguf.quants.quantize(a, qtype)
+    ref = gguf.quants.dequantize(raw, qtype)
+    # through a file and the reader, as the loader meets it (read-only memory mapped from disk)
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tensor("t", raw, raw_dtype=None if qtype == Q.F32 else qtype)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    from sot_engine.engine.loader.gguf import open_gguf
+    (t,) = open_gguf(tmp_path / "t.gguf").tensors
+    ours = dequantize(t.data, t.tensor_type, (rows, cols))
+    assert ours.dtype == torch.float32 and ours.shape == (rows, cols)
+    assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(ref, np.float32)).reshape(rows, cols))
+    assert ours.abs().sum() > 0 and not torch.equal(ours, torch.from_numpy(a)) or qtype == Q.F32
+
+
+def _field_contents(reader) -> dict:
+    return {k: (f.types, f.contents()) for k, f in reader.fields.items()}
+
+
+def test_fast_gguf_reader_reads_what_gguf_reads(tmp_path):
+    from sot_engine.engine.loader.gguf import open_gguf
+    path = tmp_path / "fields.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("t.strings", ["", "a", "héllo wörld", "<|im_start|>", " Ġx", "日本語"] * 50)
+    w.add_array("t.ints", list(range(-300, 300)))
+    w.add_array("t.floats", [0.5, -1.25, 3e-8, 1e30])
+    w.add_array("t.bools", [True, False, True])
+    w.add_array("t.nested", [[1, 2, 3], [4, 5]])
+    w.add_array("t.empty", [])
+    w.add_string("t.str", "plain")
+    w.add_uint32("t.u32", 7)
+    w.add_tensor("x", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ours, ref = open_gguf(path), gguf.GGUFReader(path)
+    assert _field_contents(ours) == _field_contents(ref)
+    assert ours.fields["t.strings"].contents()[2] == "héllo wörld" and ours.fields["t.ints"].contents()[0] == -300
+    assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == \
+        [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors]
+    assert np.array_equal(ours.tensors[0].data, ref.tensors[0].data)
+
+
+@requires_smollm2
+def test_fast_gguf_reader_on_smollm2():
+    from sot_engine.engine.loader.gguf import open_gguf
+    ours, ref = open_gguf(smollm2_gguf()), gguf.GGUFReader(smollm2_gguf())
+    assert _field_contents(ours) == _field_contents(ref)
+    assert len(ours.fields["tokenizer.ggml.tokens"].contents()) == 49152

@@ -3,6 +3,7 @@ folders, and its CLI parses without loading torch."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,21 @@ def test_python_m_sot_engine_is_the_sot_command():
     r = subprocess.run([sys.executable, "-m", "sot_engine", "generate", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--max-tokens" in r.stdout, r.stderr
+
+
+def test_sot_ask_in_a_pipe_loads_only_what_it_uses(tiny_chat_dir):
+    """`sot ask` answering into a pipe: no rich (the live view is for terminals), and none of the optional
+    stacks (triton, transformers, the server's, structured output's)."""
+    code = ("import io, sys, contextlib\n"
+            "from sot_engine.sot.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            f"    rc = main(['ask', 'How to sleep?', '--model', {str(tiny_chat_dir)!r}, '--point-max-tokens', '4',"
+            " '--normal-max-tokens', '4', '--skeleton-max-tokens', '8'])\n"
+            "assert rc == 0 and 'route:' in out.getvalue(), out.getvalue()\n"
+            "heavy = {'rich', 'triton', 'transformers', 'fastapi', 'uvicorn', 'llguidance', 'pydantic'}\n"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
