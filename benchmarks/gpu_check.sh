@@ -87,7 +87,7 @@ start_cuda_build() {  # JIT-build the CUDA extension in the background; cuda_tes
   ( SOT_CUDA_VERBOSE=1 timeout -k 10 "$BUILD_S" python - <<'PY'
 import time
 t0 = time.time()
-from kernels.cuda import load_extension
+from sot_engine.kernels.cuda import load_extension
 try:
     ext = load_extension()
 except Exception as e:  # noqa: BLE001

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from benchmarks import common
@@ -173,6 +174,31 @@ def server_load_table(path: Path) -> str:
                         for name, v in (("time to first token", ttft), ("request latency", lat))))
 
 
+def startup_table(path: Path) -> str:
+    """`benchmarks.startup`: each labelled run of `sot ask` to its first skeleton token, then the phases."""
+    d = json.loads(path.read_text())
+    lines = [f"Start-up of `sot ask` on the embedded SmolLM2, warm page cache, fastest (median) of {d['rounds']} runs "
+             "(`python -m benchmarks.startup`): seconds from the command's start to its route line (imports and model "
+             "load done) and to the first skeleton token.", "",
+             "| run | command | commit | machine | route s | first skeleton token s |", "|---|---|---|---|---:|---:|"]
+    for label, r in d["runs"].items():
+        e, m = r["end_to_end_s"], r.get("end_to_end_median_s", r["end_to_end_s"])
+        env = r.get("env", d["env"])
+        cmd = r["command"].replace(sys.executable, "python")
+        lines.append(f"| {label} | `{cmd} ask` | {r.get('commit') or '-'} | {env['device']}, {env['date']} | {e['route']:.2f} ({m['route']:.2f}) "
+                     f"| {e['first_skeleton_token']:.2f} ({m['first_skeleton_token']:.2f}) |")
+    phases = next((r["phases_s"] for r in reversed(d["runs"].values()) if "phases_s" in r), None)
+    if phases:
+        parts = phases.get("model_load_parts", {})
+        rest = phases["model_load"] - sum(parts.values())
+        load = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in parts.items()) + f", the rest {rest:.2f}"
+        lines += ["", f"Where the latest run's time goes (s, fastest per phase): interpreter {phases['spawn_to_python']:.2f}, "
+                  f"`import torch` {phases['import_torch']:.2f}, other imports {phases['import_rest']:.2f}, C++ "
+                  f"extension {phases['extension']:.3f}, model load {phases['model_load']:.2f} ({load}), first skeleton "
+                  f"token (skeleton prompt prefill + one decode step) {phases['first_skeleton_token']:.2f}."]
+    return "\n".join(lines)
+
+
 def _latest(pattern: str, device: str) -> list[Path]:
     return sorted(p for p in (common.RESULTS / device).glob(pattern) if not p.stem.endswith("_quick"))
 
@@ -193,6 +219,7 @@ def render() -> str:
             parts.append(latency_table(paths))
         parts += [sot_e2e_table(p) for p in _latest("sot_e2e_*.json", device)]
         parts += [server_load_table(p) for p in _latest("server_load.json", device)]
+        parts += [startup_table(p) for p in _latest("startup.json", device)]
     return "\n\n".join(parts) or "(no results yet)"
 
 

@@ -1,7 +1,7 @@
 """How long `sot ask` takes to start: from the command's start to its first skeleton token, and where that goes.
 
     python -m benchmarks.startup                  # writes benchmarks/results/cpu/startup.json
-    python -m benchmarks.startup --quick          # one round, no file (a smoke run)
+    python -m benchmarks.startup --quick          # one round, to startup_quick.json (a smoke run)
     python -m benchmarks.startup --label before --cwd ../old-checkout --cmd "python -m sot"   # end to end only
 
 Each number is the fastest of --rounds runs after an untimed one (a warm page cache, as a user's second command
@@ -21,6 +21,7 @@ import json
 import os
 import select
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -110,18 +111,30 @@ def phases(timeout: float = 300) -> dict:
     return json.loads(r.stdout.splitlines()[-1])
 
 
-def fastest(runs: list[dict]) -> dict:
-    """Per key, the smallest value over the runs (nested dicts key by key)."""
+def fastest(runs: list[dict], pick=min) -> dict:
+    """Per key, the smallest value over the runs (nested dicts key by key); `pick=statistics.median` for the
+    median."""
     out = {}
     for k, v in runs[0].items():
-        out[k] = fastest([r[k] for r in runs]) if isinstance(v, dict) else min(r[k] for r in runs)
+        out[k] = fastest([r[k] for r in runs], pick) if isinstance(v, dict) else pick([r[k] for r in runs])
     return out
+
+
+def commit(cwd: Path | None) -> str | None:
+    """The checkout's commit, "+" when its tracked files have changes (None outside git)."""
+    git = ["git", "-C", str(cwd or Path(__file__).resolve().parent)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "diff", "--quiet", "HEAD"]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="one round, nothing written")
+    ap.add_argument("--quick", action="store_true", help="one round, written to startup_quick.json")
     ap.add_argument("--cmd", default=f"{sys.executable} -m sot_engine", help="the command whose `ask` is timed")
     ap.add_argument("--cwd", type=Path, default=None, help="run it here (another checkout)")
     ap.add_argument("--label", default="after", help="the entry in the result file this run fills")
@@ -129,20 +142,20 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 1 if args.quick else args.rounds
     cmd = shlex.split(args.cmd)
     end_to_end(cmd, args.cwd)  # untimed: the page cache warm
-    e2e = fastest([end_to_end(cmd, args.cwd) for _ in range(rounds)])
-    entry: dict = {"command": args.cmd, "end_to_end_s": e2e}
+    runs = [end_to_end(cmd, args.cwd) for _ in range(rounds)]
+    entry: dict = {"command": args.cmd, "commit": commit(args.cwd), "end_to_end_s": fastest(runs),
+                   "end_to_end_median_s": fastest(runs, statistics.median)}
     if args.cwd is None:  # the probe runs this checkout's package
         phases()
         entry["phases_s"] = fastest([phases() for _ in range(rounds)])
     print(json.dumps(entry, indent=2))
-    if args.quick:
-        return
     device = torch.device("cpu")
     entry["env"] = environment(device)
-    path = result_path("startup", device)
-    old = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+    name = "startup_quick" if args.quick else "startup"  # quick: a file of its own, never in the README
+    path = result_path(name, device)
+    old = json.loads(path.read_text()).get("runs", {}) if path.exists() and not args.quick else {}
     old[args.label] = entry
-    out = write_result("startup", device, {"question": QUESTION, "rounds": rounds, "runs": old})
+    out = write_result(name, device, {"question": QUESTION, "rounds": rounds, "runs": old})
     print(f"wrote {out}")
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import requires_smollm2
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,3 +30,22 @@ def test_decode_cpu_quick(tmp_path):
     rows = [line for line in table if line.startswith("| cpp") or line.startswith("| torch")]
     assert len(rows) == 6 and rows[3].split("|")[2:4] == [" int8 ", " 2 "] and "llama.cpp" in table[-1]
     assert rows[-1].split("|")[2:4] == [" bf16-matmul, kv bf16 ", " 2 "]
+
+
+@requires_smollm2
+def test_startup_quick(tmp_path):
+    env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--quick"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "cpu" / "startup_quick.json").read_text())
+    run = d["runs"]["after"]
+    e2e, phases = run["end_to_end_s"], run["phases_s"]
+    assert 0 < e2e["route"] < e2e["first_skeleton_token"]
+    assert all(v > 0 for k, v in phases.items() if k != "model_load_parts")
+    parts = phases["model_load_parts"]
+    assert set(parts) == {"gguf_open", "dequantize", "tokenizer", "hugepage_copy"} and sum(parts.values()) < \
+        phases["model_load"]
+    from benchmarks.report import startup_table
+    table = startup_table(tmp_path / "cpu" / "startup_quick.json")
+    assert "| after | `python -m sot_engine ask` |" in table and "model load" in table

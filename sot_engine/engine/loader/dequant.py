@@ -17,9 +17,13 @@ def _blocks(raw: np.ndarray, block_bytes: int) -> torch.Tensor:
     return torch.from_numpy(raw.reshape(-1).view(np.uint8)).view(-1, block_bytes)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """[blocks, 16] packed bytes -> [blocks, 32] values 0..15: low nibbles are weights 0-15, high ones 16-31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+def _nibbles(qs: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """[blocks, 16] packed bytes -> [blocks, 32] float32 values 0..15 minus `offset`: the low nibbles are weights
+    0-15 of a block, the high ones 16-31. Written in place, so the caller's scaling runs in place too."""
+    out = torch.empty(qs.shape[0], QK, dtype=torch.float32)
+    out[:, :QK // 2] = qs & 0x0F
+    out[:, QK // 2:] = qs >> 4
+    return out.sub_(offset) if offset else out
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -37,11 +41,10 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Tenso
     if qtype == Q.Q8_0:
         b = _blocks(raw, 2 + QK)
         return (b[:, 2:].view(torch.int8).float() * _f16(b[:, :2])).reshape(shape)
-    if qtype == Q.Q4_0:
+    if qtype == Q.Q4_0:  # d * (q - 8)
         b = _blocks(raw, 2 + QK // 2)
-        q = (_nibbles(b[:, 2:]).view(torch.int8) - 8).float()
-        return (_f16(b[:, :2]) * q).reshape(shape)
-    if qtype == Q.Q4_1:
+        return _nibbles(b[:, 2:], offset=8).mul_(_f16(b[:, :2])).reshape(shape)
+    if qtype == Q.Q4_1:  # d * q + m, rounded after the product as gguf does (no fused multiply-add)
         b = _blocks(raw, 4 + QK // 2)
-        return (_f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])).reshape(shape)
+        return _nibbles(b[:, 4:]).mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4])).reshape(shape)
     return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32)).reshape(shape)
