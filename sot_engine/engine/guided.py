@@ -1,9 +1,9 @@
-"""Structured output: a JSON schema becomes a per-step token mask, so even a tiny model returns valid JSON.
+"""Structured output: a JSON schema or a grammar becomes a per-step token mask, so even a tiny model returns valid
+JSON, or a skeleton in the form SoT needs.
 
 The grammar work is llguidance's (Rust; no torch dependency): it reads our vocabulary (a `tokenizers` JSON, or the
-byte strings of a sentencepiece vocabulary), compiles a JSON schema to a grammar and, per step, says which tokens
-may come next. It is imported on the first guided request only (`pip install 'sot-engine[server]'`), so
-unguided use pays nothing and the engine runs without it.
+byte strings of a sentencepiece vocabulary), compiles a JSON schema or a Lark grammar and, per step, says which
+tokens may come next. It is imported on the first guided request only, so unguided use pays nothing.
 
 Per engine, one `GuidedDecoder`: the library's tokenizer view (built once, lazily: ~1 s for a 49k vocabulary) and
 each distinct schema compiled once (a server sends the same schema with many parallel requests). Per sequence,
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "structured output needs llguidance: pip install 'sot-engine[server]'"
+INSTALL_HINT = "structured output needs llguidance (a dependency of sot-engine): pip install llguidance"
 # One line of JSON, ", " and ": " between items: no run of whitespace for a small model to loop in. A schema's
 # own "x-guidance" options override these.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -34,9 +34,11 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 @dataclass(slots=True)
 class GuidedDecoding:
     """Constrain a request's output: to a JSON schema (`json_schema`, OpenAI's `response_format` "json_schema" or a
-    forced tool call's parameters) or to any JSON object (`json_object=True`, OpenAI's "json_object"). Exactly one."""
+    forced tool call's parameters), to any JSON object (`json_object=True`, OpenAI's "json_object"), or to a Lark
+    grammar in llguidance's dialect (`grammar`, its `start` rule). Exactly one."""
     json_schema: dict | None = None
     json_object: bool = False
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.json_object, bool):
@@ -44,13 +46,17 @@ class GuidedDecoding:
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise ValueError(f"bad guided decoding: json_schema must be a dict (a JSON schema), "
                              f"got {type(self.json_schema).__name__}")
-        if (self.json_schema is not None) == self.json_object:
-            raise ValueError("bad guided decoding: set exactly one of json_schema and json_object")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("bad guided decoding: grammar must be a non-empty string (a Lark grammar)")
+        if (self.json_schema is not None) + self.json_object + (self.grammar is not None) != 1:
+            raise ValueError("bad guided decoding: set exactly one of json_schema, json_object and grammar")
         self.key()  # not JSON (a set, an object): say so now
 
     def key(self) -> str:
-        """The schema as compact JSON: the grammar's source and its cache key. Key order is kept: it is the order
-        the properties are generated in."""
+        """The grammar's source and its cache key: the Lark text, or the schema as compact JSON (key order is kept:
+        it is the order the properties are generated in)."""
+        if self.grammar is not None:
+            return "lark:" + self.grammar
         if self.json_object:
             return '{"type":"object"}'
         try:
@@ -75,6 +81,7 @@ class Matcher:
     def done(self) -> bool:
         """The grammar is complete: nothing but EOS may follow (the request finishes with "stop")."""
         return bool(self.m.is_stopped())
+
 
     @property
     def error(self) -> str | None:
@@ -115,15 +122,17 @@ class GuidedDecoder:
             self._compiled.move_to_end(key)
             return self._compiled[key]
         llg = self._lib()
+        what = "grammar" if g.grammar is not None else "JSON schema"
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(key, defaults=JSON_OPTIONS)
+            grammar = llg.LLMatcher.grammar_from_lark(g.grammar) if g.grammar is not None else \
+                llg.LLMatcher.grammar_from_json_schema(key, defaults=JSON_OPTIONS)
         except ValueError as e:
-            raise ValueError(f"bad JSON schema: {e}") from None
+            raise ValueError(f"bad {what}: {e}") from None
         m = llg.LLMatcher(self._ll, grammar, log_level=0, limits=llg.LLParserLimits(verbose_errors=False))
         if m.is_error():
-            raise ValueError(f"bad JSON schema: {m.get_error()}")
+            raise ValueError(f"bad {what}: {m.get_error()}")
         for w in m.get_grammar_warnings():
-            log.warning("JSON schema: %s", w)
+            log.warning("%s: %s", what, w)
         self._compiled[key] = m
         if len(self._compiled) > self.cache_size:
             self._compiled.popitem(last=False)
@@ -131,6 +140,12 @@ class GuidedDecoder:
 
     def matcher(self, g: GuidedDecoding) -> Matcher:
         return Matcher(self.compile(g).deep_copy())
+
+    def allows(self, matcher: Matcher, token: int) -> bool:
+        """Would the grammar take `token` next? Checked without advancing it: microseconds, not a whole mask. Ids
+        past the tokenizer's own (padding rows of the embedding) never."""
+        m = matcher.m
+        return 0 <= token < self._ll.vocab_size and not m.is_error() and m.validate_tokens([token]) == 1
 
     def allowed(self, matchers: list[Matcher]) -> torch.Tensor:
         """[len(matchers), vocab_size] bool: the tokens each matcher accepts next."""
@@ -158,6 +173,11 @@ class GuidedDecoder:
             return
         allowed = self._allowed([matchers[i] for i in keep])
         allowed[~allowed.any(axis=1)] = True  # the mask itself hit an error: same as above
+        if logits.device.type == "cpu":  # in place through numpy, row by row: no gather and scatter of [B, V]
+            lv = logits.numpy()
+            for i, ok in zip(keep, allowed):
+                np.putmask(lv[rows[i]], ~ok, -np.inf)
+            return
         blocked = torch.from_numpy(~allowed).to(logits.device)
         idx = torch.tensor([rows[i] for i in keep], device=logits.device)
         logits[idx] = logits[idx].masked_fill(blocked, float("-inf"))

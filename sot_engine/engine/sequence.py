@@ -31,6 +31,9 @@ class SamplingParams:
     # Structured output: the output is constrained to a JSON schema (or any JSON object) and the request stops
     # ("stop") when the JSON is complete; max_tokens first gives "length" and truncated JSON.
     guided: GuidedDecoding | None = None
+    # vLLM's logits processors: each called per step as fn(output_token_ids, logits_row) -> logits_row, after the
+    # grammar's mask and before sampling. One that raises ends its own request ("logits processor error: ...").
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
@@ -59,6 +62,9 @@ class SamplingParams:
             raise bad(f"stop_fn must be callable, got {self.stop_fn!r}")
         if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
             raise bad(f"guided must be a GuidedDecoding, got {type(self.guided).__name__}")
+        self.logits_processors = list(self.logits_processors or [])
+        if not all(callable(f) for f in self.logits_processors):
+            raise bad(f"logits_processors must be callables, got {self.logits_processors!r}")
 
     @property
     def greedy(self) -> bool:

@@ -187,6 +187,17 @@ class Tokenizer:
             state.prefix_offset, state.read_offset = state.read_offset, len(ids)
         return state.text
 
+    def ids_containing(self, char: str) -> list[int]:
+        """The ids whose own text holds `char` (e.g. every token that writes a newline), computed once per char."""
+        cache = self.__dict__.setdefault("_containing", {})
+        if char not in cache:
+            if isinstance(self._b, _HFBackend):  # one batched call in Rust: ~25 ms for 49k ids
+                texts = self._b.tk.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+            else:
+                texts = [self.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+            cache[char] = [i for i, t in enumerate(texts) if char in t]
+        return cache[char]
+
     def token_to_id(self, s: str) -> int | None:
         return self._b.token_to_id(s)
 

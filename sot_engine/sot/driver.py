@@ -18,6 +18,8 @@ from typing import Iterator
 
 from sot_engine.engine import LLM, SamplingParams
 from sot_engine.engine.llm import RequestOutput, StreamDelta
+from sot_engine.engine.guided import GuidedDecoding
+from sot_engine.sot.grammar import DistinctOpenings, HoldFirstSentence, skeleton_grammar
 from sot_engine.sot.prompts import DEFAULT_PROMPTS, SoTPrompts, fill, point_messages, point_prefill, skeleton_messages
 from sot_engine.sot.router import NORMAL, SOT, Route, route
 from sot_engine.sot.skeleton import Point, format_skeleton, parse_skeleton
@@ -36,6 +38,13 @@ class SoTConfig:
     normal_max_tokens: int = 512
     max_points: int = 10
     min_points: int = 2  # fewer usable points: answer with normal decoding instead
+    # the skeleton decoded under its grammar (sot.grammar): skeleton_min_points..max_points distinct one-line points;
+    # False: free decoding, ended by `skeleton_stop` and read by the parser (as before the grammar, for comparison)
+    constrained_skeleton: bool = True
+    skeleton_min_points: int = 3
+    # a point's expansion opens with a complete sentence of at least this many words on its first line before it
+    # may end (EOS, newline, a stop rule; sot.grammar.HoldFirstSentence); 0: off (as before, for comparison)
+    point_min_words: int = 4
     labels: bool = True  # keep "2. Point:" in front of each expansion (the paper drops them for writing)
     temperature: float = 0.0  # points and normal decoding; the skeleton is always greedy
     top_p: float = 1.0
@@ -45,12 +54,19 @@ class SoTConfig:
     def __post_init__(self) -> None:
         if self.expansion not in EXPANSIONS:
             raise ValueError(f"expansion must be one of {EXPANSIONS}, got {self.expansion!r}")
-        for name in ("skeleton_max_tokens", "point_max_tokens", "normal_max_tokens", "max_points", "min_points"):
+        for name in ("skeleton_max_tokens", "point_max_tokens", "normal_max_tokens", "max_points", "min_points",
+                     "skeleton_min_points"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 0:
-            raise ValueError(f"ngram must be an int >= 0, got {self.ngram!r}")
+        for name in ("ngram", "point_min_words"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not isinstance(self.constrained_skeleton, bool):
+            raise ValueError(f"constrained_skeleton must be a bool, got {self.constrained_skeleton!r}")
+        if self.constrained_skeleton:  # the grammar must be buildable: bounds in order, a prefill it can continue
+            skeleton_grammar(self.prompts.skeleton_prefill, self.skeleton_min_points, self.max_points)
         SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)  # validates them
 
 
@@ -258,8 +274,14 @@ class SoT:
         """Greedy skeleton with its stop rule. Returns (points, kept request or None, why SoT gives up)."""
         p = cfg.prompts
         msgs = skeleton_messages(ans.question, p)
-        params = SamplingParams(temperature=0.0, max_tokens=cfg.skeleton_max_tokens,
-                                stop_fn=skeleton_stop(p.skeleton_prefill, cfg.max_points))
+        if cfg.constrained_skeleton:  # the grammar ends the list; the parser still drops a repeated point
+            grammar = skeleton_grammar(p.skeleton_prefill, cfg.skeleton_min_points, cfg.max_points)
+            params = SamplingParams(temperature=0.0, max_tokens=cfg.skeleton_max_tokens,
+                                    guided=GuidedDecoding(grammar=grammar),
+                                    logits_processors=[DistinctOpenings(self.llm.tokenizer.decode, p.skeleton_prefill)])
+        else:
+            params = SamplingParams(temperature=0.0, max_tokens=cfg.skeleton_max_tokens,
+                                    stop_fn=skeleton_stop(p.skeleton_prefill, cfg.max_points))
         keep = cfg.expansion == "continuation"
         try:
             stream = self.llm.stream(msgs, params, keep_kv=keep)
@@ -281,8 +303,9 @@ class SoT:
         # continuation: the points continue the kept skeleton request (prompt + output tokens)
         base = held.prompt_token_ids + held.token_ids if held is not None else None
         n = common_prefix_len(full + ([base] if base else []))
-        params = [replace(self._params(cfg, cfg.point_max_tokens, i), stop_fn=point_stop(pt.index, num_points=len(points),
-                                                                         ngram=cfg.ngram))
+        params = [replace(self._params(cfg, cfg.point_max_tokens, i), logits_processors=self._hold(cfg),
+                          stop_fn=point_stop(pt.index, num_points=len(points), ngram=cfg.ngram,
+                                             min_words=cfg.point_min_words))
                   for i, pt in enumerate(points)]
         before = engine.counters["prefill_tokens"]
         try:
@@ -343,6 +366,14 @@ class SoT:
             return "\n".join(f"{point_prefill(pa.index, pa.point, cfg.prompts)} {pa.text}".rstrip()
                              for pa in points)
         return "\n".join(pa.text for pa in points if pa.text)
+
+    def _hold(self, cfg: SoTConfig) -> list:
+        """A point's logits processors: its first sentence held (none with point_min_words=0)."""
+        if not cfg.point_min_words:
+            return []
+        tok = self.llm.tokenizer
+        return [HoldFirstSentence(tok.decode, [*self.llm.engine.eos_ids, *tok.ids_containing("\n")],
+                                  cfg.point_min_words)]
 
     @staticmethod
     def _params(cfg: SoTConfig, max_tokens: int, row: int = 0) -> SamplingParams:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from sot_engine.sot.grammar import first_sentence_end, words_end
 from sot_engine.sot.skeleton import skeleton_end
 
 StopFn = Callable[[str], "tuple[int, str] | None"]
@@ -43,11 +44,15 @@ def repeated_ngram(text: str, n: int) -> int | None:
 _NUMBERED = re.compile(r"(?:^|\s)\**(\d{1,2})\s*[.)]\s+\**[A-Z]")  # " 3. Stay", " **3. Stay"
 
 
-def point_stop(index: int, *, num_points: int = 10, ngram: int = 8) -> StopFn:
+def point_stop(index: int, *, num_points: int = 10, ngram: int = 8, min_words: int = 0) -> StopFn:
     """End point `index`'s expansion at: a newline after some text, the start of another point ("3. Foo",
     even inline, any number 1..num_points+1 but its own), an echo of the prompt ("Skeleton:", "Question:",
     the instruction), or a repeated `ngram`-word phrase (0 turns that rule off). The text is cut before what
-    triggered the rule, trailing space dropped; a row cut to nothing has written no content of its own."""
+    triggered the rule, trailing space dropped; a row cut to nothing has written no content of its own.
+
+    `min_words`: but for a repetition (a loop is not content), no rule fires before the point's first sentence
+    of at least that many words is complete (`sot.grammar.HoldFirstSentence` keeps EOS and newlines out of it
+    too), and none cuts into it."""
     def other_point(m: re.Match[str]) -> bool:
         return int(m.group(1)) != index and 1 <= int(m.group(1)) <= num_points + 1
 
@@ -55,20 +60,26 @@ def point_stop(index: int, *, num_points: int = 10, ngram: int = 8) -> StopFn:
         start = len(text) - len(text.lstrip())
         if start == len(text):
             return None  # nothing written yet (a leading newline is allowed)
+        looped = repeated_ngram(text, ngram) if ngram else None
+        if min_words:
+            first = first_sentence_end(text, min_words)
+            if first is None:  # the first sentence is still being written: only a loop ends it, after min_words
+                return None if looped is None else \
+                    (len(text[:max(looped, words_end(text, min_words))].rstrip()), "repetition")
+            start = max(start, first)
         found: list[tuple[int, str]] = []
         nl = text.find("\n", start)
         if nl != -1:
             found.append((nl, "newline"))
-        m = next((m for m in _NUMBERED.finditer(text) if other_point(m)), None)
+        after = max(0, start - 1) if min_words else 0  # the pattern starts with the space before the number
+        m = next((m for m in _NUMBERED.finditer(text, after) if other_point(m)), None)
         if m:
             found.append((m.start(), "another point"))
         m = _ECHO.search(text, start)
         if m:
             found.append((m.start(), "echo of the prompt"))
-        if ngram:
-            r = repeated_ngram(text, ngram)
-            if r is not None:
-                found.append((r, "repetition"))
+        if looped is not None:
+            found.append((looped, "repetition"))
         if not found:
             return None
         cut, why = min(found)

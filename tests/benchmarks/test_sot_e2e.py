@@ -16,7 +16,7 @@ from sot_engine.sot.prompts import SoTPrompts
 
 QUESTIONS = [("How can I learn faster?", "generic"), ("What is 12*7?", "math"),
              ("What are good ways to save money?", "generic")]
-# the skeleton prefill holds the list and the model's first line ends it: SoT runs on noise weights
+# the skeleton prefill holds the whole list (max_points=3: only its end may follow): SoT runs on noise weights
 LISTED = SoTPrompts(skeleton_prefill="1. Alpha\n2. Beta\n3. Gamma\n")
 
 
@@ -36,7 +36,7 @@ def recorded(tiny_chat_dir, tmp_path_factory):
     paths = {}
     for expansion in ("paper", "continuation"):
         sot = SoT(llm, SoTConfig(prompts=LISTED, expansion=expansion, skeleton_max_tokens=24, point_max_tokens=6,
-                                 normal_max_tokens=12, ngram=0))
+                                 normal_max_tokens=12, ngram=0, max_points=3))
         path, _ = run_bench(sot, str(data), name=f"rec_{expansion}", out_dir=out, log=lambda *a: None)
         paths[expansion] = path.with_suffix(".jsonl")
     return paths

@@ -69,6 +69,8 @@ BAD_SCHEMAS = [
     ({}, "exactly one"), ({"json_schema": {"type": "object"}, "json_object": True}, "exactly one"),
     ({"json_schema": '{"type": "object"}'}, "must be a dict"), ({"json_object": 1}, "must be a bool"),
     ({"json_schema": {"enum": {1, 2}}}, "not JSON"), ({"json_schema": {"maximum": float("nan")}}, "not JSON"),
+    ({"grammar": ""}, "non-empty string"), ({"grammar": 3}, "non-empty string"),
+    ({"grammar": "start: A", "json_object": True}, "exactly one"),
 ])
 def test_bad_guided_decoding(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -298,4 +300,47 @@ except ValueError as e:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["2", "prompt 0: structured output needs llguidance: pip install 'sot-engine[server]'"]
+    assert out.stdout.splitlines() == ["2", "prompt 0: structured output needs llguidance (a dependency of sot-engine): pip install llguidance"]
+
+
+# ---- Lark grammars -----------------------------------------------------------------------
+def test_lark_grammar_whole_output(tiny_chat):
+    g = GuidedDecoding(grammar='start: "Yes" | "No" | NUM\nNUM: /[0-9]{1,3}/\n')
+    outs = tiny_chat.generate([[1, 2, 3]] * 6, [SamplingParams(temperature=1.0, seed=s, max_tokens=20, guided=g)
+                                                for s in range(6)])
+    for o in outs:
+        assert o.text in ("Yes", "No") or o.text.isdigit() and len(o.text) <= 3, o.text
+        assert o.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("grammar, match", [("start: A B", "grammar"), ("start: /(unclosed/", "grammar")])
+def test_bad_grammar_rejected_before_running(tiny_chat, grammar, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_chat.generate([[1, 2, 3]], SamplingParams(guided=GuidedDecoding(grammar=grammar)))
+
+
+# ---- logits processors (vLLM's hook) ------------------------------------------------------------------------------
+def test_logits_processors_steer_their_row_only_and_a_failing_one_ends_its_own(tiny_chat):
+    seen = []
+
+    def force(token: int):
+        def fn(ids: list[int], row: torch.Tensor) -> torch.Tensor:
+            seen.append(len(ids))
+            row[:] = float("-inf")
+            row[token] = 0.0
+            return row
+        return fn
+
+    def broken(ids, row):
+        raise RuntimeError("boom")
+    plain = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    alone = tiny_chat.generate([[4, 5, 6]], plain)[0].token_ids
+    outs = tiny_chat.generate([[1, 2, 3], [4, 5, 6], [7, 8]], [
+        SamplingParams(temperature=0.7, seed=1, max_tokens=5, ignore_eos=True, logits_processors=[force(77)]),
+        plain, SamplingParams(temperature=0, max_tokens=5, logits_processors=[broken])])
+    assert outs[0].token_ids == [77] * 5 and seen == [0, 1, 2, 3, 4]
+    assert outs[1].token_ids == alone
+    assert outs[2].finish_reason == "stop" and "logits processor error: RuntimeError: boom" in outs[2].stop_reason
+    assert len(outs[2].token_ids) == 1
+    with pytest.raises(ValueError, match="logits_processors"):
+        SamplingParams(logits_processors=[3])

@@ -88,7 +88,7 @@ def test_python_m_sot_engine_is_the_sot_command():
 
 def test_sot_ask_in_a_pipe_loads_only_what_it_uses(tiny_chat_dir):
     """`sot ask` answering into a pipe: no rich (the live view is for terminals), and none of the optional
-    stacks (triton, transformers, the server's, structured output's)."""
+    stacks (triton, transformers, the server's)."""
     code = ("import io, sys, contextlib\n"
             "from sot_engine.sot.cli import main\n"
             "out = io.StringIO()\n"
@@ -96,7 +96,7 @@ def test_sot_ask_in_a_pipe_loads_only_what_it_uses(tiny_chat_dir):
             f"    rc = main(['ask', 'How to sleep?', '--model', {str(tiny_chat_dir)!r}, '--point-max-tokens', '4',"
             " '--normal-max-tokens', '4', '--skeleton-max-tokens', '8'])\n"
             "assert rc == 0 and 'route:' in out.getvalue(), out.getvalue()\n"
-            "heavy = {'rich', 'triton', 'transformers', 'fastapi', 'uvicorn', 'llguidance', 'pydantic'}\n"
+            "heavy = {'rich', 'triton', 'transformers', 'fastapi', 'uvicorn', 'pydantic'}\n"
             "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)

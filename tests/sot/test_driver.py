@@ -68,10 +68,10 @@ def test_points_share_one_prefix_prefill_and_decode_as_one_batch(llm, expansion)
 
 
 def test_continuation_reuses_the_kept_skeleton_kv(llm):
-    # the prefill holds the whole list; the model's first (noise) line ends it: 3 known points, any weights
+    # the prefill holds the whole list (max_points of them: the grammar lets only the end follow), 3 known points
     listed = SoTPrompts(skeleton_prefill="1. Alpha\n2. Beta\n3. Gamma\n")
     sot = SoT(llm, SoTConfig(prompts=listed, expansion="continuation", skeleton_max_tokens=24,
-                             point_max_tokens=4, ngram=0))
+                             point_max_tokens=4, ngram=0, max_points=3))
     kept_during = []
     for ev in sot.stream("Name three letters", mode="sot"):
         if ev.kind == "points":
@@ -119,8 +119,9 @@ def test_answer_text_labels_and_timings(llm):
 
 
 def test_one_usable_point_falls_back_to_normal(llm):
+    # free decoding (the grammar would add points): the noise model's first line ends the list after one
     one = SoTPrompts(skeleton_prefill="1. Alpha\n")
-    sot = SoT(llm, SoTConfig(prompts=one, skeleton_max_tokens=12, normal_max_tokens=5))
+    sot = SoT(llm, SoTConfig(prompts=one, skeleton_max_tokens=12, normal_max_tokens=5, constrained_skeleton=False))
     kinds = [ev.kind for ev in sot.stream("Name one letter", mode="sot")]
     ans = sot.answer("Name one letter", mode="sot")
     assert ans.mode == "normal" and "1 usable point" in ans.reason
@@ -178,4 +179,41 @@ def test_closing_the_stream_early_frees_everything(llm):
         if ev.kind == "point":
             break
     stream.close()
+    _idle(llm)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_each_stage_decodes_as_its_request_would_alone(llm, constrained):
+    """The skeleton, and every point, are exactly what the engine gives the same request alone: without the
+    grammar (`constrained_skeleton=False, point_min_words=0`) the requests of before it -- greedy, ended by the
+    stop rules, no mask; with it, the grammar's requests. Batching and the shared prefix change no token."""
+    from sot_engine.engine import GuidedDecoding, SamplingParams
+    from sot_engine.sot.grammar import DistinctOpenings, HoldFirstSentence, skeleton_grammar
+    from sot_engine.sot.prompts import DEFAULT_PROMPTS, point_messages, skeleton_messages
+    from sot_engine.sot.skeleton import format_skeleton, parse_skeleton
+    from sot_engine.sot.stops import point_stop, skeleton_stop
+    prefill = "1. Alpha\n2. Beta\n"  # two points given; the grammar (3..4) makes the model add one or two
+    prompts = SoTPrompts(**{**vars(DEFAULT_PROMPTS), "skeleton_prefill": prefill})
+    kw = dict(constrained_skeleton=False, point_min_words=0) if not constrained else {}
+    cfg = SoTConfig(prompts=prompts, skeleton_max_tokens=40, point_max_tokens=24, max_points=4, ngram=0, **kw)
+    q = "How can I learn faster?"
+    ans = SoT(llm, cfg).answer(q, mode="sot")
+    if constrained:
+        sk = SamplingParams(temperature=0, max_tokens=40, guided=GuidedDecoding(grammar=skeleton_grammar(prefill, 3, 4)),
+                            logits_processors=[DistinctOpenings(llm.tokenizer.decode, prefill)])
+    else:
+        sk = SamplingParams(temperature=0, max_tokens=40, stop_fn=skeleton_stop(prefill, 4))
+    alone = llm.generate([skeleton_messages(q, prompts)], sk)[0]
+    assert ans.skeleton == prefill + alone.text
+    points = parse_skeleton(alone.text, prefilled=prefill, max_points=4)
+    assert [p.point for p in ans.points] == [p.text for p in points] and ans.mode == "sot"
+    assert (3 <= len(points) <= 4) if constrained else len(points) >= 2
+    enders = [*llm.engine.eos_ids, *llm.tokenizer.ids_containing("\n")]
+    for pa, pt in zip(ans.points, points):
+        hold = [HoldFirstSentence(llm.tokenizer.decode, enders, 4)] if constrained else []
+        params = SamplingParams(temperature=0, max_tokens=24, logits_processors=hold,
+                                stop_fn=point_stop(pt.index, num_points=len(points), ngram=0,
+                                                   min_words=4 if constrained else 0))
+        ref = llm.generate([point_messages(q, format_skeleton(points), pt.index, pt.text, prompts)], params)[0]
+        assert pa.text == ref.text.strip() and pa.num_tokens == len(ref.token_ids)
     _idle(llm)

@@ -41,3 +41,16 @@ def test_math_and_code_are_answered_normally(sot, question, why):
             ans = ev.answer
     assert ans.mode == "normal" and why in ans.reason and ans.skeleton is None
     assert "skeleton" not in kinds and ans.text and 1 <= ans.tokens.normal_output <= 16
+
+
+@pytest.mark.parametrize("question", [
+    "What are the main causes of inflation?",  # free decoding: "1. Inflation.\n", then the list ends or loops
+    "How can I tell restaurants for locals from tourist traps when I travel?",  # free: one point, then fallback
+    "How can I improve my time management skills?",  # the README's example: an empty point and a cut clause
+])
+def test_the_skeleton_holds_and_every_point_says_something(sot, question):
+    ans = sot.answer(question, mode="sot")
+    assert ans.mode == "sot", ans.reason  # the grammar wrote 3..10 points, with distinct openings
+    assert 2 <= len(ans.points) <= 10 and ans.tokens.skeleton_output > 0
+    for p in ans.points:  # a first sentence of 4+ words before any end (or the token cap came first)
+        assert p.text and (len(p.text.split()) >= 4 or p.finish_reason == "length"), (p.point, p.text)
