@@ -87,14 +87,27 @@ def _delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
 
+def fell_back(row: dict) -> bool:
+    """SoT was tried (the router or the caller chose it) but answered with normal decoding: a skeleton without
+    enough usable points, or a request that did not fit."""
+    return row["mode"] == "normal" and row.get("tokens", {}).get("skeleton_output", 0) > 0
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per category and overall: counts, mean latencies, speed-up of the means."""
+    """Per category and overall: counts, mean latencies, speed-up of the means, fallbacks, points per skeleton,
+    empty points."""
     def agg(rs: list[dict]) -> dict:
         n, s = statistics.fmean(r["normal_latency"] for r in rs), statistics.fmean(r["sot_latency"] for r in rs)
-        return {"n": len(rs), "sot_used": sum(r["mode"] == "sot" for r in rs), "normal_latency": n,
-                "sot_latency": s, "speedup": n / s,
-                "normal_tokens": statistics.fmean(r["normal_tokens"] for r in rs),
-                "sot_tokens": statistics.fmean(r["sot_tokens"] for r in rs)}
+        ran = [r for r in rs if r["mode"] == "sot"]
+        out = {"n": len(rs), "sot_used": len(ran), "normal_latency": n,
+               "sot_latency": s, "speedup": n / s,
+               "normal_tokens": statistics.fmean(r["normal_tokens"] for r in rs),
+               "sot_tokens": statistics.fmean(r["sot_tokens"] for r in rs)}
+        if all("empty_points" in r for r in rs):  # a real run's records (a replay has lengths only)
+            out.update(fallbacks=sum(fell_back(r) for r in rs),
+                       points_per_skeleton=statistics.fmean(r["num_points"] for r in ran) if ran else 0.0,
+                       empty_points=sum(r["empty_points"] for r in ran))
+        return out
     cats = sorted({r["category"] for r in rows})
     out = {c: agg([r for r in rows if r["category"] == c]) for c in cats}
     suited = [r for r in rows if r["category"] in SOT_SUITED]
@@ -108,10 +121,15 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = ["| category | n | SoT used | normal s | SoT/auto s | speed-up | normal tokens | SoT tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown, a row per category; "fell back" (SoT tried, normal answer), points per skeleton and empty points
+    where the summary has them."""
+    quality = all("fallbacks" in a for a in summary.values())
+    extra = " fell back | points | empty points |" if quality else ""
+    lines = [f"| category | n | SoT used |{extra} normal s | SoT/auto s | speed-up | normal tokens | SoT tokens |",
+             "|---|---:|---:|" + "---:|" * (3 * quality) + "---:|---:|---:|---:|---:|"]
     for c, a in summary.items():
-        lines.append(f"| {c} | {a['n']} | {a['sot_used']} | {a['normal_latency']:.1f} | {a['sot_latency']:.1f} "
+        q = f" {a['fallbacks']} | {a['points_per_skeleton']:.1f} | {a['empty_points']} |" if quality else ""
+        lines.append(f"| {c} | {a['n']} | {a['sot_used']} |{q} {a['normal_latency']:.1f} | {a['sot_latency']:.1f} "
                      f"| {a['speedup']:.2f}x | {a['normal_tokens']:.0f} | {a['sot_tokens']:.0f} |")
     return "\n".join(lines)
 

@@ -42,6 +42,10 @@ def _common() -> argparse.ArgumentParser:
                    help="paper: the paper's point prompt per point; continuation: reuse the skeleton's KV")
     s.add_argument("--no-labels", action="store_true", help='drop the "i. point:" label before each expansion')
     s.add_argument("--max-points", type=int, default=None)
+    s.add_argument("--no-skeleton-grammar", action="store_true",
+                   help="decode the skeleton freely, ended by stop rules (the grammar keeps it a list of 3-10 points)")
+    s.add_argument("--point-min-words", type=int, default=None,
+                   help="a point opens with a complete sentence of at least this many words (default 4; 0: off)")
     s.add_argument("--skeleton-max-tokens", type=int, default=None)
     s.add_argument("--point-max-tokens", type=int, default=None)
     s.add_argument("--normal-max-tokens", type=int, default=None)
@@ -93,10 +97,12 @@ def build(args: argparse.Namespace, **engine_args):
     from sot_engine.engine import LLM
     from sot_engine.sot.driver import SoT, SoTConfig
     fields = ("expansion", "max_points", "skeleton_max_tokens", "point_max_tokens", "normal_max_tokens",
-              "temperature", "seed")
+              "temperature", "seed", "point_min_words")
     kw = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.no_labels:
         kw["labels"] = False
+    if args.no_skeleton_grammar:
+        kw["constrained_skeleton"] = False
     cfg = SoTConfig(**kw)  # checked before the (slow) model load
     return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), weight_dtype=args.weights,
                    matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype, **engine_args), cfg)

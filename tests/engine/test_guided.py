@@ -344,3 +344,35 @@ def test_logits_processors_steer_their_row_only_and_a_failing_one_ends_its_own(t
     assert len(outs[2].token_ids) == 1
     with pytest.raises(ValueError, match="logits_processors"):
         SamplingParams(logits_processors=[3])
+
+
+# ---- rows checked after sampling: the same tokens greedy, the same distribution sampled --------------------------
+def test_checking_the_sampled_token_equals_masking_first(tiny_chat):
+    """A greedy or temperature-only guided row is sampled unmasked and masked only if the grammar rejects the
+    token; top_k = the vocabulary (no filter at all) takes the mask-first path. Greedy: the same tokens. Sampled:
+    both paths draw the masked distribution, checked against its exact probabilities."""
+    from conftest import prompt_logits
+    llm, V = tiny_chat, tiny_chat.config.vocab_size
+    g = GuidedDecoding(grammar='start: /[a-e][a-z ]{0,8}/\n')
+    greedy = [llm.generate([[1, 2, 3], [4, 5], [6]], SamplingParams(temperature=0, max_tokens=10, guided=g, **kw))
+              for kw in ({}, {"top_k": V})]
+    assert [o.token_ids for o in greedy[0]] == [o.token_ids for o in greedy[1]]
+    # one token from {a, b, c}; a bias makes the unmasked draw land on a, b, c (kept) or on d, e (redrawn) often
+    ids = {c: llm.tokenizer.encode(c)[0] for c in "abcde"}
+    bias = torch.zeros(V)
+    for c, b in zip("abcde", (5.0, 4.0, 3.0, 5.5, 4.5)):
+        bias[ids[c]] = b
+
+    def add_bias(_, row):
+        return row.add_(bias)
+    prompt, n, T = [9, 9, 9], 1500, 1.5
+    raw = prompt_logits(llm, prompt)[:V] + bias
+    exact = torch.softmax(raw[[ids[c] for c in "abc"]] / T, -1)
+    one = GuidedDecoding(grammar='start: /[abc]/\n')
+    for kw in ({}, {"top_k": V}):
+        outs = llm.generate([prompt] * n, [SamplingParams(temperature=T, seed=s, max_tokens=1, guided=one,
+                                                          logits_processors=[add_bias], **kw) for s in range(n)])
+        counts = torch.tensor([sum(o.text == c for o in outs) for c in "abc"], dtype=torch.float64)
+        assert counts.sum() == n
+        sigma = (n * exact * (1 - exact)).sqrt()
+        assert ((counts - n * exact).abs() < 4.5 * sigma).all(), (kw, counts.tolist(), (n * exact).tolist())
