@@ -5,12 +5,13 @@
 
 Cases, each a batch decoded step by step through `LLMEngine.step`, with the constraints and without them (the
 same prompts; runs alternated, the fastest of --rounds kept):
-- skeleton: SoT's skeleton request alone, under its Lark grammar with the DistinctOpenings logits processor;
+- skeleton: SoT's skeleton request alone, under its Lark grammar with its logits processors (DistinctOpenings,
+  ListEnd);
 - points: 8 point rows under the HoldFirstSentence logits processor (the steps while any row is still held);
 - json in 8: one JSON-schema row among 7 plain ones (the server's structured output in a busy batch).
-Per step (while any row is still constrained): the time in the mask (`GuidedDecoder.apply`: llguidance's mask and
-applying it) and in logits processors, and the step's time with and without the constraints. The goal: under 5%
-of the step.
+Per step (while any row is still constrained): the mean time in the mask (`GuidedDecoder.apply`: llguidance's
+mask and applying it, paid only on the steps where a row's sampled token was rejected) and in logits processors,
+against the step's median time with and without the constraints. The goal: under 5% of the step.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch
 
 from benchmarks.common import write_result
 from sot_engine.engine import LLM, GuidedDecoding, SamplingParams
-from sot_engine.sot.grammar import DistinctOpenings, HoldFirstSentence, skeleton_grammar
+from sot_engine.sot.driver import SoT, SoTConfig
+from sot_engine.sot.grammar import HoldFirstSentence, skeleton_grammar
 from sot_engine.sot.prompts import DEFAULT_PROMPTS, point_messages, skeleton_messages
 
 QUESTION = "What are the most effective ways to deal with stress?"
@@ -47,7 +49,7 @@ def cases(llm: LLM, steps: int) -> dict[str, list[Row]]:
             return plain(steps)
         return SamplingParams(temperature=0, max_tokens=steps,
                               guided=GuidedDecoding(grammar=skeleton_grammar("1.", 3, 10)),
-                              logits_processors=[DistinctOpenings(llm.tokenizer.decode, "1.")])
+                              logits_processors=SoT(llm).skeleton_processors(SoTConfig()))
     enders = [*llm.engine.eos_ids, *llm.tokenizer.ids_containing("\n")]
 
     def point(on: bool) -> SamplingParams:
@@ -118,8 +120,10 @@ def measure(llm: LLM, rows: list[Row], rounds: int) -> dict:
         r = {"steps": n, "constrained_rows": max(s["constrained_rows"] for s in held),
              "step_ms": statistics.median(s["ms"] for s in held),
              "unconstrained_step_ms": statistics.median(s["ms"] for s in off[:n]),
-             "mask_ms": statistics.median(s["mask_ms"] for s in held),
-             "processors_ms": statistics.median(s["processors_ms"] for s in held)}
+             # means: a guided row pays the mask only on the steps its sampled token is rejected
+             "mask_ms": statistics.fmean(s["mask_ms"] for s in held),
+             "processors_ms": statistics.fmean(s["processors_ms"] for s in held),
+             "masked_steps": sum(s["mask_ms"] > 0 for s in held)}
         r["share"] = (r["mask_ms"] + r["processors_ms"]) / r["step_ms"]
         if not best or r["step_ms"] < best["step_ms"]:
             best = r

@@ -69,6 +69,64 @@ def sot_table(path: Path) -> str:
     return head + "\n\n" + d["table"]
 
 
+def _sot_run(path: Path) -> dict:
+    """A `sot bench` run: its record, and a summary recomputed from its per-question lines (older runs did not
+    record fallbacks, points per skeleton and empty points)."""
+    from sot_engine.sot.bench import summarize
+    from sot_engine.sot.grammar import first_sentence_end
+    d = json.loads(path.read_text())
+    rows = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+    for r in rows:  # the oldest runs: an empty point is a labelled line with nothing after its "i. point:"
+        r.setdefault("empty_points", sum(bool(re.fullmatch(r"\d+\. [^\n]*:", line))
+                                         for line in r["sot_answer"].split("\n")) if r["mode"] == "sot" else 0)
+    d["summary"] = summarize(rows)
+    texts = [t for r in rows if r["mode"] == "sot" for t in point_texts(r)]
+    d["points_with_sentence"] = sum(first_sentence_end(" " + t, 4) is not None for t in texts) / max(1, len(texts))
+    return d
+
+
+def point_texts(row: dict) -> list[str]:
+    """A SoT answer's expansions, read off its "i. point: text" lines."""
+    lines = row["sot_answer"].split("\n")
+    out = []
+    for i, p in enumerate(row["points"], start=1):
+        label = f"{i}. {p['point']}:"
+        line = next((x for x in lines if x.startswith(label)), label)
+        out.append(line[len(label):].strip())
+    return out
+
+
+def sot_comparison_table(paths: list[Path]) -> str:
+    """One row per `sot bench` run on the whole set: how often SoT ran where it should, and what it gave."""
+    lines = ["SoT end to end on all of Vicuna-80, auto mode, paper expansion, greedy, normal decoding capped at 256 "
+             "tokens, points at 128 (`sot bench --dataset vicuna80 --normal-max-tokens 256`, + the run's switches): "
+             "every run, on its machine. *Fell back*: SoT was tried (the router sent the question to it) but the "
+             "skeleton had too few usable points, so the question paid the skeleton and then decoded normally. "
+             "*Points opening with a whole sentence*: expansions whose text starts with a complete sentence of 4+ "
+             "words (the rest are empty, cut mid-clause like \"The answer to this question is\", or a fragment). "
+             "*Speed-up*: mean normal latency / mean SoT latency.", "",
+             "| date | machine | precision | skeleton, points | SoT-suited: SoT ran | fell back | points per skeleton "
+             "| empty points | points opening with a whole sentence | speed-up SoT-suited | where SoT ran | all "
+             "| tokens SoT-suited: normal / SoT |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        d = _sot_run(path)
+        cfg, sm = d["config"], d["summary"]
+        suited, allq = sm.get("SoT-suited"), sm["all"]
+        ran = sm.get("where SoT ran", allq)
+        prec = "bf16 matmul + bf16 KV" if d.get("matmul_precision") == "bf16" else "fp32"
+        grammar = cfg.get("constrained_skeleton", False)
+        hold, cap = cfg.get("point_min_words", 0), cfg.get("point_max_sentences", 0)
+        sk = ("grammar" if grammar else "free") + (f", {hold}-word first sentence held" if hold else ", free") \
+            + (f", at most {cap} sentences" if cap else "")
+        lines.append(f"| {d['env']['date']} | {d['env']['device']} | {prec} | {sk} | {suited['sot_used']}/{suited['n']} "
+                     f"| {suited['fallbacks']} | {allq['points_per_skeleton']:.1f} | {allq['empty_points']} "
+                     f"| {100 * d['points_with_sentence']:.0f}% "
+                     f"| {suited['speedup']:.2f}x | {ran['speedup']:.2f}x | {allq['speedup']:.2f}x "
+                     f"| {suited['normal_tokens']:.0f} / {suited['sot_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
 def router_table(path: Path) -> str:
     d = json.loads(path.read_text())["datasets"]
     rows = [f"| {name} | {v['n']} | {100 * v['accuracy']:.1f}% | {100 * v['precision_sot']:.1f}% | "
@@ -199,15 +257,40 @@ def startup_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def guided_cpu_table(path: Path) -> str:
+    """`benchmarks.guided_cpu`: what the grammar and the logits processors cost a decode step."""
+    d = json.loads(path.read_text())
+    lines = [f"Constrained decoding's cost per decode step, {d['model']}, {d['backend']} backend, {_env_line(d['env'])}, "
+             f"fastest of {d['rounds']} (`python -m benchmarks.guided_cpu`): the steps while a row is still "
+             "constrained; mask = llguidance's token mask and applying it, a mean per step (guided rows are sampled "
+             "first and masked only when the grammar rejects the token: the masked steps column), processors = "
+             "SoT's logits processors (mean per step); step times are medians.", "",
+             "| case | rows | constrained | steps | masked steps | step ms | unconstrained step ms | mask ms "
+             "| processors ms | share of the step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = {"skeleton": 1, "points": 8, "json in 8": 8}
+    for name, c in d["cases"].items():
+        lines.append(f"| {name} | {rows.get(name, '-')} | {c['constrained_rows']} | {c['steps']} "
+                     f"| {c.get('masked_steps', '-')} | {c['step_ms']:.2f} "
+                     f"| {c['unconstrained_step_ms']:.2f} | {c['mask_ms']:.3f} | {c['processors_ms']:.3f} "
+                     f"| {100 * c['share']:.1f}% |")
+    return "\n".join(lines)
+
+
 def _latest(pattern: str, device: str) -> list[Path]:
     return sorted(p for p in (common.RESULTS / device).glob(pattern) if not p.stem.endswith("_quick"))
 
 
 def render() -> str:
     parts = []
-    for p in sorted((common.RESULTS / "cpu").glob("sot_vicuna80_*.json"), key=lambda p: "paper" not in p.name):
-        if "_validate_" not in p.stem:  # a validation's real run is shown with its replay (sot_e2e)
-            parts.append(sot_table(p))
+    runs = [p for p in (common.RESULTS / "cpu").glob("sot_vicuna80_auto_paper*.json")
+            if json.loads(p.read_text()).get("limit") is None and not json.loads(p.read_text()).get("categories")]
+    runs.sort(key=lambda p: (json.loads(p.read_text())["env"]["date"], p.stem))
+    if runs:
+        parts.append(sot_comparison_table(runs))
+    # the per-category tables of the newest runs with the grammar (and of the continuation run)
+    latest = [p for p in runs if json.loads(p.read_text())["config"].get("constrained_skeleton")]
+    parts += [sot_table(p) for p in latest[-2:]]
+    parts += [sot_table(p) for p in sorted((common.RESULTS / "cpu").glob("sot_vicuna80_auto_continuation*.json"))]
     if (common.RESULTS / "router_agreement.json").exists():
         parts.append(router_table(common.RESULTS / "router_agreement.json"))
     p = common.RESULTS / "cpu" / "decode_cpu.json"
@@ -220,6 +303,7 @@ def render() -> str:
         parts += [sot_e2e_table(p) for p in _latest("sot_e2e_*.json", device)]
         parts += [server_load_table(p) for p in _latest("server_load.json", device)]
         parts += [startup_table(p) for p in _latest("startup.json", device)]
+        parts += [guided_cpu_table(p) for p in _latest("guided_cpu.json", device)]
     return "\n\n".join(parts) or "(no results yet)"
 
 

@@ -349,25 +349,7 @@ class LLMEngine:
         # a copy of the [B, vocab] logits only to drop rows or to change them in place (an inference tensor)
         processed = any(seqs[i].params.logits_processors for i in active)
         rows = logits[active] if guided or processed or len(active) != len(seqs) else logits
-        params, gens = [seqs[i].params for i in active], [seqs[i].generator for i in active]
-        # a grammar's mask is computed up front only where a row's token could not be checked afterwards: under
-        # top-k/top-p the masked distribution's head is not the unmasked one's
-        upfront = [(j, m) for j, m in guided if not _check_after(params[j])]
-        if upfront:
-            self.guided.apply(rows, [j for j, _ in upfront], [m for _, m in upfront])
-        failed = self._process_logits(rows, [seqs[i] for i in active]) if processed else {}
-        tokens = sample(rows, params, gens) if active else []
-        # the other guided rows: sampled unmasked, and only where the grammar rejects that token masked and
-        # sampled again (llama.cpp's order). Greedy, the same token as masking first; with temperature alone, a
-        # sample of the masked distribution all the same (a rejected draw is redrawn from it). The mask is
-        # llguidance's dearest part (~0.3 ms a row for free text): most steps now skip it.
-        redo = [(j, m) for j, m in guided if _check_after(params[j]) and not self.guided.allows(m, tokens[j])]
-        if redo:
-            js = [j for j, _ in redo]
-            again = rows[js]
-            self.guided.apply(again, list(range(len(js))), [m for _, m in redo])
-            for j, tok in zip(js, sample(again, [params[j] for j in js], [gens[j] for j in js])):
-                tokens[j] = tok
+        tokens, failed = self._choose(rows, [seqs[i] for i in active], guided, processed) if active else ([], {})
         outputs: list[StepOutput] = []
         for s in seqs:
             if s.prefill_only:
@@ -375,6 +357,39 @@ class LLMEngine:
         for i, tok in zip(active, tokens):
             outputs.append(self._append_token(seqs[i], tok, failed.get(seqs[i].seq_id)))
         return outputs
+
+    def _choose(self, rows: torch.Tensor, seqs: list[Sequence], guided: list[tuple[int, Matcher]],
+                processed: bool) -> tuple[list[int], dict[int, str]]:
+        """Each row's next token, and {seq_id: error} for rows whose logits processor failed. Logits processors see
+        the model's logits; a grammar then rules out what it does not allow. Its mask is computed up front only
+        where a row's token could not be checked afterwards (under top-k/top-p the masked distribution's head is
+        not the unmasked one's). Other guided rows are sampled unmasked, and only where the grammar rejects the
+        token masked and sampled again (llama.cpp's order): greedy, the same token as masking first; with
+        temperature alone, a sample of the masked distribution all the same (a rejected draw is redrawn from
+        it). The mask is llguidance's dearest part (~0.3 ms a row for free text): most steps now skip it."""
+        params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+        # what a grammar allows may be exactly what a processor banned: such a row falls back to its model logits
+        raw = {j: rows[j].clone() for j, _ in guided if params[j].logits_processors}
+        failed = self._process_logits(rows, seqs) if processed else {}
+        upfront = [(j, m) for j, m in guided if not _check_after(params[j])]
+        if upfront:
+            self._mask(rows, upfront, raw)
+        tokens = sample(rows, params, gens)
+        redo = [(j, m) for j, m in guided if _check_after(params[j]) and not self.guided.allows(m, tokens[j])]
+        if redo:
+            again = rows[[j for j, _ in redo]]
+            self._mask(again, [(k, m) for k, (_, m) in enumerate(redo)],
+                       {k: raw[j] for k, (j, _) in enumerate(redo) if j in raw})
+            for (j, _), tok in zip(redo, sample(again, [params[j] for j, _ in redo], [gens[j] for j, _ in redo])):
+                tokens[j] = tok
+        return tokens, failed
+
+    def _mask(self, rows: torch.Tensor, which: list[tuple[int, Matcher]], raw: dict[int, torch.Tensor]) -> None:
+        self.guided.apply(rows, [j for j, _ in which], [m for _, m in which])
+        for j, m in which:
+            if j in raw and torch.isneginf(rows[j].max()):  # processors and grammar left nothing: the grammar wins
+                rows[j] = raw[j]
+                self.guided.apply(rows, [j], [m])
 
     @staticmethod
     def _process_logits(rows: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:

@@ -46,6 +46,8 @@ def _common() -> argparse.ArgumentParser:
                    help="decode the skeleton freely, ended by stop rules (the grammar keeps it a list of 3-10 points)")
     s.add_argument("--point-min-words", type=int, default=None,
                    help="a point opens with a complete sentence of at least this many words (default 4; 0: off)")
+    s.add_argument("--point-max-sentences", type=int, default=None,
+                   help="a point ends after this many sentences (default 2, as the paper's prompt asks; 0: no limit)")
     s.add_argument("--skeleton-max-tokens", type=int, default=None)
     s.add_argument("--point-max-tokens", type=int, default=None)
     s.add_argument("--normal-max-tokens", type=int, default=None)
@@ -97,7 +99,7 @@ def build(args: argparse.Namespace, **engine_args):
     from sot_engine.engine import LLM
     from sot_engine.sot.driver import SoT, SoTConfig
     fields = ("expansion", "max_points", "skeleton_max_tokens", "point_max_tokens", "normal_max_tokens",
-              "temperature", "seed", "point_min_words")
+              "temperature", "seed", "point_min_words", "point_max_sentences")
     kw = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.no_labels:
         kw["labels"] = False

@@ -19,7 +19,7 @@ from typing import Iterator
 from sot_engine.engine import LLM, SamplingParams
 from sot_engine.engine.llm import RequestOutput, StreamDelta
 from sot_engine.engine.guided import GuidedDecoding
-from sot_engine.sot.grammar import DistinctOpenings, HoldFirstSentence, skeleton_grammar
+from sot_engine.sot.grammar import DistinctOpenings, HoldFirstSentence, ListEnd, skeleton_grammar
 from sot_engine.sot.prompts import DEFAULT_PROMPTS, SoTPrompts, fill, point_messages, point_prefill, skeleton_messages
 from sot_engine.sot.router import NORMAL, SOT, Route, route
 from sot_engine.sot.skeleton import Point, format_skeleton, parse_skeleton
@@ -45,6 +45,8 @@ class SoTConfig:
     # a point's expansion opens with a complete sentence of at least this many words on its first line before it
     # may end (EOS, newline, a stop rule; sot.grammar.HoldFirstSentence); 0: off (as before, for comparison)
     point_min_words: int = 4
+    # a point ends after this many sentences: the paper's point prompt asks for 1~2 (0: no limit)
+    point_max_sentences: int = 2
     labels: bool = True  # keep "2. Point:" in front of each expansion (the paper drops them for writing)
     temperature: float = 0.0  # points and normal decoding; the skeleton is always greedy
     top_p: float = 1.0
@@ -59,7 +61,7 @@ class SoTConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("ngram", "point_min_words"):
+        for name in ("ngram", "point_min_words", "point_max_sentences"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -278,7 +280,7 @@ class SoT:
             grammar = skeleton_grammar(p.skeleton_prefill, cfg.skeleton_min_points, cfg.max_points)
             params = SamplingParams(temperature=0.0, max_tokens=cfg.skeleton_max_tokens,
                                     guided=GuidedDecoding(grammar=grammar),
-                                    logits_processors=[DistinctOpenings(self.llm.tokenizer.decode, p.skeleton_prefill)])
+                                    logits_processors=self.skeleton_processors(cfg))
         else:
             params = SamplingParams(temperature=0.0, max_tokens=cfg.skeleton_max_tokens,
                                     stop_fn=skeleton_stop(p.skeleton_prefill, cfg.max_points))
@@ -305,7 +307,7 @@ class SoT:
         n = common_prefix_len(full + ([base] if base else []))
         params = [replace(self._params(cfg, cfg.point_max_tokens, i), logits_processors=self._hold(cfg),
                           stop_fn=point_stop(pt.index, num_points=len(points), ngram=cfg.ngram,
-                                             min_words=cfg.point_min_words))
+                                             min_words=cfg.point_min_words, max_sentences=cfg.point_max_sentences))
                   for i, pt in enumerate(points)]
         before = engine.counters["prefill_tokens"]
         try:
@@ -366,6 +368,14 @@ class SoT:
             return "\n".join(f"{point_prefill(pa.index, pa.point, cfg.prompts)} {pa.text}".rstrip()
                              for pa in points)
         return "\n".join(pa.text for pa in points if pa.text)
+
+    def skeleton_processors(self, cfg: SoTConfig) -> list:
+        """The constrained skeleton's logits processors (new for every request: they keep state): distinct point
+        openings, and the list ending where the model would end it."""
+        tok, p = self.llm.tokenizer, cfg.prompts
+        eos = tok.eos_token_id if tok.eos_token_id is not None else min(self.llm.engine.eos_ids)
+        return [DistinctOpenings(tok.decode, p.skeleton_prefill),
+                ListEnd(tok, eos, p.skeleton_prefill, cfg.skeleton_min_points, cfg.max_points)]
 
     def _hold(self, cfg: SoTConfig) -> list:
         """A point's logits processors: its first sentence held (none with point_min_words=0)."""

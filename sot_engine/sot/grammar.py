@@ -13,6 +13,7 @@ The model still picks every word; the grammar only rules out what would break So
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -68,19 +69,20 @@ def skeleton_grammar(prefilled: str = "1.", min_points: int = 3, max_points: int
             f"POINT: / {_WORD}( {_WORD}){{0,{MAX_POINT_WORDS - 1}}}/\n")
 
 
+_S_WORD = rf"[^{WS}.!?]+"  # a word of a sentence
 MAX_SENTENCE_WORDS = 40  # past this many words without a sentence end, the stop rules no longer wait for it
 
 
 def first_sentence_pattern(min_words: int) -> str:
-    """A first sentence of at least `min_words` words on one line: words of anything but whitespace and sentence
-    ends, spaces or tabs between them, then a sentence end (. ! ?)."""
+    """The text on one line up to the first sentence end (. ! ?) that follows at least `min_words` words: a short
+    sentence before it ("Yes.", a list number "1.") does not end the hold, the sentence that reaches the count
+    does. Words: anything but whitespace and sentence ends; spaces or tabs between them. Lazy: the first end."""
     if not 1 <= min_words <= MAX_SENTENCE_WORDS:
         raise ValueError(f"min_words must be in 1..{MAX_SENTENCE_WORDS}, got {min_words}")
-    word = rf"[^{WS}.!?]+"
-    return rf"[ \t]*{word}(?:[ \t]+{word}){{{min_words - 1},}}[ \t]*[.!?]"
+    return rf"[ \t]*{_S_WORD}(?:[.!?]*[ \t]+{_S_WORD}){{{min_words - 1},}}?[ \t]*[.!?]"
 
 
-_SENTENCE_WORD = re.compile(rf"[^{WS}.!?]+")  # a word as the first-sentence pattern counts them
+_SENTENCE_WORD = re.compile(_S_WORD)  # a word as the first-sentence pattern counts them
 
 
 def words_end(text: str, n: int) -> int:
@@ -128,6 +130,50 @@ class DistinctOpenings:
         self._start = n if at_start else None
         if at_start and self.openings:
             ban(logits, torch.tensor(sorted(self.openings), device=logits.device))
+        return logits
+
+
+@functools.lru_cache(maxsize=8)
+def number_starts(tokenizer, max_points: int) -> dict[int, torch.Tensor]:
+    """For k in 1..max_points: the ids whose text begins writing "k." (a non-empty prefix of it, or all of it and
+    more). Once per tokenizer: one pass over the tokens that start with a digit."""
+    digits = [(i, t) for i, t in enumerate(tokenizer.token_texts()) if t[:1].isdigit()]
+    return {k: torch.tensor([i for i, t in digits if f"{k}.".startswith(t) or t.startswith(f"{k}.")],
+                            dtype=torch.long) for k in range(1, max_points + 1)}
+
+
+_LAST_LINE_NUMBER = re.compile(r"(?:^|\n)[ \t]*([0-9]+)\.[^\n]*\n$")
+
+
+class ListEnd:
+    """A skeleton request's logits processor: where a line starts once `min_points` points are written, the list
+    goes on with the probability the model gives the next number's first token and ends with all the rest: EOS
+    takes the log-sum-exp of every other token's logit, and those tokens go. A model held to the grammar cannot
+    write the blank line or the prose it would end its list with, so without this it reads on to max_points
+    (SmolLM2: 9.4 points a skeleton instead of 4.6, and twice the answer)."""
+
+    def __init__(self, tokenizer, eos_id: int, prefilled: str = "1.", min_points: int = 3,
+                 max_points: int = 10) -> None:
+        self.decode, self.eos = tokenizer.decode, eos_id
+        self.prefilled, self.min_points, self.max_points = prefilled, min_points, max_points
+        self._starts = number_starts(tokenizer, max_points)
+
+    def number_start(self, k: int) -> torch.Tensor:
+        """The ids whose text begins writing "k." (a non-empty prefix of it, or all of it and more)."""
+        return self._starts[k]
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        m = _LAST_LINE_NUMBER.search(self.prefilled + self.decode(output_ids))
+        if not m or not self.min_points <= int(m.group(1)) < self.max_points:
+            return logits  # not at a line's start, or the grammar alone decides (it must go on, or end)
+        go_on = self.number_start(int(m.group(1)) + 1).to(logits.device)
+        if not len(go_on):
+            return logits
+        kept = logits[go_on].clone()
+        logits[go_on] = float("-inf")
+        end = torch.logsumexp(logits, 0)  # everything but going on, EOS included
+        logits.fill_(float("-inf"))
+        logits[go_on], logits[self.eos] = kept, end
         return logits
 
 

@@ -44,7 +44,11 @@ def repeated_ngram(text: str, n: int) -> int | None:
 _NUMBERED = re.compile(r"(?:^|\s)\**(\d{1,2})\s*[.)]\s+\**[A-Z]")  # " 3. Stay", " **3. Stay"
 
 
-def point_stop(index: int, *, num_points: int = 10, ngram: int = 8, min_words: int = 0) -> StopFn:
+_SENTENCE_END = re.compile(r"(?<![0-9])[.!?](?=\s)")  # a sentence end (not a list number), known once the next word begins
+
+
+def point_stop(index: int, *, num_points: int = 10, ngram: int = 8, min_words: int = 0,
+               max_sentences: int = 0) -> StopFn:
     """End point `index`'s expansion at: a newline after some text, the start of another point ("3. Foo",
     even inline, any number 1..num_points+1 but its own), an echo of the prompt ("Skeleton:", "Question:",
     the instruction), or a repeated `ngram`-word phrase (0 turns that rule off). The text is cut before what
@@ -52,7 +56,8 @@ def point_stop(index: int, *, num_points: int = 10, ngram: int = 8, min_words: i
 
     `min_words`: but for a repetition (a loop is not content), no rule fires before the point's first sentence
     of at least that many words is complete (`sot.grammar.HoldFirstSentence` keeps EOS and newlines out of it
-    too), and none cuts into it."""
+    too), and none cuts into it. `max_sentences`: the point ends after that many sentences (the paper's prompt
+    asks for 1~2); 0: no limit."""
     def other_point(m: re.Match[str]) -> bool:
         return int(m.group(1)) != index and 1 <= int(m.group(1)) <= num_points + 1
 
@@ -68,6 +73,13 @@ def point_stop(index: int, *, num_points: int = 10, ngram: int = 8, min_words: i
                     (len(text[:max(looped, words_end(text, min_words))].rstrip()), "repetition")
             start = max(start, first)
         found: list[tuple[int, str]] = []
+        if max_sentences:
+            ends = [m.end() for m in _SENTENCE_END.finditer(text, start if min_words else 0)]
+            done = max_sentences - (1 if min_words else 0)  # the held first sentence ends at `start`
+            if done <= 0:
+                found.append((start, "sentences"))
+            elif len(ends) >= done:
+                found.append((ends[done - 1], "sentences"))
         nl = text.find("\n", start)
         if nl != -1:
             found.append((nl, "newline"))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import requires_smollm2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,3 +51,20 @@ def test_startup_quick(tmp_path):
     from benchmarks.report import startup_table
     table = startup_table(tmp_path / "cpu" / "startup_quick.json")
     assert "| after | `python -m sot_engine ask` |" in table and "model load" in table
+
+
+@requires_smollm2
+def test_guided_cpu_quick(tmp_path):
+    env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.guided_cpu", "--quick"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "cpu" / "guided_cpu_quick.json").read_text())
+    cases = d["cases"]
+    assert set(cases) == {"skeleton", "points", "json in 8"}
+    assert cases["skeleton"]["constrained_rows"] == 1 and cases["points"]["constrained_rows"] == 8
+    for c in cases.values():
+        assert c["steps"] > 0 and c["step_ms"] > 0 and 0 <= c["share"] < 1
+        assert c["share"] == pytest.approx((c["mask_ms"] + c["processors_ms"]) / c["step_ms"])
+    from benchmarks.report import guided_cpu_table
+    assert guided_cpu_table(tmp_path / "cpu" / "guided_cpu_quick.json").count("\n| ") == 4  # header + 3 cases

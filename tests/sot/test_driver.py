@@ -188,19 +188,20 @@ def test_each_stage_decodes_as_its_request_would_alone(llm, constrained):
     grammar (`constrained_skeleton=False, point_min_words=0`) the requests of before it -- greedy, ended by the
     stop rules, no mask; with it, the grammar's requests. Batching and the shared prefix change no token."""
     from sot_engine.engine import GuidedDecoding, SamplingParams
-    from sot_engine.sot.grammar import DistinctOpenings, HoldFirstSentence, skeleton_grammar
+    from sot_engine.sot.grammar import HoldFirstSentence, skeleton_grammar
     from sot_engine.sot.prompts import DEFAULT_PROMPTS, point_messages, skeleton_messages
     from sot_engine.sot.skeleton import format_skeleton, parse_skeleton
     from sot_engine.sot.stops import point_stop, skeleton_stop
     prefill = "1. Alpha\n2. Beta\n"  # two points given; the grammar (3..4) makes the model add one or two
     prompts = SoTPrompts(**{**vars(DEFAULT_PROMPTS), "skeleton_prefill": prefill})
-    kw = dict(constrained_skeleton=False, point_min_words=0) if not constrained else {}
+    kw = dict(constrained_skeleton=False, point_min_words=0, point_max_sentences=0) if not constrained else {}
     cfg = SoTConfig(prompts=prompts, skeleton_max_tokens=40, point_max_tokens=24, max_points=4, ngram=0, **kw)
     q = "How can I learn faster?"
-    ans = SoT(llm, cfg).answer(q, mode="sot")
+    sot = SoT(llm, cfg)
+    ans = sot.answer(q, mode="sot")
     if constrained:
         sk = SamplingParams(temperature=0, max_tokens=40, guided=GuidedDecoding(grammar=skeleton_grammar(prefill, 3, 4)),
-                            logits_processors=[DistinctOpenings(llm.tokenizer.decode, prefill)])
+                            logits_processors=sot.skeleton_processors(cfg))
     else:
         sk = SamplingParams(temperature=0, max_tokens=40, stop_fn=skeleton_stop(prefill, 4))
     alone = llm.generate([skeleton_messages(q, prompts)], sk)[0]
@@ -213,7 +214,8 @@ def test_each_stage_decodes_as_its_request_would_alone(llm, constrained):
         hold = [HoldFirstSentence(llm.tokenizer.decode, enders, 4)] if constrained else []
         params = SamplingParams(temperature=0, max_tokens=24, logits_processors=hold,
                                 stop_fn=point_stop(pt.index, num_points=len(points), ngram=0,
-                                                   min_words=4 if constrained else 0))
+                                                   min_words=4 if constrained else 0,
+                                                   max_sentences=2 if constrained else 0))
         ref = llm.generate([point_messages(q, format_skeleton(points), pt.index, pt.text, prompts)], params)[0]
         assert pa.text == ref.text.strip() and pa.num_tokens == len(ref.token_ids)
     _idle(llm)

@@ -147,6 +147,8 @@ def test_guided_skeleton_and_plain_rows_in_one_batch(llm):
 @pytest.mark.parametrize("text, end", [
     (" The answer to this question is", None), (" Sleep well.", None), (" Go to bed early. Then", 17),
     (" Go to bed\nearly.", None), (" Rest is key for you!", 21), ("\tWords here are four?", 21),
+    (" 1. Sleep at set hours. 2. Rest", 23), (" 1. Sleep. 2. Rest well today.", 30),  # short ones do not end it
+    (" Yes. It is good to rest. More", 25), (" Yes. It is", None),
     (" " + " ".join(["w"] * MAX_SENTENCE_WORDS) + ".", 2 * MAX_SENTENCE_WORDS + 1),
     (" " + " ".join(["w"] * MAX_SENTENCE_WORDS), None),  # 40 words and no end yet: still held
     (" " + " ".join(["w"] * (MAX_SENTENCE_WORDS + 1)), 2 * MAX_SENTENCE_WORDS)])  # past 40: held no more
@@ -184,3 +186,50 @@ def test_point_stop_waits_for_the_first_sentence():
     assert rule(" a b a b a b a b") == (len(" a b a b"), "repetition")  # but keeps min_words words
     old = point_stop(2, num_points=5, ngram=4)  # before the rule: cut there, an unfinished clause
     assert old(" The answer to this question is\n3. Next")[0] == len(" The answer to this question is")
+
+
+def number_bias(llm, bias: float):
+    """A model that wants (bias > 0) or does not want (bias < 0) to write the next list number at a line start."""
+    texts = llm.tokenizer.token_texts()
+
+    def fn(ids: list[int], row: torch.Tensor) -> torch.Tensor:
+        text = "1." + llm.tokenizer.decode(ids)
+        if text.endswith("\n"):
+            k = str(int(re.findall(r"(?m)^([0-9]+)\.", text)[-1]) + 1)
+            row[[i for i, t in enumerate(texts) if t and (k + ".").startswith(t)]] += bias
+        return row
+    return fn
+
+
+@pytest.mark.parametrize("bias, points", [(-30.0, 3), (30.0, 6)])
+def test_the_list_ends_where_the_model_would_end_it(llm, bias, points):
+    """ListEnd: at a line start past min_points, going on gets the probability of the next number's first
+    token, ending all the rest. A model that would write anything but a number (a blank line, prose) ends at
+    min_points; one that wants the number goes on to max_points."""
+    from sot_engine.sot.grammar import ListEnd
+    eos = llm.tokenizer.eos_token_id
+    for seed in range(3):
+        params = SamplingParams(temperature=0.8, seed=seed, max_tokens=400,
+                                guided=GuidedDecoding(grammar=skeleton_grammar("1.", 3, 6)),
+                                logits_processors=[number_bias(llm, bias), DistinctOpenings(llm.tokenizer.decode, "1."),
+                                                   ListEnd(llm.tokenizer, eos, "1.", 3, 6)])
+        out = llm.generate([skeleton_messages("Why?")], params)[0]
+        assert len(check_list(out.text, "1.", 3, 6)) == points
+
+
+def test_list_end_moves_the_rest_of_the_mass_to_eos(llm):
+    from sot_engine.sot.grammar import ListEnd
+    eos = llm.tokenizer.eos_token_id
+    end = ListEnd(llm.tokenizer, eos, "1.", 2, 5)
+    ids = llm.tokenizer.encode(" A\n2. B\n")  # two points written: the list may end here
+    row = torch.randn(llm.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    go_on = end.number_start(3)
+    assert len(go_on) and all(llm.tokenizer.token_texts()[i] in ("3", "3.") or
+                              llm.tokenizer.token_texts()[i].startswith("3.") for i in go_on.tolist())
+    p = torch.softmax(row.double(), 0)
+    out = torch.softmax(end(ids, row.clone()).double(), 0)
+    assert torch.allclose(out[go_on], p[go_on]) and torch.isclose(out[eos], 1 - p[go_on].sum())
+    assert torch.isclose(out.sum(), torch.tensor(1.0, dtype=torch.float64))
+    before = torch.randn(llm.config.vocab_size)  # mid-line, or before min_points: untouched
+    assert torch.equal(end(llm.tokenizer.encode(" A\n2. B"), before.clone()), before)
+    assert torch.equal(end(llm.tokenizer.encode(" A\n"), before.clone()), before)
