@@ -100,7 +100,7 @@ class BlockManager:
         the last token never counts: its logits are needed, so that token is computed, and into a fresh
         block (a registered one is never written)."""
         bs, start = self.block_size, len(seq.block_table)
-        if not self.enable_caching or seq.num_cached_tokens != start * bs:
+        if not self.enable_caching or seq.pool or seq.num_cached_tokens != start * bs:
             return [], []
         hashes, hits = self._hashes(seq, start), []
         for i in range(start, (len(seq) - 1) // bs):
@@ -122,7 +122,7 @@ class BlockManager:
         """(whether its first block to compute could be a cache hit, chain hashes of the full blocks it
         would compute) for `seq` if allocated now. The scheduler uses it to hold back a request whose
         next block another request of the same step is computing: one step later that block is a hit."""
-        if not self.enable_caching:
+        if not self.enable_caching or seq.pool:
             return False, []
         hashes, hits = self._lookup(seq)
         if not hashes and seq.block_table:  # a partial block of its own (a fork's copy): never looked up

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
+
 from sot_engine.engine.llm_engine import LLMEngine, Prompt
 from sot_engine.engine.sequence import SamplingParams, Sequence, expand_params
 
@@ -102,6 +104,28 @@ class LLM:
         """Deltas as the steps produce them; breaking out of the loop aborts what is left."""
         seqs = self._submit(_as_list(prompts), params, keep_kv)
         return self._drain(seqs, keep_kv)
+
+    def embed(self, prompts: Prompt | list[Prompt], pool_from: int | list[int] = 0) -> torch.Tensor:
+        """[n, hidden] float32: each prompt's final hidden states (after the last norm) averaged over its tokens
+        from `pool_from` on (one for all, or one per prompt), prefilled together in ragged batches. A pooled feature
+        for small classifiers (the SoT router); every token is computed, none taken from the prefix cache."""
+        plist = _as_list(prompts)
+        starts = pool_from if isinstance(pool_from, list) else [pool_from] * len(plist)
+        if len(starts) != len(plist):
+            raise ValueError(f"pool_from has {len(starts)} entries for {len(plist)} prompts")
+        ids = []
+        for i, p in enumerate(plist):  # all or nothing: check before queueing
+            try:
+                ids.append(self.engine.check(p, SamplingParams(max_tokens=1)))
+                k = starts[i]
+                if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(ids[-1]):
+                    raise ValueError(f"pool_from must be an int in [0, {len(ids[-1])}), got {k!r}")
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        seqs = [self.engine.add_embed(t, k) for t, k in zip(ids, starts)]
+        for _ in self._drain(seqs):
+            pass
+        return torch.stack([s.embedding for s in seqs])
 
     def _fork(self, prefix: Prompt | RequestOutput, suffixes: list[Prompt],
               params: SamplingParams | list[SamplingParams] | None, prefix_len: int | None) -> list[Sequence]:

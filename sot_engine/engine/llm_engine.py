@@ -248,6 +248,21 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
+    def add_embed(self, prompt: Prompt, pool_from: int = 0, request_id: str | None = None) -> Sequence:
+        """Queue an embedding request: its prompt is prefilled in full (no prefix-cache hit: every token's hidden
+        state is needed) and `seq.embedding` is the mean of its final (normed) hidden states from token `pool_from`
+        on; it samples nothing and frees its blocks in the step that computed it."""
+        ids = self.encode(prompt)
+        self._validate(ids, SamplingParams(max_tokens=1))
+        if isinstance(pool_from, bool) or not isinstance(pool_from, int) or not 0 <= pool_from < len(ids):
+            raise ValueError(f"pool_from must be an int in [0, {len(ids)}) for a prompt of {len(ids)} tokens, "
+                             f"got {pool_from!r}")
+        seq = Sequence(ids, SamplingParams(max_tokens=1), request_id=self._new_id(request_id), prefill_only=True,
+                       pool=True, pool_from=pool_from, max_len=self.max_model_len)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
     def add_fork(self, prefix: Prompt | Sequence, suffixes: list[Prompt],
                  params: SamplingParams | list[SamplingParams] | None = None,
                  prefix_len: int | None = None) -> list[Sequence]:
@@ -352,7 +367,11 @@ class LLMEngine:
         tokens, failed = self._choose(rows, [seqs[i] for i in active], guided, processed) if active else ([], {})
         outputs: list[StepOutput] = []
         for s in seqs:
-            if s.prefill_only:
+            if s.pool:
+                self.scheduler.remove(s)
+                self._finish(s, "stop")
+                outputs.append(StepOutput(s, [], "", True))
+            elif s.prefill_only:
                 self._spawn_children(s)
         for i, tok in zip(active, tokens):
             outputs.append(self._append_token(seqs[i], tok, failed.get(seqs[i].seq_id)))

@@ -92,6 +92,11 @@ class ModelRunner:
         """Logits of each sequence's last token: [B, vocab] float32. Marks the new KV as cached."""
         ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
         hidden = self.model.forward(ids, positions, meta, self.kv_cache.layers)
+        if is_prefill:  # embedding requests: the mean of their final hidden states (all tokens: no cache hits)
+            cu = meta.cu_seqlens_q.tolist()
+            for i, s in enumerate(seqs):
+                if s.pool:
+                    s.embedding = hidden[cu[i] + s.pool_from:cu[i + 1]].float().mean(0)
         # decode: one row per sequence already, in order (no gather)
         logits = self.model.compute_logits(hidden if not is_prefill else hidden[meta.logits_indices])
         for s in seqs:

@@ -119,7 +119,10 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    prefill_only: bool = False  # a fork parent: prefill its tokens, sample nothing
+    prefill_only: bool = False  # a fork parent or an embedding request: prefill its tokens, sample nothing
+    pool: bool = False  # an embedding request: every token computed (no cache hit), final hidden states averaged
+    pool_from: int = 0  # ... over its tokens from this one on (a fixed chat header left out of the average)
+    embedding: torch.Tensor | None = None  # [hidden] float32, set by the step that prefilled a `pool` request
     text: str = ""  # detokenized output, stop string cut off
     generator: torch.Generator | None = None
     timings: Timings = field(default_factory=lambda: Timings(arrival=time.perf_counter()))

@@ -52,3 +52,34 @@ def test_logits_match_transformers(tiny_hf, rope_scaling, tmp_path):
         for step, l in enumerate(logits):
             pos = len(p) - 1 + step
             assert rel_err(l, ref[pos]) < 1e-4, f"step {step}: rel err {rel_err(l, ref[pos]):.2e}"
+
+
+def test_embed_matches_transformers_mean_hidden(tiny_hf):
+    """`LLM.embed`: the mean over the prompt of HF's last hidden state (after the final norm), for ragged prompts
+    prefilled together, and the same with a prefix of them cached (an embedding takes no cache hit)."""
+    from sot_engine.engine.llm import LLM
+    hf, folder = tiny_hf
+    llm = LLM(str(folder), device="cpu", dtype=torch.float32, num_blocks=64, block_size=8)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (23, 5, 40)]
+    llm.generate(prompts[2][:33], SamplingParams(max_tokens=2))  # leaves 4 full blocks of prompt 2 in the cache
+    got = llm.embed(prompts)
+    assert got.shape == (3, hf.config.hidden_size) and got.dtype == torch.float32
+    for p, row in zip(prompts, got):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p]), output_hidden_states=True).hidden_states[-1][0].mean(0)
+        assert rel_err(row, ref) < 1e-5
+    s = llm.stats()
+    assert s["free_blocks"] == s["total_blocks"] and s["running"] == s["waiting"] == 0  # nothing held after
+    tail = llm.embed(prompts, pool_from=[3, 0, 17])  # the mean over each prompt's tokens from that one on
+    for p, k, row in zip(prompts, (3, 0, 17), tail):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p]), output_hidden_states=True).hidden_states[-1][0, k:].mean(0)
+        assert rel_err(row, ref) < 1e-5
+    with pytest.raises(ValueError, match="prompt 1: empty prompt"):
+        llm.embed([[1, 2], []])
+    with pytest.raises(ValueError, match=r"prompt 0: pool_from must be an int in \[0, 2\)"):
+        llm.embed([[1, 2]], pool_from=2)
+    with pytest.raises(ValueError, match="2 entries for 1 prompts"):
+        llm.embed([[1, 2]], pool_from=[0, 1])
+    assert llm.stats()["waiting"] == 0  # all or nothing: nothing was queued
