@@ -1,24 +1,27 @@
-"""How often the rule router (`sot.router.route`) agrees with the SoT authors' router labels.
+"""Router candidates against the SoT authors' router labels: the rules, and classifiers trained on LIMA alone.
 
-    python -m benchmarks.router_agreement              # writes benchmarks/results/router_agreement.json
-    python -m benchmarks.router_agreement --out x.json
+    python -m benchmarks.router_agreement                      # every candidate; writes results/router_agreement.json
+    python -m benchmarks.router_agreement --candidates rules text --save /tmp/routers
 
-The labels (label 1 = suits SoT, 0 = normal decoding) are the ones the paper's SoT-R router was trained on.
-They are an evaluation set here, never a training set: the rules were written without them. The data lives in
-the repo's sibling `shared/data/` (override with SOT_SHARED_DATA). The result is device independent, so it sits
-in benchmarks/results/ itself rather than under a device folder. WizardLM questions are under a non-commercial
+The labels (label 1 = suits SoT, 0 = normal decoding) are the ones the paper's SoT-R router was trained and judged
+on. The LIMA file trains every classifier and chooses its hyperparameters by cross-validation (`sot.train_router`);
+Vicuna-80 and WizardLM are only ever evaluated. Each candidate is scored on both (agreement, precision and recall
+of SoT) and timed per question on the CPU, one question at a time as the driver routes. The shipped routers
+(`sot_engine/sot/data/router_*.safetensors`) are scored too: they must equal their candidate. The data lives in
+the repo's sibling `shared/data/` (override with SOT_SHARED_DATA). WizardLM questions are under a non-commercial
 licence: only aggregate numbers of that set are written, never its texts; Vicuna disagreements are listed by
 question_id.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -26,8 +29,13 @@ from benchmarks import common
 from sot_engine.sot.router import SOT, route
 
 DATASETS = ("vicuna", "wizardlm")
+TRAIN = "lima"
 LABELS = "sot_router_labels_{}.csv"
 VICUNA_QUESTIONS = "vicuna80.jsonl"
+# name -> (features, veto): the rules alone, then classifiers trained on LIMA, alone and under the rules' veto
+CANDIDATES = {"rules": None, "text": ("text", False), "rules+text": ("text", True), "hidden": ("hidden", False),
+              "text+hidden": ("text+hidden", False), "rules+text+hidden": ("text+hidden", True)}
+SHIPPED = ("shipped text", "shipped default")
 
 
 def shared_data() -> Path:
@@ -37,11 +45,9 @@ def shared_data() -> Path:
 
 def read_labels(path: Path) -> list[tuple[int, str]]:
     """(label, request) rows of a `label;request` file."""
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter=";"))
-    if not rows or [c.strip() for c in rows[0]] != ["label", "request"]:
-        raise ValueError(f"{path}: expected the header 'label;request'")
-    return [(int(label), request.strip()) for label, request in rows[1:]]
+    from sot_engine.sot.train_router import read_labels as read
+    labels, questions = read(path)
+    return list(zip(labels, questions))
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -58,9 +64,14 @@ def agreement(labels: list[int], predicted: list[int]) -> dict:
                           "label_normal": {"routed_sot": fp, "routed_normal": tn}}}
 
 
-def evaluate(rows: list[tuple[int, str]]) -> tuple[dict, list]:
+def route_all(router, questions: list[str]) -> list:
+    many = getattr(router, "route_many", None)
+    return many(questions) if many else [router(q) for q in questions]
+
+
+def evaluate(rows: list[tuple[int, str]], router=route) -> tuple[dict, list]:
     """The agreement numbers of one label set, plus the routes (for joins by the caller)."""
-    routes = [route(q) for _, q in rows]
+    routes = route_all(router, [q for _, q in rows])
     labels = [label for label, _ in rows]
     result = agreement(labels, [int(r.mode == SOT) for r in routes])
     by_rule: dict[str, dict] = {}
@@ -98,6 +109,40 @@ def vicuna_categories(rows: list[tuple[int, str]], routes: list, questions: Path
             "disagreements": sorted(disagreements, key=lambda d: d["question_id"])}
 
 
+def cost_ms(router, questions: list[str]) -> dict:
+    """Milliseconds to route one question, one at a time (as the driver does), on each of `questions`."""
+    times = []
+    for q in questions:
+        t = time.perf_counter()
+        router(q)
+        times.append(1000 * (time.perf_counter() - t))
+    return {"median": round(statistics.median(times), 3), "mean": round(statistics.fmean(times), 3)}
+
+
+_FEATURE_CACHE: dict = {}  # LIMA's hidden features, computed once for every hidden candidate
+
+
+def build(name: str, data: Path, llm, save: Path | None):
+    """The router of a candidate (trained on LIMA now) or of a shipped file, and what training chose."""
+    from sot_engine.sot.trained_router import SHIPPED as FILES, RouterModel, TrainedRouter
+    if name == "rules":
+        return route, None
+    if name in SHIPPED:
+        text = RouterModel.load(FILES["text"])
+        m = text if name == "shipped text" else RouterModel.load(FILES["default"])
+        return TrainedRouter(m, llm, text), m.meta.get("chosen")
+    from sot_engine.sot.train_router import train
+    features, veto = CANDIDATES[name]
+    print(f"training {name} on {LABELS.format(TRAIN)}", flush=True)
+    m = train(data / LABELS.format(TRAIN), features, llm if "hidden" in features else None, veto,
+              model_name=llm.engine.model_name if "hidden" in features else None, log=lambda *_: None,
+              cache=_FEATURE_CACHE)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        m.save(save / f"router_{name.replace('+', '_')}.safetensors")
+    return TrainedRouter(m, llm), m.meta["chosen"]
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -105,32 +150,41 @@ def _fmt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    ap.add_argument("--candidates", nargs="+", default=[*CANDIDATES, *SHIPPED],
+                    choices=[*CANDIDATES, *SHIPPED], help="which routers (default: all)")
+    ap.add_argument("--model", default="default", help="the model whose hidden states the hidden candidates read")
+    ap.add_argument("--save", type=Path, default=None, help="write each trained candidate's parameter file here")
     args = ap.parse_args(argv)
     data = shared_data()
-    missing = [data / LABELS.format(d) for d in DATASETS if not (data / LABELS.format(d)).is_file()]
+    needed = list(DATASETS) + ([TRAIN] if any(c in CANDIDATES and c != "rules" for c in args.candidates) else [])
+    missing = [data / LABELS.format(d) for d in needed if not (data / LABELS.format(d)).is_file()]
     if missing:
         print("router_agreement: label file(s) not found: " + ", ".join(map(str, missing))
               + "\n  put the SoT router labels in ../shared/data/ or point SOT_SHARED_DATA at their folder",
               file=sys.stderr)
         return 2
-    payload: dict = {"env": {"python": platform.python_version(), "date": datetime.date.today().isoformat()},
-                     "datasets": {}}
-    print(f"{'dataset':<10} {'n':>4} {'accuracy':>9} {'prec sot':>9} {'rec sot':>8}   confusion (label->routed)")
-    for name in DATASETS:
-        rows = read_labels(data / LABELS.format(name))
-        result, routes = evaluate(rows)
-        if name == "vicuna" and (data / VICUNA_QUESTIONS).is_file():
-            result |= vicuna_categories(rows, routes, data / VICUNA_QUESTIONS)
-        payload["datasets"][name] = result
-        c = result["confusion"]
-        print(f"{name:<10} {result['n']:>4} {_fmt(result['accuracy']):>9} {_fmt(result['precision_sot']):>9} "
-              f"{_fmt(result['recall_sot']):>8}   sot->sot {c['label_sot']['routed_sot']}, "
-              f"sot->normal {c['label_sot']['routed_normal']}, normal->sot {c['label_normal']['routed_sot']}, "
-              f"normal->normal {c['label_normal']['routed_normal']}")
-    per = payload["datasets"]["vicuna"].get("per_category", {})
-    if per:
-        print("\nvicuna per category: " + ", ".join(f"{c} {d['agree']}/{d['n']}"
-                                                    for c, d in per.items()))
+    llm = None
+    if any("hidden" in c or c in SHIPPED for c in args.candidates):
+        from sot_engine.engine import LLM
+        llm = LLM(args.model)
+    sets = {name: read_labels(data / LABELS.format(name)) for name in DATASETS}
+    payload: dict = {"env": {"python": platform.python_version(), "cpu": common.cpu_name(),
+                             "date": datetime.date.today().isoformat()},
+                     "trained_on": LABELS.format(TRAIN), "candidates": {}}
+    print(f"{'router':<18} {'dataset':<9} {'n':>4} {'accuracy':>9} {'prec sot':>9} {'rec sot':>8} {'ms/question':>12}")
+    for name in args.candidates:
+        router, chosen = build(name, data, llm, args.save)
+        entry: dict = {"router": getattr(router, "name", "rules"), "chosen": chosen,
+                       "ms_per_question": cost_ms(router, [q for _, q in sets["vicuna"]])}
+        for ds, rows in sets.items():
+            result, routes = evaluate(rows, router)
+            if ds == "vicuna" and (data / VICUNA_QUESTIONS).is_file():
+                result |= vicuna_categories(rows, routes, data / VICUNA_QUESTIONS)
+            entry[ds] = result
+            print(f"{name:<18} {ds:<9} {result['n']:>4} {_fmt(result['accuracy']):>9} "
+                  f"{_fmt(result['precision_sot']):>9} {_fmt(result['recall_sot']):>8} "
+                  f"{entry['ms_per_question']['median']:>12.2f}", flush=True)
+        payload["candidates"][name] = entry
     out = args.out or common.RESULTS / "router_agreement.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")

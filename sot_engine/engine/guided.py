@@ -31,14 +31,52 @@ INSTALL_HINT = "structured output needs llguidance (a dependency of sot-engine):
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+# JSON Schema keywords whose value is a subschema, a list of them, or a map of name -> subschema (draft 2020-12)
+_SUB = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames",
+        "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SUB_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUB_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_schema(schema: object) -> object:
+    """A copy of `schema` in which every object schema that declares `properties` (or `patternProperties`) and says
+    nothing of `additionalProperties` accepts no other keys: OpenAI's strict structured output and vLLM's default
+    (xgrammar) read schemas so. Plain JSON Schema leaves such objects open, and a small model then fills them with
+    keys of its own (pydantic's schemas never say `additionalProperties`). Walks subschemas by keyword, so a
+    property that happens to be named "properties" stays a property."""
+    if isinstance(schema, list):  # e.g. "items": [...] (draft 4 tuples)
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for k in _SUB:
+        if isinstance(out.get(k), (dict, list)):
+            out[k] = closed_schema(out[k])
+    for k in _SUB_LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [closed_schema(s) for s in out[k]]
+    for k in _SUB_MAPS:
+        if isinstance(out.get(k), dict):
+            out[k] = {name: closed_schema(s) for name, s in out[k].items()}
+    if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out \
+            and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 @dataclass(slots=True)
 class GuidedDecoding:
     """Constrain a request's output: to a JSON schema (`json_schema`, OpenAI's `response_format` "json_schema" or a
     forced tool call's parameters), to any JSON object (`json_object=True`, OpenAI's "json_object"), or to a Lark
-    grammar in llguidance's dialect (`grammar`, its `start` rule). Exactly one."""
+    grammar in llguidance's dialect (`grammar`, its `start` rule). Exactly one.
+
+    `strict` (the default) reads a JSON schema as OpenAI's strict mode and vLLM do: objects with declared properties
+    take no others unless the schema says `additionalProperties` (`closed_schema`). `strict=False` keeps plain JSON
+    Schema's open objects. Whitespace is always compact (`JSON_OPTIONS`)."""
     json_schema: dict | None = None
     json_object: bool = False
     grammar: str | None = None
+    strict: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.json_object, bool):
@@ -48,6 +86,8 @@ class GuidedDecoding:
                              f"got {type(self.json_schema).__name__}")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             raise ValueError("bad guided decoding: grammar must be a non-empty string (a Lark grammar)")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"bad guided decoding: strict must be a bool, got {self.strict!r}")
         if (self.json_schema is not None) + self.json_object + (self.grammar is not None) != 1:
             raise ValueError("bad guided decoding: set exactly one of json_schema, json_object and grammar")
         self.key()  # not JSON (a set, an object): say so now
@@ -59,8 +99,9 @@ class GuidedDecoding:
             return "lark:" + self.grammar
         if self.json_object:
             return '{"type":"object"}'
+        schema = closed_schema(self.json_schema) if self.strict else self.json_schema
         try:
-            return json.dumps(self.json_schema, separators=(",", ":"), allow_nan=False)
+            return json.dumps(schema, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad guided decoding: json_schema is not JSON: {e}") from None
 

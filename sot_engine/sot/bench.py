@@ -69,7 +69,8 @@ def _row(q: Question, normal: Answer, ans: Answer, counters: dict | None = None)
     """One question's record; `counters`: the engine's work counters spent on each answer."""
     return {
         "question_id": q.id, "category": q.category, "question": q.text,
-        "mode": ans.mode, "reason": ans.reason, "expansion": ans.expansion, "num_points": len(ans.points),
+        "mode": ans.mode, "router": ans.router, "route_seconds": ans.timings.route, "reason": ans.reason,
+        "expansion": ans.expansion, "num_points": len(ans.points),
         "empty_points": sum(not p.text for p in ans.points),  # a stop rule cut the expansion to nothing
         "normal_latency": normal.timings.total, "sot_latency": ans.timings.total,
         "speedup": normal.timings.total / ans.timings.total,
@@ -202,6 +203,7 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
                "backend": sot.llm.engine.backend.name, "dtype": str(sot.llm.engine.dtype),
                "weights": sot.llm.engine.weight_dtype, "matmul_precision": sot.llm.engine.matmul_precision,
                "kv_cache_dtype": str(sot.llm.engine.kv_dtype).replace("torch.", ""),
+               "router": getattr(sot.router, "name", "rules") if mode == "auto" else None,
                "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit, "ids": ids,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,

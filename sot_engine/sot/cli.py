@@ -3,6 +3,7 @@
 ask      answer one question, streaming (a live view on a terminal, plain lines otherwise, --json: the Answer)
 compare  normal decoding, then SoT, on the same question: both answers, latencies and the speed-up
 bench    normal vs SoT over a question set (`sot.bench.run_bench`), results written as JSON
+train-router  fit the router to labelled questions (`sot.train_router`); the shipped one came from the LIMA labels
 serve    an OpenAI-compatible server (`sot.server`): /v1/chat/completions (+ {"sot": "auto"}), /v1/completions
 generate plain generation on any model, no SoT (`sot generate --help`; `python -m sot_engine.engine generate`)
 """
@@ -19,6 +20,7 @@ EXPANSIONS = ("paper", "continuation")
 WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
 MATMUL_PRECISIONS = ("fp32", "bf16")  # kernels.weights.MATMUL_PRECISIONS, likewise
 KV_CACHE_DTYPES = ("fp32", "bf16")  # engine.llm_engine.KV_CACHE_DTYPES, likewise
+FEATURES = ("text", "hidden", "text+hidden")  # sot.trained_router.FEATURES, likewise
 
 
 def _common() -> argparse.ArgumentParser:
@@ -38,6 +40,9 @@ def _common() -> argparse.ArgumentParser:
                    help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
     s = p.add_argument_group("SoT")
     s.add_argument("--mode", choices=MODES, default="auto", help="auto: the router decides (default)")
+    s.add_argument("--router", default="trained",
+                   help='what decides in auto mode: "trained" (default: the classifier trained on the SoT authors\' '
+                        'labels), "rules", or a router file from `sot train-router`')
     s.add_argument("--expansion", choices=EXPANSIONS, default=None,
                    help="paper: the paper's point prompt per point; continuation: reuse the skeleton's KV")
     s.add_argument("--no-labels", action="store_true", help='drop the "i. point:" label before each expansion')
@@ -79,6 +84,17 @@ def parser() -> argparse.ArgumentParser:
                    help="names clients use in 'model' (default: the model's own name)")
     v.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     v.add_argument("--no-prefix-caching", action="store_true", help="prefill every prompt in full")
+    v.add_argument("--no-strict-json", action="store_true",
+                   help="read JSON schemas as plain JSON Schema (objects open to undeclared keys) unless a request "
+                        "says strict: true; default: strict, as OpenAI and vLLM")
+    t = sub.add_parser("train-router", help="fit the trained router to a label;request file (sot.train_router)")
+    t.add_argument("--labels", required=True, help="a label;request CSV, e.g. the SoT authors' LIMA labels")
+    t.add_argument("--features", choices=FEATURES, default="text",
+                   help="text: hashed word n-grams; hidden: the model's mean hidden state of the question; both")
+    t.add_argument("--veto", choices=("auto", "on", "off"), default="auto",
+                   help="let the rules' normal-decoding verdicts stand (auto: cross-validation decides)")
+    t.add_argument("--model", default="default", help="the model whose hidden states are read (hidden features)")
+    t.add_argument("--out", required=True, help="the .safetensors file to write")
     g = sub.add_parser("generate", add_help=False, help="plain generation, no SoT (sot generate --help)")
     g.add_argument("rest", nargs=argparse.REMAINDER)
     return ap
@@ -107,7 +123,8 @@ def build(args: argparse.Namespace, **engine_args):
         kw["constrained_skeleton"] = False
     cfg = SoTConfig(**kw)  # checked before the (slow) model load
     return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), weight_dtype=args.weights,
-                   matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype, **engine_args), cfg)
+                   matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype, **engine_args), cfg,
+               router=args.router)
 
 
 def _check_question(q: str) -> str:
@@ -175,6 +192,28 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_router(args: argparse.Namespace) -> int:
+    from sot_engine.sot.train_router import read_labels, train
+    read_labels(args.labels)  # a bad file fails before the model loads
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file, got {out}")
+    llm = None
+    if "hidden" in args.features:
+        from sot_engine.engine import LLM
+        llm = LLM(args.model)  # fp32: the features the router will read at its default precision
+    veto = {"auto": None, "on": True, "off": False}[args.veto]
+    print(f"training a {args.features} router on {args.labels} (hyperparameters by cross-validation on it)")
+    model = train(args.labels, args.features, llm, veto,
+                  model_name=None if llm is None else llm.engine.model_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    c = model.meta["chosen"]
+    print(f"chose l2={c['l2']:g} balanced={c['balanced']} veto={c['veto']}: cross-validated balanced accuracy "
+          f"{c['cv_balanced_accuracy']:.4f} (accuracy {c['cv_accuracy']:.4f}); wrote {out}")
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -182,7 +221,8 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"the server needs its extra ({e.name} is missing): bash scripts/install.sh server") from None
     sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
-    app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config)
+    app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config, router=sot.router,
+                     strict_json=not args.no_strict_json)
     print(f"serving {app.state.server.names} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -195,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return generate(argv, prog="sot")
     args = parser().parse_args(argv)
     try:
-        return {"ask": ask, "compare": compare, "bench": bench, "serve": serve}[args.cmd](args)
+        return {"ask": ask, "compare": compare, "bench": bench, "serve": serve,
+                "train-router": train_router}[args.cmd](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from sot_engine.engine.llm import RequestOutput, StreamDelta
 from sot_engine.engine.guided import GuidedDecoding
 from sot_engine.sot.grammar import DistinctOpenings, HoldFirstSentence, ListEnd, skeleton_grammar
 from sot_engine.sot.prompts import DEFAULT_PROMPTS, SoTPrompts, fill, point_messages, point_prefill, skeleton_messages
-from sot_engine.sot.router import NORMAL, SOT, Route, route
+from sot_engine.sot.router import NORMAL, SOT, Route, Router
 from sot_engine.sot.skeleton import Point, format_skeleton, parse_skeleton
 from sot_engine.sot.stops import point_stop, skeleton_stop
 
@@ -101,6 +101,7 @@ class Timings:
     skeleton: Stage = field(default_factory=Stage)
     expand: Stage = field(default_factory=Stage)
     normal: Stage = field(default_factory=Stage)
+    route: float = 0.0  # the router's decision (the trained router's hidden features: one short prefill)
     total: float = 0.0
 
 
@@ -125,6 +126,7 @@ class Answer:
     mode: str  # "sot" | "normal": what produced `text`
     reason: str  # why that mode (the router's reason, or why SoT fell back)
     text: str
+    router: str = "asked"  # what chose the mode: "rules", "trained (...)", or "asked" (the caller's mode)
     skeleton: str | None = None  # the skeleton as the model wrote it (None if there was no skeleton stage)
     points: list[PointAnswer] = field(default_factory=list)
     expansion: str | None = None  # "paper" | "continuation" when mode is "sot"
@@ -207,11 +209,20 @@ def _single(stream: Iterator[StreamDelta], kind: str):
 class SoT:
     """Skeleton-of-Thought on an `engine.LLM`: `SoT(llm).answer(question, mode="auto") -> Answer`."""
 
-    def __init__(self, llm: LLM | str = "default", config: SoTConfig | None = None, **llm_args) -> None:
+    def __init__(self, llm: LLM | str = "default", config: SoTConfig | None = None, router: str | Router = "trained",
+                 **llm_args) -> None:
+        """`router` decides in mode "auto": "trained" (the shipped classifier, `sot.trained_router`), "rules"
+        (`sot.router.route`), a router parameter file, or any callable `question -> Route`."""
         self.llm = llm if isinstance(llm, LLM) else LLM(llm, **llm_args)
         self.config = config or SoTConfig()
         if self.llm.tokenizer is None or self.llm.engine.chat_template is None:
             raise ValueError("SoT needs a model with a tokenizer and a chat template (random weights have none)")
+        if isinstance(router, str):
+            from sot_engine.sot.trained_router import load_router
+            router = load_router(router, self.llm)
+        elif not callable(router):
+            raise ValueError(f'router must be "trained", "rules", a parameter file or a callable, got {router!r}')
+        self.router: Router = router
 
     def answer(self, question: str, mode: str = "auto", skeleton: list[str] | None = None,
                **config_overrides) -> Answer:
@@ -240,15 +251,18 @@ class SoT:
         t0 = time.perf_counter()
         ans = Answer(question=q, mode=SOT, reason="", text="")
         if mode == "normal":
-            decision = Route(NORMAL, "normal decoding was asked for", "asked")
+            decision = Route(NORMAL, "normal decoding was asked for", "asked", "asked")
         elif mode == "sot" or given is not None:
-            decision = Route(SOT, "SoT was asked for" if given is None else "the skeleton was given", "asked")
+            decision = Route(SOT, "SoT was asked for" if given is None else "the skeleton was given", "asked", "asked")
         else:
-            decision = route(q)
-        ans.reason = decision.reason
-        yield Event("route", text=decision.reason)
+            t = time.perf_counter()
+            decision = self.router(q)
+            ans.timings.route = time.perf_counter() - t
+        ans.router = decision.router
+        ans.reason = decision.reason if decision.router == "asked" else f"{decision.router} router: {decision.reason}"
+        yield Event("route", text=ans.reason)
         if decision.mode == NORMAL:
-            yield from self._normal(ans, cfg, decision.reason)
+            yield from self._normal(ans, cfg, ans.reason)
         else:
             held: RequestOutput | None = None
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 SOT, NORMAL = "sot", "normal"
 
@@ -26,6 +27,10 @@ class Route:
     mode: str  # "sot" | "normal"
     reason: str  # a short sentence for logs and the API, e.g. "math: the question contains an equation"
     category: str  # "math", "code", "step-by-step", "short-answer", "coherent-text" or "fits"
+    router: str = "rules"  # which router decided: "rules", "trained (...)" or "asked" (the caller chose the mode)
+
+
+Router = Callable[[str], Route]  # question -> decision: `route` below, or `trained_router.TrainedRouter`
 
 
 def _rx(pattern: str) -> re.Pattern[str]:

@@ -27,16 +27,19 @@ WIZARDLM = """label;request
 """  # normal (agree), normal (agree), sot (agree), normal (miss)
 
 
-def run(tmp_path, monkeypatch) -> tuple[int, dict]:
+def run(tmp_path, monkeypatch, candidates=("rules",), lima: str | None = None) -> tuple[int, dict]:
     data = tmp_path / "data"
-    data.mkdir()
+    data.mkdir(exist_ok=True)
     (data / "sot_router_labels_vicuna.csv").write_text(VICUNA)
     (data / "sot_router_labels_wizardlm.csv").write_text(WIZARDLM)
+    if lima is not None:
+        (data / "sot_router_labels_lima.csv").write_text(lima)
     (data / "vicuna80.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     monkeypatch.setenv("SOT_SHARED_DATA", str(data))
     out = tmp_path / "agreement.json"
-    rc = main(["--out", str(out)])
-    return rc, json.loads(out.read_text())["datasets"]
+    rc = main(["--out", str(out), "--candidates", *candidates])
+    d = json.loads(out.read_text())["candidates"]
+    return rc, d["rules"] if candidates == ("rules",) else d
 
 
 def test_counts_by_hand(tmp_path, monkeypatch):
@@ -65,10 +68,30 @@ def test_wizardlm_texts_never_written(tmp_path, monkeypatch):
     run(tmp_path, monkeypatch)
     text = (tmp_path / "agreement.json").read_text()
     assert "dogs" not in text and "sun a star" not in text and "per_category" not in json.loads(text)[
-        "datasets"]["wizardlm"]
+        "candidates"]["rules"]["wizardlm"]
 
 
 def test_missing_labels_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SOT_SHARED_DATA", str(tmp_path / "nowhere"))
     assert main(["--out", str(tmp_path / "x.json")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    (tmp_path / "data").mkdir()  # the evaluation sets alone do not train a candidate: LIMA is named as missing
+    for name, text in (("vicuna", VICUNA), ("wizardlm", WIZARDLM)):
+        (tmp_path / "data" / f"sot_router_labels_{name}.csv").write_text(text)
+    monkeypatch.setenv("SOT_SHARED_DATA", str(tmp_path / "data"))
+    assert main(["--out", str(tmp_path / "x.json"), "--candidates", "text"]) == 2
+    assert "sot_router_labels_lima.csv" in capsys.readouterr().err
+
+
+def test_a_trained_candidate_and_the_shipped_text_router(tmp_path, monkeypatch):
+    from tests.sot.test_trained_router import synthetic
+    lima = "label;request\n" + "".join(f'{label};"{q}"\n' for label, q in synthetic(60, seed=9))
+    rc, d = run(tmp_path, monkeypatch, candidates=("text", "shipped text"), lima=lima)
+    assert rc == 0 and set(d) == {"text", "shipped text"}
+    for name, c in d.items():
+        assert c["router"].startswith("trained (text") and c["ms_per_question"]["median"] > 0
+        for ds, n in (("vicuna", 5), ("wizardlm", 4)):
+            assert c[ds]["n"] == n and 0 <= c[ds]["accuracy"] <= 1
+    assert d["text"]["chosen"]["l2"] > 0 and d["shipped text"]["chosen"]["veto"] is True
+    # "What is 12*7?": every router here says normal decoding
+    assert any(x["question_id"] == 2 and x["router"] == "normal" for x in d["text"]["vicuna"]["disagreements"])

@@ -376,3 +376,52 @@ def test_checking_the_sampled_token_equals_masking_first(tiny_chat):
         assert counts.sum() == n
         sigma = (n * exact * (1 - exact)).sqrt()
         assert ((counts - n * exact).abs() < 4.5 * sigma).all(), (kw, counts.tolist(), (n * exact).tolist())
+
+
+# ---- strict schemas: closed objects unless the schema says otherwise -------------------------------------------
+def test_closed_schema_walks_subschemas_by_keyword():
+    from sot_engine.engine.guided import closed_schema
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},  # a property named "properties"
+        "open": {"type": "object", "properties": {"y": {"type": "string"}}, "additionalProperties": True},
+        "items": {"type": "array", "items": {"$ref": "#/$defs/P"}},
+        "either": {"anyOf": [{"type": "object", "properties": {"z": {}}}, {"type": "null"}]},
+        "free": {"type": "object"}},  # no declared properties: any object, as OpenAI's json_object
+        "$defs": {"P": {"type": "object", "properties": {"p": {"type": "integer"}}}}}
+    out = closed_schema(schema)
+    props = out["properties"]
+    assert out["additionalProperties"] is False and set(props) == set(schema["properties"])
+    assert props["properties"]["additionalProperties"] is False and "additionalProperties" not in props["properties"][
+        "properties"]  # the map of properties itself is not a schema
+    assert props["open"]["additionalProperties"] is True
+    assert props["either"]["anyOf"][0]["additionalProperties"] is False and props["either"]["anyOf"][1] == {
+        "type": "null"}
+    assert out["$defs"]["P"]["additionalProperties"] is False and props["free"] == {"type": "object"}
+    assert "additionalProperties" not in schema and "additionalProperties" not in schema["$defs"]["P"]  # a copy
+
+
+class Open(BaseModel):  # pydantic's default: its schema says nothing of extra keys
+    name: str = Field(max_length=8)
+    n: int = Field(ge=0, le=9)
+
+
+def _accepts(llm, guided_decoding: GuidedDecoding, text: str) -> bool:
+    m = llm.engine.guided.matcher(guided_decoding)
+    return all(m.accept(t) for t in llm.tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_strict_by_default_open_on_request(tiny_chat):
+    schema = Open.model_json_schema()
+    assert "additionalProperties" not in schema
+    declared, extra = '{"name": "ab", "n": 3}', '{"name": "ab", "n": 3, "zz": 1}'
+    assert _accepts(tiny_chat, GuidedDecoding(json_schema=schema), declared)
+    assert not _accepts(tiny_chat, GuidedDecoding(json_schema=schema), extra)
+    assert _accepts(tiny_chat, GuidedDecoding(json_schema=schema, strict=False), extra)
+    assert _accepts(tiny_chat, GuidedDecoding(json_schema=schema | {"additionalProperties": True}), extra)
+    assert not _accepts(tiny_chat, GuidedDecoding(json_schema=schema), '{"name": "ab",  "n": 3}')  # compact only
+    with pytest.raises(ValueError, match="strict must be a bool"):
+        GuidedDecoding(json_schema=schema, strict="yes")
+    for o in tiny_chat.generate([chat(f"q{i}") for i in range(4)],  # sampled from a random model: declared keys only
+                                [SamplingParams(temperature=1.0, seed=s, max_tokens=120,
+                                                guided=GuidedDecoding(json_schema=schema)) for s in range(4)]):
+        assert o.finish_reason == "stop" and set(json.loads(o.text)) <= {"name", "n"}, o.text

@@ -153,6 +153,27 @@ def test_bad_arguments(llm):
     _idle(llm)
 
 
+def test_the_router_decides_auto_mode_and_is_named(llm):
+    from sot_engine.sot.router import NORMAL, Route
+    seen = []
+
+    def mine(q: str) -> Route:
+        seen.append(q)
+        return Route(NORMAL, "mine: always normal", "mine", "custom")
+    ans = SoT(llm, SoTConfig(normal_max_tokens=3), router=mine).answer("How do tides work?")
+    assert seen == ["How do tides work?"] and ans.mode == "normal" and ans.router == "custom"
+    assert ans.reason == "custom router: mine: always normal" and ans.timings.route > 0
+    ans = SoT(llm, SoTConfig(normal_max_tokens=3), router="rules").answer("What is 2 + 2?")
+    assert (ans.mode, ans.router) == ("normal", "rules") and ans.reason.startswith("rules router: math: ")
+    ans = SoT(llm, SoTConfig(normal_max_tokens=3), router=mine).answer("What is 2 + 2?", mode="normal")
+    assert ans.router == "asked" and ans.reason == "normal decoding was asked for" and len(seen) == 1
+    with pytest.raises(ValueError, match='router must be "trained", "rules"'):
+        SoT(llm, router=42)
+    with pytest.raises(ValueError, match='router must be "rules", "trained" or a .safetensors file'):
+        SoT(llm, router="smart")
+    _idle(llm)
+
+
 def test_question_longer_than_the_context(llm):
     with pytest.raises(ValueError, match="does not fit the context"):
         SoT(llm).answer("why " * 2000)

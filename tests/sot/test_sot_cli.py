@@ -172,3 +172,22 @@ def test_plain_view_prints_points_in_finishing_order():
     assert lines[5:7] == ["2. Screens: Avoid them.", "1. Routine: Go to bed early."]
     assert lines[7:10] == ["answer:", "1. Routine: Go to bed early.", "2. Screens: Avoid them."]
     assert lines[-1].startswith("[sot: 2 points,")
+
+
+def test_train_router_then_ask_with_it(capsys, model, tmp_path):
+    from tests.sot.test_trained_router import synthetic, write_labels
+    from sot_engine.sot.trained_router import FEATURES
+    assert cli.FEATURES == FEATURES
+    labels = write_labels(tmp_path / "labels.csv", synthetic(60, seed=11))
+    out = tmp_path / "r.safetensors"
+    rc, text, _ = run(capsys, "train-router", "--labels", str(labels), "--out", str(out))
+    assert rc == 0 and out.is_file() and "chose l2=" in text
+    rc, text, _ = run(capsys, "ask", "Solve for x: 5x + 2 = 17.", "--json", "--router", str(out), *model)
+    d = json.loads(text)
+    assert rc == 0 and d["mode"] == "normal" and d["router"] == "trained (text)" and "p=" in d["reason"]
+    rc, text, _ = run(capsys, "ask", "What is 3 * 4?", "--json", "--router", "rules", *model)
+    assert json.loads(text)["reason"].startswith("rules router: math: ")
+    rc, _, err = run(capsys, "ask", "Hi?", "--router", str(tmp_path / "missing.safetensors"), *model)
+    assert rc == 2 and "router parameter file not found" in err
+    rc, _, err = run(capsys, "train-router", "--labels", str(tmp_path / "none.csv"), "--out", str(out))
+    assert rc == 2 and "none.csv" in err

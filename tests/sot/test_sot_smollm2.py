@@ -29,18 +29,23 @@ def test_generic_question_gets_points_and_an_answer(sot, smollm2):
     assert st["free_blocks"] == st["total_blocks"]
 
 
+@pytest.mark.parametrize("router", ["trained", "rules"])
 @pytest.mark.parametrize("question, why", [
     ("Solve for x: 3x + 10 = 5x - 10", "math"),
     ("Write a Python function that returns the n-th Fibonacci number.", "code"),
 ])
-def test_math_and_code_are_answered_normally(sot, question, why):
+def test_math_and_code_are_answered_normally(sot, question, why, router):
+    sot = sot if router == "trained" else SoT(sot.llm, sot.config, router="rules")
     kinds = []
     for ev in sot.stream(question, mode="auto"):
         kinds.append(ev.kind)
         if ev.kind == "answer":
             ans = ev.answer
-    assert ans.mode == "normal" and why in ans.reason and ans.skeleton is None
-    assert "skeleton" not in kinds and ans.text and 1 <= ans.tokens.normal_output <= 16
+    assert ans.mode == "normal" and ans.skeleton is None and ans.router == getattr(sot.router, "name", "rules")
+    assert ans.reason.startswith(f"{ans.router} router: ")  # the answer names the route that decided
+    if router == "rules":
+        assert why in ans.reason
+    assert "skeleton" not in kinds and ans.text and 1 <= ans.tokens.normal_output <= 16 and ans.timings.route > 0
 
 
 @pytest.mark.parametrize("question", [

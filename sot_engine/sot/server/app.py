@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sot_engine.engine import LLM, SamplingParams
 from sot_engine.engine.async_engine import AsyncEngine, Delta, EngineDead, iterate
-from sot_engine.engine.guided import GuidedDecoding
+from sot_engine.engine.guided import GuidedDecoding, closed_schema
 from sot_engine.sot.driver import Answer, SoT, SoTConfig
+from sot_engine.sot.router import Router
 from sot_engine.sot.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, NamedToolChoice, Tool
 from sot_engine.sot.server.sot_stream import OrderedText
 
@@ -84,13 +85,19 @@ def _tool_prompt(tools: list[Tool], forced: str | None) -> str:
 class Server:
     """The request handlers, over one `LLM` and its engine thread."""
 
-    def __init__(self, llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None) -> None:
-        self.llm = llm
+    def __init__(self, llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None,
+                 router: str | Router = "trained", strict_json: bool = True) -> None:
+        self.llm, self.strict_json = llm, strict_json
         self.names = served_names or [llm.engine.model_name]
         self.engine = AsyncEngine(llm.engine)
-        self.sot = SoT(llm, sot_config) if llm.engine.chat_template is not None else None
+        self.sot = SoT(llm, sot_config, router=router) if llm.engine.chat_template is not None else None
 
     # ---- shared ---------------------------------------------------------------------------------
+    def _strict(self, asked: bool | None) -> bool:
+        """A schema is read strictly (closed objects) unless the request says `strict: false`, or the server was
+        started with --no-strict-json and the request does not say `strict: true`."""
+        return self.strict_json if asked is None else asked
+
     def check_model(self, name: str) -> None:
         if name not in self.names:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {self.names}",
@@ -174,16 +181,19 @@ class Server:
             msgs = msgs + [{"role": "system", "content": _tool_prompt(req.tools, forced)}]
             if forced is not None:
                 tool = next(t for t in req.tools if t.function.name == forced)
-                guided = GuidedDecoding(json_schema=tool.function.parameters)
-            elif choice == "required":  # one of several: {"name": ..., "arguments": ...}
+                guided = GuidedDecoding(json_schema=tool.function.parameters, strict=self._strict(tool.function.strict))
+            elif choice == "required":  # one of several: {"name": ..., "arguments": ...}, each tool as strict as it says
                 guided = GuidedDecoding(json_schema={"anyOf": [
-                    {"type": "object", "properties": {"name": {"const": t.function.name},
-                                                      "arguments": t.function.parameters},
-                     "required": ["name", "arguments"], "additionalProperties": False} for t in req.tools]})
+                    {"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": (
+                        closed_schema(t.function.parameters) if self._strict(t.function.strict)
+                        else t.function.parameters)},
+                     "required": ["name", "arguments"], "additionalProperties": False} for t in req.tools]},
+                    strict=False)
         elif req.response_format is not None and req.response_format.type == "json_object":
             guided = GuidedDecoding(json_object=True)
         elif req.response_format is not None and req.response_format.type == "json_schema":
-            guided = GuidedDecoding(json_schema=req.response_format.json_schema.schema_)
+            fmt = req.response_format.json_schema
+            guided = GuidedDecoding(json_schema=fmt.schema_, strict=self._strict(fmt.strict))
         try:
             ids = self.llm.engine.encode(msgs)
         except ValueError as e:
@@ -411,8 +421,9 @@ class Server:
         yield _sse("[DONE]")
 
 
-def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None) -> FastAPI:
-    server = Server(llm, served_names, sot_config)
+def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None,
+               router: str | Router = "trained", strict_json: bool = True) -> FastAPI:
+    server = Server(llm, served_names, sot_config, router, strict_json)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
