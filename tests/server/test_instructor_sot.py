@@ -77,3 +77,24 @@ def test_instructor_sot_flow(serve_smollm2):
     full_blocks = shared // after["block_size"] * after["block_size"]
     assert full_blocks > 0 and hits >= (len(skeleton.points) - 1) * full_blocks, (hits, shared)
     assert after["free_blocks"] == after["total_blocks"]
+
+
+def test_seed_client_unchanged_no_max_tokens_strict_objects(serve_smollm2):
+    """The seed's own client (default pydantic models, no max_tokens, no temperature): with schemas read strictly
+    (the default) every object has exactly its declared keys, and every call ends with the tool call, not the
+    context's end (an open schema let SmolLM2 invent keys, and the skeleton once ran to 8192 tokens)."""
+    from benchmarks.seed_flow import QUESTIONS, Point, Response, Skeleton, flow
+    srv = serve_smollm2()
+    for question in QUESTIONS:
+        r = asyncio.run(flow(srv.url, srv.model, question))
+        assert isinstance(r["skeleton"], Skeleton) and r["skeleton"].points
+        assert len(r["responses"]) == len(r["skeleton"].points)
+        assert set(r["skeleton_raw"]["arguments"]) == set(Skeleton.model_fields)
+        for p in r["skeleton_raw"]["arguments"]["points"]:
+            assert set(p) == set(Point.model_fields)
+        for resp, raw in zip(r["responses"], r["responses_raw"]):
+            assert isinstance(resp, Response) and set(raw["arguments"]) == set(Response.model_fields)
+        reasons = [r["skeleton_raw"]["finish_reason"]] + [x["finish_reason"] for x in r["responses_raw"]]
+        assert set(reasons) == {"tool_calls"}, reasons  # OpenAI's "stop" for a tool call
+    st = srv.wait_idle()
+    assert st["free_blocks"] == st["total_blocks"]

@@ -145,3 +145,20 @@ def test_json_events_are_well_formed(tiny_server):
     assert events[-1] == "data: [DONE]"
     for e in events[:-1]:
         assert json.loads(e.removeprefix("data: "))["object"] == "chat.completion.chunk"
+
+
+def test_no_max_tokens_on_a_pool_smaller_than_the_context(tiny_chat_dir):
+    """Without max_tokens a request may run as far as the KV pool goes (here 64 tokens, the context 256): it is
+    answered, ending with "length", not refused because a full context would not fit the pool."""
+    from sot_engine.engine import LLM
+    from sot_engine.sot.server.background import BackgroundServer
+    srv = BackgroundServer(LLM(str(tiny_chat_dir), max_model_len=256, num_blocks=16, block_size=4))
+    try:
+        c = srv.client()
+        r = c.chat.completions.create(model=srv.model, messages=CHAT, temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == 64
+        st = srv.wait_idle()
+        assert st["free_blocks"] == st["total_blocks"]
+    finally:
+        srv.close()

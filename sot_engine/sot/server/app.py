@@ -104,9 +104,13 @@ class Server:
                            param="model", code="model_not_found")
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, i: int,
-                guided: GuidedDecoding | None = None) -> SamplingParams:
+                guided: GuidedDecoding | None = None, prompt_len: int = 0) -> SamplingParams:
         seed = None if req.seed is None else req.seed + i  # n choices: distinct, reproducible streams
-        limit = max_tokens or self.llm.engine.max_model_len  # no limit: the context ends the answer
+        # no limit: as far as the context goes, or the KV pool where it holds less than one full context (vLLM's
+        # default max_tokens), so that a request without max_tokens is never refused for the pool's size
+        eng = self.llm.engine
+        room = min(eng.max_model_len, eng.block_manager.num_blocks * eng.block_manager.block_size) - prompt_len
+        limit = max_tokens or max(1, room)
         try:
             return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
                                   max_tokens=limit, stop=req.stop, ignore_eos=req.ignore_eos, guided=guided)
@@ -199,7 +203,7 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = [self._params(req, max_tokens, i, guided) for i in range(req.n)]
+        params = [self._params(req, max_tokens, i, guided, len(ids)) for i in range(req.n)]
         streams = await self._start(ids, params)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         calls = {"forced": tool.function.name if tool else None, "tools": req.tools if choice != "none" else None,
@@ -377,7 +381,8 @@ class Server:
         streams, owners = [], []
         try:
             for k, ids in enumerate(id_lists):
-                ss = await self._start(ids, [self._params(req, req.max_tokens, i) for i in range(req.n)])
+                ss = await self._start(ids, [self._params(req, req.max_tokens, i, prompt_len=len(ids))
+                                             for i in range(req.n)])
                 streams += ss
                 owners += [k] * len(ss)
         except APIError:
