@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -84,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
                    help="names clients use in 'model' (default: the model's own name)")
     v.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     v.add_argument("--no-prefix-caching", action="store_true", help="prefill every prompt in full")
+    v.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer <key>' on /v1/* (default: $SOT_API_KEY; unset: no key)")
     v.add_argument("--no-strict-json", action="store_true",
                    help="read JSON schemas as plain JSON Schema (objects open to undeclared keys) unless a request "
                         "says strict: true; default: strict, as OpenAI and vLLM")
@@ -221,9 +224,11 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"the server needs its extra ({e.name} is missing): bash scripts/install.sh server") from None
     sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+    key = args.api_key or os.environ.get("SOT_API_KEY") or None
     app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config, router=sot.router,
-                     strict_json=not args.no_strict_json)
-    print(f"serving {app.state.server.names} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+                     strict_json=not args.no_strict_json, api_key=key)
+    print(f"serving {app.state.server.names} at http://{args.host}:{args.port}/v1"
+          + (" (an API key is required)" if key else ""), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

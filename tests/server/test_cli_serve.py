@@ -19,7 +19,7 @@ def test_sot_serve_cli(tiny_chat_dir):
     proc = subprocess.Popen([sys.executable, "-m", "sot_engine", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
                              "--served-model-name", "tiny", "--no-prefix-caching"],
                             cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "SOT_API_KEY": "k-123"})
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -31,7 +31,14 @@ def test_sot_serve_cli(tiny_chat_dir):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.2)
         from openai import OpenAI
-        c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        import openai
+        bad = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        try:
+            bad.models.list()
+            raise AssertionError("a wrong key was let in")
+        except openai.AuthenticationError as e:
+            assert e.status_code == 401 and e.body["code"] == "invalid_api_key"
+        c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0)  # from $SOT_API_KEY
         assert [m.id for m in c.models.list().data] == ["tiny"]
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.usage.completion_tokens >= 1
@@ -39,3 +46,5 @@ def test_sot_serve_cli(tiny_chat_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) in (0, 130)
+    err = proc.stderr.read()
+    assert "an API key is required" in err and "k-123" not in err  # never logged

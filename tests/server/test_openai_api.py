@@ -162,3 +162,25 @@ def test_no_max_tokens_on_a_pool_smaller_than_the_context(tiny_chat_dir):
         assert st["free_blocks"] == st["total_blocks"]
     finally:
         srv.close()
+
+
+def test_api_key_guards_v1_only(tiny_chat_dir):
+    from sot_engine.engine import LLM
+    from sot_engine.sot.server.app import create_app
+    from sot_engine.sot.server.background import BackgroundServer
+    with pytest.raises(ValueError, match="api_key must be a non-empty string"):
+        create_app(LLM(str(tiny_chat_dir), num_blocks=16, block_size=4), api_key=" ")
+    srv = BackgroundServer(LLM(str(tiny_chat_dir), max_model_len=128, num_blocks=64, block_size=4), api_key="s3cret")
+    try:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Bearer s3cret2"}, {"Authorization": "bearer s3cret"}):
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+                r = httpx.request(method, srv.url + path, headers=headers, json={"model": srv.model, "messages": CHAT})
+                assert r.status_code == 401, (headers, path)
+                err = r.json()["error"]
+                assert err["code"] == "invalid_api_key" and "s3cret" not in r.text
+        assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/stats").status_code == 200
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert c.chat.completions.create(model=srv.model, messages=CHAT, max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        srv.close()

@@ -8,6 +8,7 @@ driver on the server instead and streams the points as they grow.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -17,13 +18,14 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sot_engine.engine import LLM, SamplingParams
 from sot_engine.engine.async_engine import AsyncEngine, Delta, EngineDead, iterate
 from sot_engine.engine.guided import GuidedDecoding, closed_schema
 from sot_engine.sot.driver import Answer, SoT, SoTConfig
 from sot_engine.sot.router import Router
+from sot_engine.sot.server.metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from sot_engine.sot.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, NamedToolChoice, Tool
 from sot_engine.sot.server.sot_stream import OrderedText
 
@@ -88,6 +90,7 @@ class Server:
     def __init__(self, llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None,
                  router: str | Router = "trained", strict_json: bool = True) -> None:
         self.llm, self.strict_json = llm, strict_json
+        self.metrics: Metrics | None = None  # create_app's
         self.names = served_names or [llm.engine.model_name]
         self.engine = AsyncEngine(llm.engine)
         self.sot = SoT(llm, sot_config, router=router) if llm.engine.chat_template is not None else None
@@ -255,7 +258,7 @@ class Server:
             return _sse(body)
 
         forced = calls["forced"]
-        completion, cached, left = 0, 0, req.n
+        completion, cached = 0, 0
         try:
             for i in range(req.n):
                 first = {"role": "assistant", "content": None if forced else ""}
@@ -269,14 +272,13 @@ class Server:
                              else {"content": d.text})
                     yield chunk(i, delta)
                 if d.finished:
-                    o, left = d.output, left - 1
+                    o = d.output
                     completion += len(o.token_ids)
                     cached = o.num_cached_tokens if i == 0 else cached
                     finish = FINISH.get(o.finish_reason, "stop")
                     if forced and finish == "stop":
                         finish = "tool_calls"
-                    usage = self._usage(n_prompt, completion, cached) if left == 0 else None
-                    yield chunk(i, {}, finish, usage)
+                    yield chunk(i, {}, finish)  # usage comes once, in its own last chunk (OpenAI's include_usage)
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                             "choices": [], "usage": self._usage(n_prompt, completion, cached)})
@@ -301,7 +303,11 @@ class Server:
         cfg = replace(self.sot.config, **overrides)
 
         def job(emit) -> None:
-            iterate(self.sot.stream(question, mode=req.sot, **overrides), emit)
+            def counted(ev) -> None:
+                if ev.kind == "answer" and self.metrics is not None:
+                    self.metrics.sot_answer(ev.answer)
+                emit(ev)
+            iterate(self.sot.stream(question, mode=req.sot, **overrides), counted)
 
         events = await self.engine.run_job(job)
         try:
@@ -427,8 +433,13 @@ class Server:
 
 
 def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None,
-               router: str | Router = "trained", strict_json: bool = True) -> FastAPI:
+               router: str | Router = "trained", strict_json: bool = True, api_key: str | None = None) -> FastAPI:
+    """`api_key`: every /v1/* request must carry `Authorization: Bearer <api_key>` (OpenAI's and vLLM's scheme);
+    /health, /stats and /metrics stay open."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be a non-empty string")
     server = Server(llm, served_names, sot_config, router, strict_json)
+    metrics = server.metrics = Metrics(llm.engine, llm.engine.stats)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -437,6 +448,29 @@ def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTC
 
     app = FastAPI(title="sot-engine", description=__doc__, lifespan=lifespan)
     app.state.server = server
+
+    if api_key is not None:
+        want = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def check_key(request: Request, call_next):
+            if request.url.path.startswith("/v1"):
+                got = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(got, want):  # constant time; neither key is ever logged
+                    return JSONResponse(APIError(401, "invalid or missing API key: send 'Authorization: Bearer "
+                                                      "<key>'", code="invalid_api_key").body(), status_code=401)
+            return await call_next(request)
+
+    # outermost (added last): it counts what the key check refuses too
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        # the route's template, not the raw path: a client cannot grow the label set
+        route = getattr(request.scope.get("route"), "path", None)
+        if route is None:  # refused before routing (the key check): still one of ours, or "other"
+            route = request.url.path if request.url.path in {getattr(r, "path", None) for r in app.routes} else "other"
+        metrics.request(route, request.method, response.status_code)
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -471,6 +505,11 @@ def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTC
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        """Prometheus text format (vLLM's names where vLLM has the metric); rendered on the engine thread."""
+        return Response(await server.engine.call(metrics.render), media_type=METRICS_TYPE)
 
     @app.get("/stats")
     async def stats():
