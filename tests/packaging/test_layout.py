@@ -45,6 +45,19 @@ def test_the_package_has_its_modules():
     assert {"engine/llm.py", "kernels/reference.py", "sot/driver.py", "sot/cli.py", "__main__.py"} <= names
 
 
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_every_package_data_file_is_in_git():
+    """A data file the wheel ships but git ignores works here and is missing from every fresh clone."""
+    import tomllib
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    files = [f.relative_to(ROOT).as_posix() for pkg, globs in patterns.items() for g in globs
+             for f in (ROOT / pkg.replace(".", "/")).glob(g)]
+    assert files
+    tracked = set(subprocess.run(["git", "ls-files", "--", *files], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    assert sorted(set(files) - tracked) == []
+
+
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_layers_import_only_downward(layer):
     bad = [(p.relative_to(ROOT).as_posix(), m) for p in (PACKAGE / layer).rglob("*.py") for m in imports(p)
