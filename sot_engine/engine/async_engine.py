@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
@@ -52,6 +53,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._channels: dict[str, _Channel] = {}  # request id -> its queue; touched by the engine thread only
+        self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() when it is cut off
         self._wake = threading.Event()
         self._stopped = False
         self._error: BaseException | None = None
@@ -80,16 +82,23 @@ class AsyncEngine:
         self._submit(self._commands, run)
         return await asyncio.wrap_future(fut)
 
-    async def generate(self, ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[Delta]:
+    def waiting(self) -> int:
+        """Requests queued and not yet admitted, SoT jobs included (read from any thread: an estimate)."""
+        return len(self.engine.scheduler.waiting) + self._jobs.qsize()
+
+    async def generate(self, ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       deadline: float | None = None) -> AsyncIterator[Delta]:
         """Stream one request. The request is queued (and checked: ValueError) before the first delta; leaving
-        the iteration early -- a disconnected client -- aborts it."""
+        the iteration early -- a disconnected client -- aborts it. At `deadline` (time.monotonic()) it ends
+        where it is, finish_reason "length" and stop_reason "timeout", its blocks freed."""
         rid = request_id or self.new_id("req")
         channel = _Channel(asyncio.get_running_loop())
 
         def add() -> None:
             self.engine.add_request(ids, params, request_id=rid)
             self._channels[rid] = channel
+            if deadline is not None:
+                self._deadlines[rid] = deadline
         await self.call(add)
         return self._drain(rid, channel)
 
@@ -106,10 +115,12 @@ class AsyncEngine:
             if not done:
                 self._submit(self._commands, lambda: self._abort(rid))
 
-    async def run_job(self, job: Callable[[Callable[[Any], None]], None]) -> AsyncIterator[Any]:
+    async def run_job(self, job: Callable[[Callable[[Any], None]], None],
+                      deadline: float | None = None) -> AsyncIterator[Any]:
         """Run a synchronous `job(emit)` on the engine thread (it may step the engine; other requests keep
         running in its steps) and iterate what it emits. Jobs run one at a time. Leaving the iteration early
-        asks the job to stop: `emit` then raises `GeneratorExit` inside it."""
+        asks the job to stop: `emit` then raises `GeneratorExit` inside it. Past `deadline` `emit` raises
+        `TimeoutError` in the job, and the iteration raises it."""
         channel = _Channel(asyncio.get_running_loop())
         cancelled = threading.Event()
         end = object()
@@ -117,6 +128,8 @@ class AsyncEngine:
         def emit(item: Any) -> None:
             if cancelled.is_set():
                 raise GeneratorExit("the client went away")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the request ran past the server's --request-timeout")
             channel.put(item)
 
         def run() -> None:
@@ -161,7 +174,22 @@ class AsyncEngine:
             try:
                 self._commands.get_nowait()()
             except queue.Empty:
-                return
+                break
+        if self._deadlines:
+            now = time.monotonic()
+            for rid in [r for r, t in self._deadlines.items() if t <= now]:
+                self._time_out(rid)
+
+    def _time_out(self, rid: str) -> None:
+        """End a request that ran out of time as if max_tokens had come: what it has is its answer."""
+        del self._deadlines[rid]
+        channel, seq = self._channels.pop(rid, None), self.engine.requests.get(rid)
+        if channel is None or seq is None:
+            return
+        self.engine.abort(rid)
+        seq.finish_reason, seq.stop_reason = "length", "timeout"
+        channel.put(Delta("", [], True, RequestOutput.of(seq)))
+        self.engine.release(seq)
 
     def after_step(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -172,9 +200,11 @@ class AsyncEngine:
             channel.put(Delta(out.new_text, out.new_token_ids, out.finished, full))
             if out.finished:
                 del self._channels[out.seq.request_id]
+                self._deadlines.pop(out.seq.request_id, None)
                 self.engine.release(out.seq)
 
     def _abort(self, rid: str) -> None:
+        self._deadlines.pop(rid, None)
         if self._channels.pop(rid, None) is None:
             return
         seq = self.engine.requests.get(rid)

@@ -16,6 +16,8 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
+from sot_engine.sot.server.limits import ServerLimits
+
 MODES = ("auto", "sot", "normal")  # sot.driver.MODES; repeated so --help does not import torch
 EXPANSIONS = ("paper", "continuation")
 WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
@@ -90,6 +92,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--no-strict-json", action="store_true",
                    help="read JSON schemas as plain JSON Schema (objects open to undeclared keys) unless a request "
                         "says strict: true; default: strict, as OpenAI and vLLM")
+    lim = v.add_argument_group("limits (each refuses with an OpenAI-shaped error instead of queueing or growing)")
+    lim.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes, help="413 past it")
+    lim.add_argument("--max-json-depth", type=int, default=ServerLimits.max_json_depth, help="400 past it")
+    lim.add_argument("--max-n", type=int, default=ServerLimits.max_n, help="choices per request (n x prompts)")
+    lim.add_argument("--max-messages", type=int, default=ServerLimits.max_messages, help="messages per chat request")
+    lim.add_argument("--max-waiting", type=int, default=ServerLimits.max_waiting,
+                     help="requests queued before admission; past it 429 at once")
+    lim.add_argument("--request-timeout", type=float, default=ServerLimits.request_timeout,
+                     help="seconds; a generation then ends with finish_reason 'length', a SoT answer with 504 (0: none)")
     t = sub.add_parser("train-router", help="fit the trained router to a label;request file (sot.train_router)")
     t.add_argument("--labels", required=True, help="a label;request CSV, e.g. the SoT authors' LIMA labels")
     t.add_argument("--features", choices=FEATURES, default="text",
@@ -223,10 +234,13 @@ def serve(args: argparse.Namespace) -> int:
         from sot_engine.sot.server import create_app
     except ImportError as e:
         raise ValueError(f"the server needs its extra ({e.name} is missing): bash scripts/install.sh server") from None
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, max_n=args.max_n,
+                          max_messages=args.max_messages, max_waiting=args.max_waiting,
+                          request_timeout=args.request_timeout)  # checked before the model load
     sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
     key = args.api_key or os.environ.get("SOT_API_KEY") or None
     app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config, router=sot.router,
-                     strict_json=not args.no_strict_json, api_key=key)
+                     strict_json=not args.no_strict_json, api_key=key, limits=limits)
     print(f"serving {app.state.server.names} at http://{args.host}:{args.port}/v1"
           + (" (an API key is required)" if key else ""), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -17,7 +17,7 @@ def test_sot_serve_cli(tiny_chat_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "sot_engine", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--no-prefix-caching"],
+                             "--served-model-name", "tiny", "--no-prefix-caching", "--max-n", "1"],
                             cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "SOT_API_KEY": "k-123"})
     try:
@@ -42,9 +42,20 @@ def test_sot_serve_cli(tiny_chat_dir):
         assert [m.id for m in c.models.list().data] == ["tiny"]
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.usage.completion_tokens >= 1
+        try:
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2)
+            raise AssertionError("--max-n 1 let n=2 in")
+        except openai.BadRequestError as e:
+            assert e.body["param"] == "n"
         assert httpx.get(f"http://127.0.0.1:{port}/stats").json()["cached_blocks"] == 0  # caching was turned off
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) in (0, 130)
     err = proc.stderr.read()
     assert "an API key is required" in err and "k-123" not in err  # never logged
+
+
+def test_sot_serve_refuses_a_bad_limit_before_loading(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sot_engine", "serve", "--model", str(tmp_path / "none"),
+                        "--request-timeout", "-1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "request_timeout must be a positive number" in r.stderr

@@ -25,6 +25,7 @@ from sot_engine.engine.async_engine import AsyncEngine, Delta, EngineDead, itera
 from sot_engine.engine.guided import GuidedDecoding, closed_schema
 from sot_engine.sot.driver import Answer, SoT, SoTConfig
 from sot_engine.sot.router import Router
+from sot_engine.sot.server.limits import BodyLimit, ServerLimits
 from sot_engine.sot.server.metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from sot_engine.sot.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, NamedToolChoice, Tool
 from sot_engine.sot.server.sot_stream import OrderedText
@@ -88,8 +89,9 @@ class Server:
     """The request handlers, over one `LLM` and its engine thread."""
 
     def __init__(self, llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None,
-                 router: str | Router = "trained", strict_json: bool = True) -> None:
-        self.llm, self.strict_json = llm, strict_json
+                 router: str | Router = "trained", strict_json: bool = True,
+                 limits: ServerLimits | None = None) -> None:
+        self.llm, self.strict_json, self.limits = llm, strict_json, limits or ServerLimits()
         self.metrics: Metrics | None = None  # create_app's
         self.names = served_names or [llm.engine.model_name]
         self.engine = AsyncEngine(llm.engine)
@@ -106,6 +108,22 @@ class Server:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {self.names}",
                            param="model", code="model_not_found")
 
+    def admit(self, choices: int, messages: int = 0) -> None:
+        """The per-request limits, before anything is tokenized or queued."""
+        lim = self.limits
+        if choices > lim.max_n:
+            raise APIError(400, f"{choices} choices asked (n times prompts); this server gives at most {lim.max_n}",
+                           param="n")
+        if messages > lim.max_messages:
+            raise APIError(400, f"{messages} messages; this server takes at most {lim.max_messages}",
+                           param="messages")
+        if self.engine.waiting() + 1 > lim.max_waiting:
+            raise APIError(429, f"the server's queue is full ({lim.max_waiting} requests waiting); retry later",
+                           type="rate_limit_error", code="rate_limit_exceeded")
+
+    def deadline(self) -> float | None:
+        return time.monotonic() + self.limits.request_timeout if self.limits.request_timeout else None
+
     def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, i: int,
                 guided: GuidedDecoding | None = None, prompt_len: int = 0) -> SamplingParams:
         seed = None if req.seed is None else req.seed + i  # n choices: distinct, reproducible streams
@@ -120,12 +138,13 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def _start(self, ids: list[int], params: list[SamplingParams]) -> list[AsyncIterator[Delta]]:
+    async def _start(self, ids: list[int], params: list[SamplingParams],
+                     deadline: float | None = None) -> list[AsyncIterator[Delta]]:
         """Queue the n choices (all checked first: a bad request starts nothing)."""
         streams: list[AsyncIterator[Delta]] = []
         try:
             for p in params:
-                streams.append(await self.engine.generate(ids, p))
+                streams.append(await self.engine.generate(ids, p, deadline=deadline))
         except ValueError as e:
             for s in streams:
                 await s.aclose()
@@ -162,6 +181,7 @@ class Server:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a stream still being read cannot be closed
             for s in streams:
                 await s.aclose()
 
@@ -173,6 +193,7 @@ class Server:
     # ---- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest):
         self.check_model(req.model)
+        self.admit(req.n, len(req.messages))
         if req.sot is not None:
             return await self._sot(req)
         msgs = _messages(req.messages)
@@ -207,7 +228,7 @@ class Server:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = [self._params(req, max_tokens, i, guided, len(ids)) for i in range(req.n)]
-        streams = await self._start(ids, params)
+        streams = await self._start(ids, params, self.deadline())
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         calls = {"forced": tool.function.name if tool else None, "tools": req.tools if choice != "none" else None,
                  "any": choice == "required" and tool is None}
@@ -309,19 +330,24 @@ class Server:
                 emit(ev)
             iterate(self.sot.stream(question, mode=req.sot, **overrides), counted)
 
-        events = await self.engine.run_job(job)
+        events = await self.engine.run_job(job, self.deadline())
         try:
             first = await events.__anext__()  # the route: input was checked
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
+        except TimeoutError as e:
+            raise APIError(504, str(e), type="timeout", code="request_timeout") from None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         if req.stream:
             return StreamingResponse(self._sot_stream(first, events, cfg, cid, created, req),
                                      media_type="text/event-stream")
         ans = None
-        async for ev in events:
-            if ev.kind == "answer":
-                ans = ev.answer
+        try:
+            async for ev in events:
+                if ev.kind == "answer":
+                    ans = ev.answer
+        except TimeoutError as e:
+            raise APIError(504, str(e), type="timeout", code="request_timeout") from None
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
                              "finish_reason": "stop", "logprobs": None}],
@@ -369,6 +395,8 @@ class Server:
                     yield chunk({"content": new} if new else {}, ev)
         except EngineDead as e:
             yield _sse(APIError(500, str(e), type="server_error").body())
+        except TimeoutError as e:
+            yield _sse(APIError(504, str(e), type="timeout", code="request_timeout").body())
         yield _sse("[DONE]")
 
     # ---- /v1/completions ------------------------------------------------------------------------
@@ -379,16 +407,17 @@ class Server:
             prompts = [prompts]
         if req.stream and len(prompts) > 1:
             raise APIError(400, "streaming takes one prompt", param="prompt")
+        self.admit(len(prompts) * req.n)
         try:
             id_lists = [self.llm.engine.encode(p) for p in prompts]
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
         cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
-        streams, owners = [], []
+        streams, owners, deadline = [], [], self.deadline()
         try:
             for k, ids in enumerate(id_lists):
                 ss = await self._start(ids, [self._params(req, req.max_tokens, i, prompt_len=len(ids))
-                                             for i in range(req.n)])
+                                             for i in range(req.n)], deadline)
                 streams += ss
                 owners += [k] * len(ss)
         except APIError:
@@ -433,12 +462,13 @@ class Server:
 
 
 def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTConfig | None = None,
-               router: str | Router = "trained", strict_json: bool = True, api_key: str | None = None) -> FastAPI:
+               router: str | Router = "trained", strict_json: bool = True, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
     """`api_key`: every /v1/* request must carry `Authorization: Bearer <api_key>` (OpenAI's and vLLM's scheme);
-    /health, /stats and /metrics stay open."""
+    /health, /stats and /metrics stay open. `limits`: what one request may ask (server/limits.py)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError("api_key must be a non-empty string")
-    server = Server(llm, served_names, sot_config, router, strict_json)
+    server = Server(llm, served_names, sot_config, router, strict_json, limits)
     metrics = server.metrics = Metrics(llm.engine, llm.engine.stats)
 
     @asynccontextmanager
@@ -448,6 +478,10 @@ def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTC
 
     app = FastAPI(title="sot-engine", description=__doc__, lifespan=lifespan)
     app.state.server = server
+
+    # the body is read (and bounded) before FastAPI parses it, after the key check (a client without the key
+    # gets its 401 before its body is read)
+    app.add_middleware(BodyLimit, limits=server.limits)
 
     if api_key is not None:
         want = f"Bearer {api_key}".encode()
@@ -461,7 +495,7 @@ def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTC
                                                       "<key>'", code="invalid_api_key").body(), status_code=401)
             return await call_next(request)
 
-    # outermost (added last): it counts what the key check refuses too
+    # outermost (added last): it counts what the key check and the body limit refuse too
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)

@@ -48,7 +48,7 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)  # at most ServerLimits.max_n
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
