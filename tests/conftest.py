@@ -93,13 +93,17 @@ def smollm2() -> SmolLM2:
 
 @pytest.fixture(scope="session")
 def tiny_chat_dir(tmp_path_factory) -> Path:
+    return make_tiny_chat(tmp_path_factory.mktemp("tiny_chat"))
+
+
+def make_tiny_chat(path: Path | str) -> Path:
     """A tiny random model with a real (small, trained here) byte-level BPE tokenizer and a ChatML template:
     enough to drive chat prompts and SoT end to end in milliseconds. Its text is noise."""
     import json
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from sot_engine.engine.chat import ChatTemplate
     from sot_engine.sot.prompts import CONTINUATION_TEMPLATE, POINT_TEMPLATE, SKELETON_TEMPLATE
-    path = tmp_path_factory.mktemp("tiny_chat")
+    path = Path(path)
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()

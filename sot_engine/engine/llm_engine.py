@@ -80,6 +80,15 @@ def _check_after(p: SamplingParams) -> bool:
     return p.greedy or (p.top_k in (0, -1) and p.top_p >= 1.0)
 
 
+
+def _unicode(text: str, what: str) -> str:
+    """`text` if it can be encoded (JSON can carry a lone surrogate like \\ud800, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: {e.reason} at character {e.start}") from None
+    return text
+
 class LLMEngine:
     def __init__(self, model: str = "default", *, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, backend: str | None = None,
@@ -175,7 +184,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer (random weights): pass token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(_unicode(prompt, "the prompt"))
             if add_bos and self.tokenizer.add_bos and self.tokenizer.bos_token_id is not None and prompt:
                 ids = [self.tokenizer.bos_token_id] + ids
             return ids
@@ -185,7 +194,8 @@ class LLMEngine:
             for m in prompt:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise ValueError(f"bad chat message {m!r}: needs string 'role' and 'content'")
-            return self.tokenizer.encode(self.chat_template.render(prompt), add_special_tokens=False)
+            text = _unicode(self.chat_template.render(prompt), "a chat message")
+            return self.tokenizer.encode(text, add_special_tokens=False)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         raise ValueError(f"a prompt must be a string, a list of token ids or a list of chat messages, "

@@ -8,7 +8,10 @@ from sot_engine.engine.sequence import SamplingParams
 
 
 def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    logits = logits / p.temperature
+    # the maximum subtracted first: any temperature > 0, however small, leaves the top logit at 0 and the rest
+    # at most -inf (dividing first overflows to inf - inf = nan for a temperature like 1e-300); one below the
+    # dtype's range would read as 0 (0 / 0 = nan), and any such temperature gives the argmax anyway
+    logits = (logits - logits.max()) / max(p.temperature, torch.finfo(logits.dtype).tiny)
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -16,6 +19,7 @@ def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
     if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p  # keep the smallest head reaching top_p
+        drop[0] = False  # and at least the top token (a top_p below float32's range reads as 0)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -78,3 +78,13 @@ def test_missing_and_corrupt_model_files(tmp_path):
         LLM(str(tmp_path / "folder"))
     with pytest.raises(ValueError, match="unknown model shape"):
         LLM("random:nope")
+
+
+def test_a_lone_surrogate_is_a_clear_error(tiny_chat_dir):
+    """JSON carries "\\ud800" into a str no tokenizer takes: a ValueError, not the tokenizer's TypeError."""
+    chat = LLM(str(tiny_chat_dir), block_size=4, num_blocks=32, max_model_len=64)
+    for prompt, what in (("Once upon a \ud800time", "the prompt"),
+                         ([{"role": "user", "content": "hi \udfff"}], "a chat message")):
+        with pytest.raises(ValueError, match=f"{what} is not valid Unicode"):
+            chat.engine.encode(prompt)
+    assert chat.engine.encode("Once upon a time")

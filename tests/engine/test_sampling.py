@@ -73,3 +73,16 @@ def test_argmax_rows_is_torch_argmax_ties_and_nan_included():
     assert argmax_rows(x) == x.argmax(dim=-1).tolist() == [int(x[0].argmax()), 7, 400, 0, int(x[4].argmax())]
     assert argmax_rows(x[[4, 0]]) == [int(x[4].argmax()), int(x[0].argmax())]
     assert argmax_rows(x.double()) == x.argmax(dim=-1).tolist()  # other dtypes: torch's argmax
+
+
+def test_extreme_temperature_and_top_p_sample_the_top_token():
+    """A temperature or top_p so small it underflows (1e-320 reads as 0 in float32) is the greedy limit: the argmax,
+    never a nan distribution that fails the step for the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        logits = torch.randn(97, generator=g) * 10
+        top = int(logits.argmax())
+        for p in (SamplingParams(temperature=1e-320), SamplingParams(temperature=1e-300),
+                  SamplingParams(temperature=1e-40), SamplingParams(top_p=1e-320),
+                  SamplingParams(top_p=1e-320, top_k=1, temperature=1e-320)):
+            assert sample_row(logits, p, g) == top, p
