@@ -88,14 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="16 requests of 8 tokens")
+    ap.add_argument("--no-chunked-prefill", action="store_true", help="the engine without chunked prefill")
     args = ap.parse_args(argv)
     from sot_engine.engine import LLM
     n, max_tokens = (16, 8) if args.quick else (args.requests, args.max_tokens)
-    llm = LLM(args.model, max_num_seqs=max(n, 1))
+    llm = LLM(args.model, max_num_seqs=max(n, 1), enable_chunked_prefill=not args.no_chunked_prefill)
     res = run(llm, n, max_tokens)
     print({k: v for k, v in res.items() if k != "errors"}, "errors:", len(res["errors"]), flush=True)
-    name = "server_load_quick" if args.quick else "server_load"
-    print("wrote", write_result(name, llm.engine.device, {"model": llm.engine.model_name, **res}))
+    name = ("server_load_quick" if args.quick else "server_load") + ("_unchunked" if args.no_chunked_prefill else "")
+    print("wrote", write_result(name, llm.engine.device, {"model": llm.engine.model_name,
+                                                         "chunked_prefill": not args.no_chunked_prefill, **res}))
 
 
 if __name__ == "__main__":

@@ -121,5 +121,6 @@ class CacheConfig:
 @dataclass(slots=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 4096  # tokens one step computes at most (decode rows always run)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    chunked_prefill: bool = True  # prompts prefilled in chunks within the token budget, beside the decodes

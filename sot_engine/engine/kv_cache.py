@@ -130,6 +130,13 @@ class BlockManager:
         first, bs = len(hashes), self.block_size
         return first < (len(seq) - 1) // bs, self._hashes(seq, len(seq) // bs)[first:]
 
+    def pending_hashes(self, seq: Sequence) -> list[int]:
+        """Chain hashes of the full blocks `seq` holds whose KV is not computed yet (a prompt part-way through
+        a chunked prefill): a request that needs them waits for them rather than computing them again."""
+        if not self.enable_caching or seq.pool:
+            return []
+        return self._hashes(seq, len(seq) // self.block_size)[len(seq.block_hashes):]
+
     def can_allocate(self, seq: Sequence) -> bool:
         return self._plan(seq)[3] <= self.num_free
 

@@ -93,10 +93,11 @@ class LLMEngine:
     def __init__(self, model: str = "default", *, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, backend: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 seed: int = 0, num_threads: int | None = None, cascade: str = "auto",
-                 enable_prefix_caching: bool = True, weight_dtype: str | None = None,
-                 matmul_precision: str = "fp32", kv_cache_dtype: str | None = None) -> None:
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
+                 max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
+                 cascade: str = "auto", enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 weight_dtype: str | None = None, matmul_precision: str = "fp32",
+                 kv_cache_dtype: str | None = None) -> None:
         """`cascade`: shared-prefix decode attention for sequences that share prefix blocks (fork children, SoT
         points). "auto": on CUDA, for the groups the cost model accepts (`kernels.cascade.cascade_pays`);
         "on": for every group found (tests); "off": never.
@@ -110,11 +111,19 @@ class LLMEngine:
         (bf16 weights, and the matmuls round their activations to bf16: on a CPU with AMX a decode step of up to
         16 rows then costs about what one row does). See `kernels.weights`.
 
+        `enable_chunked_prefill` (vLLM's name and default): a step decodes one token for every running sequence
+        and spends the rest of `max_num_batched_tokens` (None: 512 on a CPU, 4096 on a GPU) on prompts, cutting
+        a long one into chunks over several steps, so the streams already running keep their pace while it is
+        prefilled; the logits are those of an unchunked run. Off: a step is all prefill or all decode.
+
         `kv_cache_dtype`: the K/V pool's dtype, "fp32" | "bf16" (None: `dtype`). On CPU a bf16 pool under float32
         activations halves the KV memory and the bytes decode attention reads (K/V rounded once when stored, then
         widened exactly; products and sums float32). Elsewhere it must be `dtype` itself."""
         if cascade not in ("auto", "on", "off"):
             raise ValueError(f"cascade must be 'auto', 'on' or 'off', got {cascade!r}")
+        for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.weight_dtype = check_weight_dtype(weight_dtype, matmul_precision)  # before the (slow) load
         self.matmul_precision = matmul_precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -142,8 +151,13 @@ class LLMEngine:
                 raise ValueError(f"KV cache budget of {budget} bytes is below one block ({per_block} bytes)")
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.kv_cache = KVCache(self.config, num_blocks, block_size, self.kv_dtype, self.device)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
-                                   self.block_manager)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 512 if self.device.type == "cpu" else 4096
+        if enable_chunked_prefill and max_num_batched_tokens <= max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed max_num_seqs "
+                             f"({max_num_seqs}) with chunked prefill: the decodes alone could spend the whole budget")
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len,
+                                                   enable_chunked_prefill), self.block_manager)
         if cascade == "auto" and self.device.type != "cuda":
             cascade = "off"  # it pays where decode is bound by K/V reads (a GPU); the CPU path is torch's
         self.runner = ModelRunner(self.model, self.kv_cache, block_size, self.device, cascade=cascade)
@@ -361,27 +375,28 @@ class LLMEngine:
                 s.timings.first_scheduled = now
         self.counters["steps"] += 1
         self.counters["prefix_cache_hit_tokens"] = self.block_manager.hit_tokens  # hits happen in admission
-        if is_prefill:
-            self.counters["prefill_tokens"] += sum(len(s) - s.num_cached_tokens for s in seqs)
-        else:
-            self.counters["decode_tokens"] += len(seqs)
-            self.max_decode_batch = max(self.max_decode_batch, len(seqs))
+        decoding = sum(s.num_scheduled == 1 and s.num_output_tokens > 0 and s.num_pending == 1 for s in seqs)
+        self.counters["prefill_tokens"] += sum(s.num_scheduled for s in seqs) - decoding
+        self.counters["decode_tokens"] += decoding
+        self.max_decode_batch = max(self.max_decode_batch, decoding)
         logits = self.runner.run(seqs, is_prefill)
         for s in seqs:  # blocks filled by this step can serve later requests (before a finished one frees them)
             self.block_manager.commit(s)
-        active = [i for i, s in enumerate(seqs) if not s.prefill_only]
+        # a prompt part-way through a chunked prefill has nothing to sample yet
+        done = [s.num_pending == 0 for s in seqs]
+        active = [i for i, s in enumerate(seqs) if not s.prefill_only and done[i]]
         guided = [(j, m) for j, i in enumerate(active) if (m := self._matchers.get(seqs[i].seq_id)) is not None]
         # a copy of the [B, vocab] logits only to drop rows or to change them in place (an inference tensor)
         processed = any(seqs[i].params.logits_processors for i in active)
         rows = logits[active] if guided or processed or len(active) != len(seqs) else logits
         tokens, failed = self._choose(rows, [seqs[i] for i in active], guided, processed) if active else ([], {})
         outputs: list[StepOutput] = []
-        for s in seqs:
+        for s, d in zip(seqs, done):
             if s.pool:
                 self.scheduler.remove(s)
                 self._finish(s, "stop")
                 outputs.append(StepOutput(s, [], "", True))
-            elif s.prefill_only:
+            elif s.prefill_only and d:
                 self._spawn_children(s)
         for i, tok in zip(active, tokens):
             outputs.append(self._append_token(seqs[i], tok, failed.get(seqs[i].seq_id)))

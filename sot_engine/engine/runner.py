@@ -1,7 +1,8 @@
 """Turns a scheduled batch into flat tensors and runs the model on them.
 
-Prefill packs every sequence's new tokens (those past `num_cached_tokens`) back to back; decode
-feeds one token per sequence. Both compute logits only for each sequence's last token.
+Prefill packs every sequence's tokens of this step (`num_scheduled` of them past `num_cached_tokens`: a
+whole prompt, a chunk of one, or a decoding sequence's one token) back to back; decode feeds one token per
+sequence. Both compute logits only for each sequence's last token of the step.
 """
 from __future__ import annotations
 
@@ -37,20 +38,21 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         cu = [0]
-        for s in seqs:
+        ends = [s.num_cached_tokens + s.num_scheduled for s in seqs]
+        for s, end in zip(seqs, ends):
             start = s.num_cached_tokens
-            ids.extend(s.token_ids[start:])
-            positions.extend(range(start, len(s)))
-            slots.extend(self._slot(s, p) for p in range(start, len(s)))
+            ids.extend(s.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slot(s, p) for p in range(start, end))
             cu.append(len(ids))
         meta = AttnMetadata(
             is_prefill=True,
             slot_mapping=self._tensor(slots),
             block_tables=self._block_tables(seqs),
-            context_lens=self._tensor([len(s) for s in seqs]),
+            context_lens=self._tensor(ends),
             cu_seqlens_q=self._tensor(cu, torch.int32),
             logits_indices=self._tensor([c - 1 for c in cu[1:]]),
-            max_context_len=max(len(s) for s in seqs),
+            max_context_len=max(ends),
         )
         return self._tensor(ids), self._tensor(positions), meta
 
@@ -89,7 +91,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Logits of each sequence's last token: [B, vocab] float32. Marks the new KV as cached."""
+        """Logits of each sequence's last token of the step: [B, vocab] float32 (a row part-way through its
+        prompt gets one too, which the engine ignores). Marks the new KV as cached."""
         ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
         hidden = self.model.forward(ids, positions, meta, self.kv_cache.layers)
         if is_prefill:  # embedding requests: the mean of their final hidden states (all tokens: no cache hits)
@@ -100,5 +103,5 @@ class ModelRunner:
         # decode: one row per sequence already, in order (no gather)
         logits = self.model.compute_logits(hidden if not is_prefill else hidden[meta.logits_indices])
         for s in seqs:
-            s.num_cached_tokens = len(s)
+            s.num_cached_tokens += s.num_scheduled
         return logits

@@ -1,8 +1,15 @@
 """Continuous batching: which sequences run this step.
 
-Two queues, as in nano-vllm. A step is either a prefill of newly admitted sequences (admitted as
-soon as their blocks fit) or one decode token for every running sequence. When the pool runs dry
-during decode, the youngest running sequence is preempted (its blocks freed, recomputed later).
+Two queues, as in nano-vllm. With chunked prefill (the default, as vLLM and SGLang) a step takes one
+token for every decoding sequence first, then spends what is left of the token budget
+(`max_num_batched_tokens`) on prompts: those already being prefilled, then newly admitted ones (admitted
+as soon as all their blocks fit), a prompt longer than what is left being cut into chunks over several
+steps. A long prompt thus never stalls the running streams for its whole prefill. Without it a step is
+either a prefill of newly admitted sequences or one decode token for every running sequence. When the
+pool runs dry, the youngest running sequence is preempted (its blocks freed, recomputed later).
+
+Each scheduled sequence's `num_scheduled` says how many tokens the step computes for it; a step is run
+as a decode (the fused one-token path) when that is 1 for all of them.
 """
 from __future__ import annotations
 
@@ -28,30 +35,49 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill). Blocks for this step's tokens are allocated here."""
-        batch = self._admit()
+        if self.cfg.chunked_prefill:
+            return self._mixed()
+        batch = self._admit(self.cfg.max_num_batched_tokens)
         if batch:
             return batch, True
         batch = self._decode_batch()
         if batch or not self.waiting:
             return batch, False
         # every running sequence was preempted: admit again (may reclaim blocks held by waiting forks)
-        return self._admit(), True
+        return self._admit(self.cfg.max_num_batched_tokens), True
 
-    def _admit(self) -> list[Sequence]:
+    def _mixed(self) -> tuple[list[Sequence], bool]:
+        """Chunked prefill: decodes first, then prompts being prefilled, then new prompts, within the budget."""
+        batch = self._decode_batch()  # every running sequence, one token each so far (slots for decodes)
+        budget = self.cfg.max_num_batched_tokens - sum(s.num_pending == 1 for s in batch)
+        for seq in batch:
+            if seq.num_pending > 1:  # a prompt (or a recomputation) part-way through its prefill
+                seq.num_scheduled = min(seq.num_pending, max(budget, 0))
+                budget -= seq.num_scheduled
+        batch = [s for s in batch if s.num_scheduled]
+        if self.waiting and budget > 0:
+            computing = {h for s in self.running if s.num_pending > 1 for h in self.bm.pending_hashes(s)}
+            batch += self._admit(budget, computing, chunked=True)
+        # an embedding needs its hidden states, which only the prefill path keeps
+        return batch, any(s.num_scheduled > 1 or s.pool for s in batch)
+
+    def _admit(self, budget: int, computing: set[int] | None = None, chunked: bool = False) -> list[Sequence]:
+        """Admit waiting sequences whose blocks fit, their new tokens within `budget`; `chunked`: the last one
+        admitted may compute only the first chunk of its prompt."""
         batch: list[Sequence] = []
         held: list[Sequence] = []  # waiting on a block that this step computes (kept in order, in front)
-        computing: set[int] = set()  # chain hashes of the full blocks this step computes
-        tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.cfg.max_num_seqs:
+        computing = set(computing or ())  # chain hashes of the full blocks being computed
+        while self.waiting and len(self.running) + len(batch) < self.cfg.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             hittable, todo = self.bm.blocks_to_compute(seq)
             if hittable and todo[0] in computing:
                 # SGLang's in-batch prefix check: prefilled now it would compute a prefix another request
-                # of this step computes too; one step later that prefix is a cache hit.
+                # of this step computes too; once that is done the prefix is a cache hit.
                 held.append(self.waiting.popleft())
                 continue
             n_new = len(seq) - seq.num_cached_tokens
-            if batch and tokens + n_new > self.cfg.max_num_batched_tokens:
+            whole = not chunked or seq.pool  # an embedding averages all its hidden states: never split
+            if batch and n_new > budget and whole:
                 break
             if not self.bm.can_allocate(seq):
                 if batch or self.running or not self._reclaim_from_waiting():
@@ -62,9 +88,10 @@ class Scheduler:
                 seq.prefix_cached_tokens = seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            seq.num_scheduled = seq.num_pending if whole else min(seq.num_pending, budget)
             batch.append(seq)
             computing.update(todo)
-            tokens += len(seq) - seq.num_cached_tokens
+            budget -= seq.num_scheduled
         self.waiting.extendleft(reversed(held))
         self.running.extend(batch)
         return batch
@@ -91,6 +118,7 @@ class Scheduler:
                     break
             else:
                 self.bm.append_slot(seq)
+                seq.num_scheduled = 1
                 batch.append(seq)
         self.running = batch
         return list(batch)  # finishing sequences leave `running` while the caller walks this batch

@@ -114,6 +114,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # leading tokens whose K/V are already in the pool
+    num_scheduled: int = 0  # tokens the current step computes from num_cached_tokens on (a chunk, or all)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the leading full blocks with KV
     status: Status = Status.WAITING
@@ -145,6 +146,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V is still to be computed: 1 for a decoding sequence, more while its prompt is prefilled."""
+        return len(self.token_ids) - self.num_cached_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -87,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
                    help="names clients use in 'model' (default: the model's own name)")
     v.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     v.add_argument("--no-prefix-caching", action="store_true", help="prefill every prompt in full")
+    v.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens a step computes at most (default: 512 on a CPU, 4096 on a GPU)")
+    v.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill a prompt whole, in a step of its own (default: in chunks beside the decodes)")
     v.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer <key>' on /v1/* (default: $SOT_API_KEY; unset: no key)")
     v.add_argument("--no-strict-json", action="store_true",
@@ -237,7 +241,8 @@ def serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, max_n=args.max_n,
                           max_messages=args.max_messages, max_waiting=args.max_waiting,
                           request_timeout=args.request_timeout)  # checked before the model load
-    sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+    sot = build(args, max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
+                max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=not args.no_chunked_prefill)
     key = args.api_key or os.environ.get("SOT_API_KEY") or None
     app = create_app(sot.llm, served_names=args.served_model_name, sot_config=sot.config, router=sot.router,
                      strict_json=not args.no_strict_json, api_key=key, limits=limits)

@@ -17,7 +17,8 @@ def test_sot_serve_cli(tiny_chat_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "sot_engine", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--no-prefix-caching", "--max-n", "1"],
+                             "--served-model-name", "tiny", "--no-prefix-caching", "--max-n", "1",
+                             "--max-num-batched-tokens", "100"],
                             cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "SOT_API_KEY": "k-123"})
     try:
