@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_check.sh latency      # env, benchmarks.latency on llama-7b/13b, 33b at B=1 (~4 minutes)
 #   bash benchmarks/gpu_check.sh e2e          # env, SoT replay ours + paper's method           (~9 minutes)
 #   QUICK=1 bash benchmarks/gpu_check.sh kernels   # the kernel benchmark's --quick sweep
-# Stage names may also be given one by one: env pytest kernels_bench latency latency33 replay7 hf7 replay13 hf13
-# replay33. Limits (seconds) can be overridden through the variables below.
+# Stage names may also be given one by one: env pytest kernels_bench latency latency33 tp replay7 hf7 replay13
+# hf13 replay33 (tp: benchmarks.tensor_parallel and latency at 33B over all GPUs, when there are several).
+# Limits (seconds) can be overridden through the variables below.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
@@ -33,6 +34,7 @@ export SOT_CUDA_BUILD_DIR="${SOT_CUDA_BUILD_DIR:-${TMPDIR:-/tmp}/sot-engine-cuda
 LATENCY_S="${LATENCY_S:-170}"  # latency 7B + 13B; new measurements stop at LATENCY_BUDGET_S
 LATENCY_BUDGET_S="${LATENCY_BUDGET_S:-120}"
 LATENCY33_S="${LATENCY33_S:-75}"
+TP_S="${TP_S:-150}"                 # tensor parallelism over every GPU lent (skipped with one)
 E2E_BUDGET_S="${E2E_BUDGET_S:-45}"  # per replay stage: no new question after this (model load not counted)
 E2E_S="${E2E_S:-110}"               # per replay stage hard limit (start, load, warm-up, budget, the last question)
 RECORDS="${RECORDS:-benchmarks/results/cpu/sot_vicuna80_auto_paper.jsonl}"
@@ -133,6 +135,14 @@ run_stage() {
                --batches 1,2,4,8,16 --sot-members 4,16 --budget-s "$LATENCY_BUDGET_S" ;;
     latency33) stage latency33 "$LATENCY33_S" python -m benchmarks.latency --models llama-33b --batches 1 \
                  --sot-members '' ;;
+    tp) ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)  # several GPUs lent: the 33B/70B shapes, split over them
+        if [ "$ngpu" -ge 2 ]; then
+          stage tp "$TP_S" python -m benchmarks.tensor_parallel --model random:llama-7b --tp 1 "$ngpu"
+          stage latency33_tp "$TP_S" python -m benchmarks.latency --models llama-33b --batches 1,8 \
+            --sot-members '' --tensor-parallel-size "$ngpu"
+        else
+          echo "== tp: skipped (one GPU)"
+        fi ;;
     replay7) replay replay7 llama-7b ours ;;
     hf7) replay hf7 llama-7b hf ;;
     replay13) replay replay13 llama-13b ours ;;
@@ -147,7 +157,7 @@ stages=()
 for a in "$@"; do
   case "$a" in
     kernels) stages+=(pytest kernels_bench) ;;
-    latency) stages+=(latency latency33) ;;
+    latency) stages+=(latency latency33 tp) ;;
     e2e) stages+=(replay7 hf7 replay13 hf13 replay33) ;;
     models) stages+=(latency latency33 replay7 hf7 replay13 hf13 replay33) ;;
     env) ;;

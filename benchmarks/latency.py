@@ -139,6 +139,7 @@ class Setup:
     backend: str | None = None
     threads: int | None = None  # CPU threads (None: the engine's default, one per physical core)
     copy_gbps: float | None = None
+    tp: int = 1  # tensor-parallel ranks (GPUs 0..tp-1, or CPU processes sharing the cores)
 
     @property
     def elt(self) -> int:
@@ -147,7 +148,8 @@ class Setup:
     def engine(self, model: str, num_blocks: int, batch_tokens: int, cascade: str = "off") -> LLM:
         return LLM(model, device=str(self.device), dtype=self.dtype, backend=self.backend, num_blocks=num_blocks,
                    max_num_batched_tokens=max(4096, batch_tokens), cascade=cascade, num_threads=self.threads,
-                   enable_prefix_caching=False)  # every step computes what it says
+                   enable_prefix_caching=False,  # every step computes what it says
+                   enable_chunked_prefill=False, tensor_parallel_size=self.tp)
 
 
 def measure_batch(setup: Setup, model: str, batch: int, prefill: int, decode: int) -> dict:
@@ -173,6 +175,8 @@ def measure_batch(setup: Setup, model: str, batch: int, prefill: int, decode: in
         assert eng.counters["steps"] - before["steps"] == 1 + decode, "the prefill took more than one step"
         pool = need * eng.kv_cache.bytes_per_block(cfg, BLOCK, setup.dtype)
     finally:
+        if llm is not None:
+            llm.engine.close()  # tensor-parallel workers
         llm = eng = None
         _free(dev)
     med, total = statistics.median(r["steps"]), sum(r["steps"])
@@ -214,6 +218,8 @@ def measure_sot(setup: Setup, model: str, members: int, prefix: int, suffix: int
         steps = eng.runner.cascade_steps - before  # decode steps that ran cascade attention (prefix read once)
         available = eng.runner.cascade == cascade
     finally:
+        if llm is not None:
+            llm.engine.close()  # tensor-parallel workers
         llm = eng = None
         _free(dev)
     med = statistics.median(r["steps"])
@@ -297,10 +303,12 @@ def plot(payload: dict, path: Path) -> Path | None:
 
 def run_model(setup: Setup, model: str, args: argparse.Namespace, deadline: float) -> Path:
     """Every batch, then the SoT-shaped batches, for one model; one JSON + PNG per model."""
-    name = f"latency_{model.removeprefix('random:')}" + ("_quick" if args.quick else "")
+    name = f"latency_{model.removeprefix('random:')}" + (f"_tp{setup.tp}" if setup.tp > 1 else "") \
+        + ("_quick" if args.quick else "")
     cost = Cost(shape(model.removeprefix("random:")), setup.elt)
     dev = setup.device
-    payload = {"model": model, "dtype": str(setup.dtype).removeprefix("torch."), "backend": setup.backend,
+    payload = {"model": model, "tensor_parallel_size": setup.tp, "dtype": str(setup.dtype).removeprefix("torch."),
+               "backend": setup.backend,
                "threads": setup.threads, "prefill": args.prefill, "decode": args.decode,
                "sot_prefix": args.sot_prefix, "sot_suffix": args.sot_suffix, "params": cost.params,
                "weight_bytes": cost.weight_bytes, "copy": args.copy, "batches": [], "sot": [], "skipped": [],
@@ -353,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores; --quick: 1)")
     ap.add_argument("--budget-s", type=float, default=600.0, help="stop starting new measurements after this")
     ap.add_argument("--quick", action="store_true", help="tiny shape, short lengths, CPU: checks the script")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="split each model over N GPUs (or N CPU processes); results named latency_<model>_tpN")
     args = ap.parse_args(argv)
     if args.quick:  # numbers meaningless; one thread: a shared CPU makes two spin-waiting threads crawl
         args.models, args.prefill, args.decode, args.sot_prefix, args.sot_suffix = "tiny", 32, 8, 32, 4
@@ -370,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     args.copy = copy_bandwidth(device, GIB if device.type == "cuda" else (16 << 20 if args.quick else 256 << 20))
     print(f"copy bandwidth: {args.copy['gbps']:.0f} GB/s", flush=True)
-    setup = Setup(device, dtype, args.backend, args.threads, args.copy["gbps"])
+    setup = Setup(device, dtype, args.backend, args.threads, args.copy["gbps"], args.tensor_parallel_size)
     with sigterm_as_interrupt(device.type == "cuda"):
         for m in args.models.split(","):
             run_model(setup, m if m.startswith("random:") else f"random:{m}", args, deadline)

@@ -245,6 +245,19 @@ def server_load_table(path: Path) -> str:
                         for name, v in (("time to first token", ttft), ("request latency", lat))))
 
 
+def tensor_parallel_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    rows = "\n".join(f"| {r['tp']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['all_reduce_ms']:.1f} "
+                     f"({r['all_reduce_share']:.0%}) | {r['logits_ms']:.1f} ({r['logits_share']:.0%}) |"
+                     for r in d["rows"])
+    return (f"Tensor parallelism: decode steps of {d['model']} after a {d['prompt']}-token prompt, median of "
+            f"{d['steps']}, {_env_line(d['env'])} (`python -m benchmarks.tensor_parallel`; on a CPU the ranks share "
+            f"its {d['cores']} cores, and TP=1 keeps the fused one-call decode loop). All-reduce: the driver's time "
+            "in them, waiting for the slower rank included.\n\n"
+            "| TP | batch | ms / step | all-reduce ms (share) | logits ms (share) |\n|---:|---:|---:|---:|---:|\n"
+            + rows)
+
+
 def startup_table(path: Path) -> str:
     """`benchmarks.startup`: each labelled run of `sot ask` to its first skeleton token, then the phases."""
     d = json.loads(path.read_text())
@@ -317,6 +330,7 @@ def render() -> str:
         parts += [server_load_table(p) for p in _latest("server_load.json", device)]
         parts += [startup_table(p) for p in _latest("startup.json", device)]
         parts += [guided_cpu_table(p) for p in _latest("guided_cpu.json", device)]
+        parts += [tensor_parallel_table(p) for p in _latest("tensor_parallel.json", device)]
     return "\n\n".join(parts) or "(no results yet)"
 
 

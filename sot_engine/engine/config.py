@@ -94,6 +94,8 @@ SHAPES: dict[str, ModelConfig] = {
                                 num_heads=9, num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
                                 max_position_embeddings=8192, tie_word_embeddings=True,
                                 bos_token_id=1, eos_token_ids=[2]),
+    "tinyllama-1.1b": ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                                  num_heads=32, num_kv_heads=4, rms_norm_eps=1e-5, max_position_embeddings=2048),
     "llama-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                             num_heads=32, num_kv_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048),
     "llama-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from sot_engine.engine.guided import GuidedDecoder, Matcher
 from sot_engine.engine.kv_cache import BlockManager, KVCache, PoolExhausted
 from sot_engine.engine.loader import load_model
 from sot_engine.engine.model import LlamaModel
+from sot_engine.engine.parallel import Shard, WorkerSpec, Workers, serve_torchrun, shard_config, torchrun_env
 from sot_engine.engine.runner import ModelRunner
 from sot_engine.engine.sampler import sample
 from sot_engine.engine.scheduler import Scheduler
@@ -97,7 +99,8 @@ class LLMEngine:
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
                  cascade: str = "auto", enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  weight_dtype: str | None = None, matmul_precision: str = "fp32",
-                 kv_cache_dtype: str | None = None) -> None:
+                 kv_cache_dtype: str | None = None, tensor_parallel_size: int = 1,
+                 tensor_parallel_timeout: float = 60.0) -> None:
         """`cascade`: shared-prefix decode attention for sequences that share prefix blocks (fork children, SoT
         points). "auto": on CUDA, for the groups the cost model accepts (`kernels.cascade.cascade_pays`);
         "on": for every group found (tests); "off": never.
@@ -116,11 +119,20 @@ class LLMEngine:
         a long one into chunks over several steps, so the streams already running keep their pace while it is
         prefilled; the logits are those of an unchunked run. Off: a step is all prefill or all decode.
 
+        `tensor_parallel_size` N > 1: the model is split over N processes (engine.parallel): this one (the
+        driver, rank 0) and N-1 workers it spawns (gloo on a CPU, where the cores are divided between them; NCCL on
+        GPUs 0..N-1), or that torchrun started, in which case `LLMEngine(...)` on ranks > 0 serves as a worker and
+        exits the process when the driver stops. A worker that dies or hangs makes the step raise
+        `TensorParallelError` within `tensor_parallel_timeout` seconds. `close()` (or exit) stops them.
+
         `kv_cache_dtype`: the K/V pool's dtype, "fp32" | "bf16" (None: `dtype`). On CPU a bf16 pool under float32
         activations halves the KV memory and the bytes decode attention reads (K/V rounded once when stored, then
         widened exactly; products and sums float32). Elsewhere it must be `dtype` itself."""
         if cascade not in ("auto", "on", "off"):
             raise ValueError(f"cascade must be 'auto', 'on' or 'off', got {cascade!r}")
+        tp = tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -131,26 +143,35 @@ class LLMEngine:
             dtype = getattr(torch, dtype)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.kv_dtype = self._kv_dtype(kv_cache_dtype)
+        self.workers: Workers | None = None
+        threads = max(1, (num_threads or physical_cores()) // tp)  # on a CPU the cores are divided between ranks
         if self.device.type == "cpu":
-            torch.set_num_threads(num_threads or physical_cores())
-        loaded = load_model(model, dtype=self.dtype, device=self.device, seed=seed)
+            torch.set_num_threads(threads)
+        spec = WorkerSpec(model, self.dtype, self.device.type, backend, seed, self.weight_dtype, matmul_precision,
+                          self.kv_dtype, block_size, threads, tensor_parallel_timeout) if tp > 1 else None
+        if tp > 1 and (env := torchrun_env()) is not None and env[0] > 0:
+            serve_torchrun(spec)  # a torchrun worker: runs the driver's steps, then exits the process
+        if tp > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", 0)
+        loaded = load_model(model, dtype=self.dtype, device=self.device, seed=seed, shard=Shard(0, tp))
         self.model_name, self.config = loaded.name, loaded.config
+        local = shard_config(self.config, tp) if tp > 1 else self.config  # this rank's heads and MLP rows
         self.tokenizer, self.chat_template = loaded.tokenizer, loaded.chat_template
         self.backend = get_backend(backend, self.device)
-        self.model = LlamaModel(self.config, loaded.weights, self.backend, self.weight_dtype, matmul_precision)
+        self.model = LlamaModel(local, loaded.weights, self.backend, self.weight_dtype, matmul_precision)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         self.cache_cfg = CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                      memory_budget_bytes=kv_cache_memory)
         if num_blocks is None:
             budget = kv_cache_memory or default_kv_budget(self.device)
-            per_block = KVCache.bytes_per_block(self.config, block_size, self.kv_dtype)
+            per_block = KVCache.bytes_per_block(local, block_size, self.kv_dtype)  # this rank's KV heads
             enough = max_num_seqs * -(-self.max_model_len // block_size)  # no use for more
             num_blocks = min(budget // per_block, enough)
             if num_blocks < 1:
                 raise ValueError(f"KV cache budget of {budget} bytes is below one block ({per_block} bytes)")
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=enable_prefix_caching)
-        self.kv_cache = KVCache(self.config, num_blocks, block_size, self.kv_dtype, self.device)
+        self.kv_cache = KVCache(local, num_blocks, block_size, self.kv_dtype, self.device)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 512 if self.device.type == "cpu" else 4096
         if enable_chunked_prefill and max_num_batched_tokens <= max_num_seqs:
@@ -158,9 +179,15 @@ class LLMEngine:
                              f"({max_num_seqs}) with chunked prefill: the decodes alone could spend the whole budget")
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                                    enable_chunked_prefill), self.block_manager)
-        if cascade == "auto" and self.device.type != "cuda":
+        if (cascade == "auto" and self.device.type != "cuda") or tp > 1:
             cascade = "off"  # it pays where decode is bound by K/V reads (a GPU); the CPU path is torch's
-        self.runner = ModelRunner(self.model, self.kv_cache, block_size, self.device, cascade=cascade)
+        if tp > 1:
+            self.workers = Workers(tp, spec, self.device)
+            self._finalizer = weakref.finalize(self, self.workers.close)  # and at exit: no orphan workers
+            self.model.group = self.workers.group
+            self.workers.send(("init", num_blocks))
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size, self.device, cascade=cascade,
+                                  workers=self.workers)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -464,7 +491,7 @@ class LLMEngine:
         """Queue `child` holding references to the parent's KV for its first `shared` tokens."""
         if shared > 0 and parent.block_table:
             try:
-                self.kv_cache.copy_blocks(self.block_manager.fork(parent, child, shared))
+                self.runner.copy_blocks(self.block_manager.fork(parent, child, shared))
                 child.prefix_cached_tokens = shared
             except PoolExhausted:
                 pass  # no block for the copy: the child recomputes its prefix instead
@@ -550,6 +577,11 @@ class LLMEngine:
             del self.requests[seq.request_id]
             if seq.block_table:
                 self.block_manager.free(seq)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit); the engine cannot step after."""
+        if self.workers is not None:
+            self.workers.close()
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's `reset_prefix_cache`: drop every cached prefix block; False (nothing dropped) while any request

@@ -31,6 +31,15 @@ class AttnMetadata:
     max_context_len: int = 0  # max(context_lens), known on the host
     prefix_groups: list[PrefixGroup] | None = None  # decode: rows sharing prefix blocks, for cascade attention
 
+    def to(self, device: torch.device) -> "AttnMetadata":
+        """On another device (a tensor-parallel worker's GPU); the same object where it already is."""
+        if self.slot_mapping.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return AttnMetadata(self.is_prefill, move(self.slot_mapping), move(self.block_tables),
+                            move(self.context_lens), move(self.cu_seqlens_q), move(self.logits_indices),
+                            self.max_context_len, None)
+
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (float32), with llama3-style or linear scaling from the config."""
@@ -56,15 +65,18 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], backend: Backend,
-                 weight_dtype: str | None = None, matmul_precision: str = "fp32") -> None:
+                 weight_dtype: str | None = None, matmul_precision: str = "fp32", group=None) -> None:
         """`weight_dtype`: storage of the matrices, "fp32" | "bf16" | "int8" (None: as loaded);
-        `matmul_precision` "bf16": bf16 weights whose matmuls round the activations to bf16 too."""
-        self.cfg, self.backend = cfg, backend
+        `matmul_precision` "bf16": bf16 weights whose matmuls round the activations to bf16 too. `group`: this
+        rank's tensor-parallel group (engine.parallel); `cfg` and `weights` are then its shard's."""
+        self.cfg, self.backend, self.group = cfg, backend, group
         w = weights  # consumed: fused matrices replace their parts, so peak memory stays ~1x
         mat = lambda t: store(t, weight_dtype, matmul_precision)  # noqa: E731
         self.norm = w["model.norm.weight"]
         self.embed = mat(w.pop("model.embed_tokens.weight"))
-        self.lm_head = self.embed if cfg.tie_word_embeddings else mat(w.pop("lm_head.weight"))
+        # a tensor-parallel worker computes no logits: it has no lm_head
+        self.lm_head = self.embed if cfg.tie_word_embeddings else (
+            mat(w.pop("lm_head.weight")) if "lm_head.weight" in w else None)
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -123,13 +135,17 @@ class LlamaModel:
             else:
                 o = self.attention(qkv.view(t, h + 2 * kvh, d), cos, sin, kc, vc, meta)
             x = self.linear(o, wo)
+            if self.group is not None:  # row-parallel o_proj: each rank holds a partial sum
+                self.group.all_reduce(x)
             y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
             x = self.linear(self.silu_mul(self.linear(y, wgu)), wdown)
+            if self.group is not None:  # row-parallel down_proj
+                self.group.all_reduce(x)
         return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
 
     def _decode_layers(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]):
         """The backend's `decode_layers` step for these weights and `kv_cache` (built once per pool), or None."""
-        if self.backend.decode_layers is None:
+        if self.backend.decode_layers is None or self.group is not None:  # its layer loop has no all-reduce
             return None
         if self._decode_step_pool is not kv_cache:
             cfg = self.cfg

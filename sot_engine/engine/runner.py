@@ -16,10 +16,11 @@ from sot_engine.kernels.cascade import PrefixGroup, cascade_pays, find_groups
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device,
-                 cascade: str = "off") -> None:
+                 cascade: str = "off", workers=None) -> None:
         """`cascade`: "on" (shared-prefix decode whenever groups exist), "auto" (where the cost model says it
-        pays) or "off"."""
+        pays) or "off". `workers`: tensor-parallel workers (engine.parallel) that run every step with this one."""
         self.model, self.kv_cache, self.block_size, self.device = model, kv_cache, block_size, device
+        self.workers = workers
         self.cascade = cascade if model.backend.cascade_decode_attention is not None else "off"
         self.cascade_steps = 0  # decode steps that ran cascade attention
 
@@ -32,6 +33,12 @@ class ModelRunner:
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy KV blocks (a fork's partial block) in this pool and in every tensor-parallel worker's."""
+        if copies and self.workers is not None:
+            self.workers.send(("copy", copies))
+        self.kv_cache.copy_blocks(copies)
 
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
         ids: list[int] = []
@@ -94,6 +101,8 @@ class ModelRunner:
         """Logits of each sequence's last token of the step: [B, vocab] float32 (a row part-way through its
         prompt gets one too, which the engine ignores). Marks the new KV as cached."""
         ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
+        if self.workers is not None:  # one message per step; every rank then runs its shard of the forward
+            self.workers.send(("step", ids, positions, meta))
         hidden = self.model.forward(ids, positions, meta, self.kv_cache.layers)
         if is_prefill:  # embedding requests: the mean of their final hidden states (all tokens: no cache hits)
             cu = meta.cu_seqlens_q.tolist()

@@ -110,7 +110,10 @@ def embedding(ids: torch.Tensor, table: Weight, dtype: torch.dtype) -> torch.Ten
 
 
 def map_tensors(w: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight:
-    """The weight with each tensor it holds replaced by fn(tensor), in the same storage class."""
+    """The weight with each tensor it holds replaced by fn(tensor), in the same storage class (None stays None: a
+    tensor-parallel worker's absent lm_head)."""
+    if w is None:
+        return None
     if isinstance(w, Int8Weight):
         return Int8Weight(fn(w.q), fn(w.scale))
     if isinstance(w, Bf16MatmulWeight):

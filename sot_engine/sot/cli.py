@@ -41,6 +41,9 @@ def _common() -> argparse.ArgumentParser:
                         "batched point expansion then costs about what one sequence does)")
     m.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                    help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
+    m.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N processes (gloo on a CPU: the cores are divided; NCCL on N GPUs); "
+                        "under torchrun, give the same N as --nproc-per-node")
     s = p.add_argument_group("SoT")
     s.add_argument("--mode", choices=MODES, default="auto", help="auto: the router decides (default)")
     s.add_argument("--router", default="trained",
@@ -141,8 +144,8 @@ def build(args: argparse.Namespace, **engine_args):
         kw["constrained_skeleton"] = False
     cfg = SoTConfig(**kw)  # checked before the (slow) model load
     return SoT(LLM(args.model, device=args.device, dtype=_dtype(args.dtype), weight_dtype=args.weights,
-                   matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype, **engine_args), cfg,
-               router=args.router)
+                   matmul_precision=args.matmul_precision, kv_cache_dtype=args.kv_cache_dtype,
+                   tensor_parallel_size=args.tensor_parallel_size, **engine_args), cfg, router=args.router)
 
 
 def _check_question(q: str) -> str:

@@ -11,6 +11,7 @@ from sot_engine.engine.loader.common import LoadedModel, check_weights, expected
 from sot_engine.engine.loader.gguf import load_gguf
 from sot_engine.engine.loader.random import load_random, random_weights
 from sot_engine.engine.loader.safetensors import load_hf_folder
+from sot_engine.engine.parallel import Shard
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,17 +32,19 @@ def default_model_path() -> Path:
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, shard: Shard | None = None) -> LoadedModel:
     """`spec`: a .gguf path, an HF folder, "default" (embedded SmolLM2-135M-Instruct) or "random:<shape>"
-    (a name from engine.config.SHAPES; `seed` picks the weights)."""
+    (a name from engine.config.SHAPES; `seed` picks the weights). `shard`: read only this tensor-parallel rank's
+    slices (engine.parallel); the config returned is still the whole model's."""
+    shard = shard or Shard()
     if spec == "default":
-        return load_gguf(default_model_path(), dtype=dtype, device=device)
+        return load_gguf(default_model_path(), dtype=dtype, device=device, shard=shard)
     if spec.startswith("random:"):
-        return load_random(spec.removeprefix("random:"), dtype=dtype, device=device, seed=seed)
+        return load_random(spec.removeprefix("random:"), dtype=dtype, device=device, seed=seed, shard=shard)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_hf_folder(path, dtype=dtype, device=device)
+        return load_hf_folder(path, dtype=dtype, device=device, shard=shard)
     if path.is_file():
-        return load_gguf(path, dtype=dtype, device=device)  # checks the GGUF magic itself
+        return load_gguf(path, dtype=dtype, device=device, shard=shard)  # checks the GGUF magic itself
     raise FileNotFoundError(f"{spec}: no such file or folder (expected a .gguf file, an HF model folder, "
                             f"'default' or 'random:<shape>')")

@@ -7,6 +7,7 @@ import torch
 
 from sot_engine.engine.chat import ChatTemplate
 from sot_engine.engine.config import ModelConfig
+from sot_engine.engine.parallel import Shard, shard_config, shard_spec, SKIP
 from sot_engine.engine.tokenizer import Tokenizer
 
 
@@ -42,9 +43,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ValueError naming `where` if any weight is missing, unexpected or mis-shaped."""
-    want = expected_shapes(cfg)
+def check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], where: str, shard: Shard = Shard()) -> None:
+    """Raise ValueError naming `where` if any weight is missing, unexpected or mis-shaped (for `shard`: its
+    slices)."""
+    want = expected_shapes(shard_config(cfg, shard.world) if shard.world > 1 else cfg)
+    want = {k: v for k, v in want.items() if shard_spec(k, cfg, shard) != SKIP}
     missing = [k for k in want if k not in weights]
     extra = [k for k in weights if k not in want]
     bad = [f"{k}: {tuple(weights[k].shape)} != {want[k]}" for k in want if k in weights and tuple(weights[k].shape) != want[k]]

@@ -23,6 +23,7 @@ from sot_engine.engine.chat import ChatTemplate, guess_chat_template
 from sot_engine.engine.config import ModelConfig
 from sot_engine.engine.loader.common import LoadedModel, check_weights
 from sot_engine.engine.loader.dequant import dequantize
+from sot_engine.engine.parallel import SKIP, Shard, check_shardable, shard_spec
 from sot_engine.engine.tokenizer import Tokenizer
 
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -188,28 +189,53 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
     )
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def slice_raw(raw: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, int],
+              spec: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """A tensor-parallel slice of a GGUF tensor's raw data, taken before dequantizing (whole quant blocks:
+    a column slice must start and end on a block boundary), and the slice's shape."""
+    dim, a, b = spec
+    rows = raw.reshape(shape[0], -1)
+    if dim == 0:
+        return np.ascontiguousarray(rows[a:b]), (b - a, shape[1])
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if a % block or b % block:
+        raise ValueError(f"columns {a}:{b} cut {qtype.name} blocks of {block}")
+    if rows.dtype == np.uint8:  # quantized (or 2-byte floats stored as bytes): whole blocks of `size` bytes
+        a, b = a // block * size, b // block * size
+    return np.ascontiguousarray(rows[:, a:b]), (shape[0], spec[2] - spec[1])
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              shard: Shard = Shard()) -> LoadedModel:
     path = Path(path)
     reader = open_gguf(path)
     try:
         config = config_from_gguf(reader)
     except (TypeError, KeyError, ValueError) as e:  # TypeError: int(None) for a missing key
         raise ValueError(f"{path}: {e}") from e
+    if shard.world > 1:
+        check_shardable(config, shard.world)
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:
             name = hf_name(t.name)
             if name is None:
                 continue
-            w = dequantize(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+            spec = shard_spec(name, config, shard)
+            if spec == SKIP:
+                continue
+            raw, shape = t.data, tuple(reversed(t.shape.tolist()))
+            if spec is not None:  # only this rank's rows or columns are ever dequantized
+                raw, shape = slice_raw(raw, t.tensor_type, shape, spec)
+            w = dequantize(raw, t.tensor_type, shape)
         except (NotImplementedError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: tensor {t.name} ({t.tensor_type.name}): {e}") from e
-        if name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, config.num_heads)
+        if name.endswith("q_proj.weight"):  # per head, so a shard of whole heads unpermutes alone
+            w = unpermute_qk(w, config.num_heads // shard.world)
         elif name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, config.num_kv_heads)
+            w = unpermute_qk(w, config.num_kv_heads // shard.world)
         weights[name] = w.to(device=device, dtype=dtype).contiguous()
-    check_weights(config, weights, str(path))
+    check_weights(config, weights, str(path), shard)
     tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
     name = gguf_meta(reader, "general.name") or path.stem
     bos, eos = (tokenizer.bos_token, tokenizer.eos_token) if tokenizer else (None, None)

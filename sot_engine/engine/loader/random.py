@@ -13,22 +13,30 @@ import torch
 
 from sot_engine.engine.config import ModelConfig, shape
 from sot_engine.engine.loader.common import LoadedModel, expected_shapes
+from sot_engine.engine.parallel import SKIP, Shard, shard_config, shard_spec
 
 
 def random_weights(config: ModelConfig, *, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
-    """Linear/embedding weights ~ N(0, 0.02) (HF's initializer_range); RMSNorm weights ~ N(1, 0.05)."""
+                   device: str | torch.device = "cpu", seed: int = 0, shard: Shard = Shard()) -> dict[str, torch.Tensor]:
+    """Linear/embedding weights ~ N(0, 0.02) (HF's initializer_range); RMSNorm weights ~ N(1, 0.05). A
+    tensor-parallel shard draws its own slices (seeded by the slice: no rank makes a whole matrix), so TP=N random
+    weights are other numbers than TP=1's, from the same distribution."""
     device = torch.device(device)
     weights = {}
-    for name, shp in expected_shapes(config).items():
-        g = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    sharded = shard_config(config, shard.world) if shard.world > 1 else config
+    for name, shp in expected_shapes(sharded).items():
+        if (spec := shard_spec(name, config, shard)) == SKIP:
+            continue
+        key = f"{seed}:{name}" + (f":{spec}" if spec is not None else "")
+        g = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
         mean, std = (1.0, 0.05) if name.endswith("norm.weight") else (0.0, 0.02)
         weights[name] = torch.empty(shp, dtype=dtype, device=device).normal_(mean, std, generator=g)
     return weights
 
 
 def load_random(shape_name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                seed: int = 0) -> LoadedModel:
+                seed: int = 0, shard: Shard = Shard()) -> LoadedModel:
     config = shape(shape_name)
-    return LoadedModel(config=config, weights=random_weights(config, dtype=dtype, device=device, seed=seed),
+    return LoadedModel(config=config, weights=random_weights(config, dtype=dtype, device=device, seed=seed,
+                                                             shard=shard),
                        tokenizer=None, chat_template=None, name=f"random:{shape_name}")

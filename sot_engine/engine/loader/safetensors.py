@@ -14,6 +14,7 @@ from safetensors import safe_open
 from sot_engine.engine.chat import ChatTemplate, guess_chat_template
 from sot_engine.engine.config import ModelConfig
 from sot_engine.engine.loader.common import LoadedModel, check_weights
+from sot_engine.engine.parallel import SKIP, Shard, check_shardable, shard_spec, take
 from sot_engine.engine.tokenizer import Tokenizer
 
 _ARCHS = {"LlamaForCausalLM"}
@@ -33,12 +34,29 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def _read(file: Path) -> dict[str, torch.Tensor]:
+def _read(file: Path, config: ModelConfig, shard: Shard) -> dict[str, torch.Tensor]:
+    """The file's tensors, each only as far as `shard` holds it: safetensors reads just the slice, a .bin is
+    memory-mapped and the slice copied."""
     try:
+        out = {}
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                for k in f.keys():
+                    spec = shard_spec(k, config, shard)
+                    if spec == SKIP:
+                        continue
+                    if spec is None:
+                        out[k] = f.get_tensor(k)
+                    else:
+                        dim, a, b = spec
+                        sl = f.get_slice(k)
+                        out[k] = sl[a:b] if dim == 0 else sl[:, a:b]
+            return out
+        for k, t in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+            spec = shard_spec(k, config, shard)
+            if spec != SKIP:
+                out[k] = take(t, spec).clone() if spec is not None else t
+        return out
     except Exception as e:
         raise ValueError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from e
 
@@ -59,7 +77,7 @@ def chat_template_for(path: Path, tc: dict[str, Any], tokenizer: Tokenizer | Non
 
 
 def load_hf_folder(path: str | Path, *, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> LoadedModel:
+                   device: str | torch.device = "cpu", shard: Shard = Shard()) -> LoadedModel:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model folder")
@@ -79,12 +97,14 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype = torch.float32,
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from e
     weights: dict[str, torch.Tensor] = {}
+    if shard.world > 1:
+        check_shardable(config, shard.world)
     for file in _weight_files(path):
-        for k, t in _read(file).items():
+        for k, t in _read(file, config, shard).items():
             if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and config.tie_word_embeddings):
                 continue
             weights[k] = t.to(device=device, dtype=dtype)
-    check_weights(config, weights, str(path))
+    check_weights(config, weights, str(path), shard)
     tc = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")) \
         if (path / "tokenizer_config.json").is_file() else {}
     has_tok = (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()

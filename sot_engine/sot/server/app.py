@@ -476,6 +476,7 @@ def create_app(llm: LLM, served_names: list[str] | None = None, sot_config: SoTC
     async def lifespan(_: FastAPI):
         yield
         server.engine.shutdown()
+        llm.engine.close()  # tensor-parallel workers, if any
 
     app = FastAPI(title="sot-engine", description=__doc__, lifespan=lifespan)
     app.state.server = server
