@@ -247,14 +247,15 @@ def server_load_table(path: Path) -> str:
 
 def tensor_parallel_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    rows = "\n".join(f"| {r['tp']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['all_reduce_ms']:.1f} "
+    rows = "\n".join(f"| {r['tp']} | {r.get('lm_head', 'whole')} | {r['batch']} | {r['ms_per_step']:.1f} | {r['all_reduce_ms']:.1f} "
                      f"({r['all_reduce_share']:.0%}) | {r['logits_ms']:.1f} ({r['logits_share']:.0%}) |"
                      for r in d["rows"])
     return (f"Tensor parallelism: decode steps of {d['model']} after a {d['prompt']}-token prompt, median of "
             f"{d['steps']}, {_env_line(d['env'])} (`python -m benchmarks.tensor_parallel`; on a CPU the ranks share "
             f"its {d['cores']} cores, and TP=1 keeps the fused one-call decode loop). All-reduce: the driver's time "
             "in them, waiting for the slower rank included.\n\n"
-            "| TP | batch | ms / step | all-reduce ms (share) | logits ms (share) |\n|---:|---:|---:|---:|---:|\n"
+            "| TP | lm_head | batch | ms / step | all-reduce ms (share) | logits ms (share) |\n"
+            "|---:|---|---:|---:|---:|---:|\n"
             + rows)
 
 

@@ -1,6 +1,6 @@
 """Tensor parallelism on this machine: TP=1 against TP=N decode steps at batch 1 and 8, with the share of the step
-the driver spends in all-reduces (waiting for the slowest rank included) and in the logits (lm_head is whole on
-the driver: this says what splitting it over the vocabulary could save).
+the driver spends in all-reduces (waiting for the slowest rank included) and in the logits, with lm_head whole on
+the driver and split over the vocabulary (each rank its rows, the logits all-gathered).
 
     python -m benchmarks.tensor_parallel                            # random TinyLlama-1.1B shape, TP 1 and 2
     python -m benchmarks.tensor_parallel --model random:llama-7b --tp 1 2 4    # on GPUs
@@ -21,10 +21,10 @@ from benchmarks.common import format_table, sync, write_result
 BATCHES, PROMPT, STEPS = (1, 8), 32, 16
 
 
-def measure(model: str, tp: int, batch: int) -> dict:
+def measure(model: str, tp: int, batch: int, lm_head: str = "whole") -> dict:
     from sot_engine.engine import LLM, SamplingParams
     llm = LLM(model, tensor_parallel_size=tp, num_blocks=batch * 8 + 8, block_size=16, max_num_seqs=batch,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, tensor_parallel_lm_head=lm_head)
     eng, dev = llm.engine, llm.engine.device
     reduce_s, logits_s = [0.0], [0.0]
     group = eng.model.group
@@ -67,7 +67,7 @@ def measure(model: str, tp: int, batch: int) -> dict:
     finally:
         eng.close()
     med = statistics.median(steps)
-    return {"tp": tp, "batch": batch, "ms_per_step": med, "all_reduce_ms": statistics.median(reduces),
+    return {"tp": tp, "lm_head": lm_head if tp > 1 else "whole", "batch": batch, "ms_per_step": med, "all_reduce_ms": statistics.median(reduces),
             "all_reduce_share": statistics.median(reduces) / med, "logits_ms": statistics.median(logits),
             "logits_share": statistics.median(logits) / med}
 
@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows = []
     for tp in args.tp:
-        for b in BATCHES:
-            rows.append(measure(args.model, tp, b))
-            print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
-    cols = [("TP", "tp", ""), ("batch", "batch", ""), ("ms / step", "ms_per_step", ".1f"),
+        for head in (("whole", "vocab") if tp > 1 else ("whole",)):
+            for b in BATCHES:
+                rows.append(measure(args.model, tp, b, head))
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    cols = [("TP", "tp", ""), ("lm_head", "lm_head", ""), ("batch", "batch", ""), ("ms / step", "ms_per_step", ".1f"),
             ("all-reduce ms", "all_reduce_ms", ".1f"), ("all-reduce share", "all_reduce_share", ".0%"),
             ("logits ms", "logits_ms", ".1f"), ("logits share", "logits_share", ".0%")]
     print(format_table(rows, cols))

@@ -16,7 +16,7 @@ from sot_engine.engine.config import ModelConfig
 from sot_engine.engine.memory import into_hugepages
 from sot_engine.kernels import Backend, reference
 from sot_engine.kernels.cascade import PrefixGroup
-from sot_engine.kernels.weights import embedding, store
+from sot_engine.kernels.weights import embedding, map_tensors, store
 
 
 @dataclass(slots=True)
@@ -65,11 +65,13 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], backend: Backend,
-                 weight_dtype: str | None = None, matmul_precision: str = "fp32", group=None) -> None:
+                 weight_dtype: str | None = None, matmul_precision: str = "fp32", group=None,
+                 vocab_part: tuple[int, int] | None = None) -> None:
         """`weight_dtype`: storage of the matrices, "fp32" | "bf16" | "int8" (None: as loaded);
         `matmul_precision` "bf16": bf16 weights whose matmuls round the activations to bf16 too. `group`: this
-        rank's tensor-parallel group (engine.parallel); `cfg` and `weights` are then its shard's."""
-        self.cfg, self.backend, self.group = cfg, backend, group
+        rank's tensor-parallel group (engine.parallel); `cfg` and `weights` are then its shard's. `vocab_part`: the
+        rows of the vocabulary this rank's lm_head holds (logits all-gathered), None for a whole lm_head."""
+        self.cfg, self.backend, self.group, self.vocab_part = cfg, backend, group, vocab_part
         w = weights  # consumed: fused matrices replace their parts, so peak memory stays ~1x
         mat = lambda t: store(t, weight_dtype, matmul_precision)  # noqa: E731
         self.norm = w["model.norm.weight"]
@@ -77,6 +79,9 @@ class LlamaModel:
         # a tensor-parallel worker computes no logits: it has no lm_head
         self.lm_head = self.embed if cfg.tie_word_embeddings else (
             mat(w.pop("lm_head.weight")) if "lm_head.weight" in w else None)
+        if vocab_part is not None and cfg.tie_word_embeddings:  # the tied head: this rank's rows of the table
+            a, b = vocab_part
+            self.lm_head = map_tensors(self.embed, lambda t: t.narrow(0, a, b - a))
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -172,5 +177,12 @@ class LlamaModel:
                                           meta.max_context_len)
         return o.reshape(qkv.shape[0], h * self.cfg.head_dim)
 
+    def logits(self, hidden: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """Logits of each sequence's last token of the step (decode: one row per sequence already, no gather)."""
+        return self.compute_logits(hidden if not meta.is_prefill else hidden[meta.logits_indices])
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden, self.lm_head).float()
+        out = self.linear(hidden, self.lm_head).float()
+        if self.vocab_part is not None:  # each rank computed its slice of the vocabulary
+            out = self.group.all_gather(out)
+        return out

@@ -45,15 +45,17 @@ class TensorParallelError(RuntimeError):
 class Shard:
     rank: int = 0
     world: int = 1
+    vocab_head: bool = False  # lm_head split over the vocabulary (logits all-gathered) instead of whole on rank 0
 
     def part(self, n: int) -> tuple[int, int]:
         per = n // self.world
         return self.rank * per, (self.rank + 1) * per
 
 
-def check_shardable(cfg: ModelConfig, world: int) -> None:
+def check_shardable(cfg: ModelConfig, world: int, vocab_head: bool = False) -> None:
     for what, n in (("KV heads", cfg.num_kv_heads), ("attention heads", cfg.num_heads),
-                    ("the intermediate size", cfg.intermediate_size)):
+                    ("the intermediate size", cfg.intermediate_size)) + ((("the vocabulary", cfg.vocab_size),)
+                                                                         if vocab_head else ()):
         if n % world:
             raise ValueError(f"tensor_parallel_size={world} does not divide {what} ({n}): GQA groups and MLP "
                              "rows are split whole")
@@ -80,6 +82,8 @@ def shard_spec(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int
     if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")):
         a, b = shard.part(cfg.intermediate_size)
         return (1 if "down_proj" in name else 0), a, b
+    if name == "lm_head.weight" and shard.vocab_head:
+        return (0, *shard.part(cfg.vocab_size))
     if name == "lm_head.weight" and shard.rank:
         return SKIP
     return None
@@ -130,6 +134,15 @@ class Group:
         except RuntimeError as e:
             raise self._fail(e) from None
 
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t`, concatenated along the last dim in rank order (vocabulary-split logits)."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        try:
+            self.dev.allgather([parts], [t.contiguous()]).wait(self.timeout)
+        except RuntimeError as e:
+            raise self._fail(e) from None
+        return torch.cat(parts, dim=-1)
+
     def ack(self) -> None:
         """The last collective: every rank has its `stop` before any tears its group down."""
         self.cpu.allreduce([torch.zeros(1)]).wait(self.timeout)
@@ -170,6 +183,7 @@ class WorkerSpec:
     block_size: int
     threads: int
     timeout: float
+    vocab_head: bool = False
 
 
 def _serve(group: Group, spec: WorkerSpec, rank: int) -> None:
@@ -180,10 +194,12 @@ def _serve(group: Group, spec: WorkerSpec, rank: int) -> None:
     device = torch.device(f"cuda:{rank}") if spec.device_type == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(spec.threads)
-    loaded = load_model(spec.model, dtype=spec.dtype, device=device, seed=spec.seed, shard=Shard(rank, group.world))
+    shard = Shard(rank, group.world, spec.vocab_head)
+    loaded = load_model(spec.model, dtype=spec.dtype, device=device, seed=spec.seed, shard=shard)
     cfg = shard_config(loaded.config, group.world)
     model = LlamaModel(cfg, loaded.weights, get_backend(spec.backend, device), spec.weight_dtype,
-                       spec.matmul_precision, group=group)
+                       spec.matmul_precision, group=group,
+                       vocab_part=shard.part(loaded.config.vocab_size) if spec.vocab_head else None)
     kind, num_blocks = group.recv()
     assert kind == "init", kind
     kv = KVCache(cfg, num_blocks, spec.block_size, spec.kv_dtype, device)
@@ -192,7 +208,10 @@ def _serve(group: Group, spec: WorkerSpec, rank: int) -> None:
             msg = group.recv()
             if msg[0] == "step":
                 _, ids, positions, meta = msg
-                model.forward(ids.to(device), positions.to(device), meta.to(device), kv.layers)
+                meta = meta.to(device)
+                hidden = model.forward(ids.to(device), positions.to(device), meta, kv.layers)
+                if model.vocab_part is not None:  # its slice of the logits, for the driver's all-gather
+                    model.logits(hidden, meta)
             elif msg[0] == "copy":
                 kv.copy_blocks(msg[1])
             elif msg[0] == "stop":

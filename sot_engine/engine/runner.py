@@ -109,8 +109,7 @@ class ModelRunner:
             for i, s in enumerate(seqs):
                 if s.pool:
                     s.embedding = hidden[cu[i] + s.pool_from:cu[i + 1]].float().mean(0)
-        # decode: one row per sequence already, in order (no gather)
-        logits = self.model.compute_logits(hidden if not is_prefill else hidden[meta.logits_indices])
+        logits = self.model.logits(hidden, meta)
         for s in seqs:
             s.num_cached_tokens += s.num_scheduled
         return logits

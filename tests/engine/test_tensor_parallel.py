@@ -60,16 +60,19 @@ def test_tp2_equals_tp1_ragged_chunked_cached_preempted(tiny_dir):
     assert sum(r[2] for r in two) > 0 and two[3][3] == 24  # it preempted, and the prefix came from the cache
 
 
-def test_tp2_fork_and_embed_equal_tp1(tiny_dir):
+@pytest.mark.parametrize("lm_head", ["whole", "vocab"])
+def test_tp2_fork_and_embed_equal_tp1(tiny_dir, lm_head):
     g = torch.Generator().manual_seed(11)
     prefix = torch.randint(0, 512, (37,), generator=g).tolist()
     suffixes = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (6, 1, 19, 0)]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (9, 4, 15, 7)]
     one = tiny(tiny_dir, 1)
-    two = tiny(tiny_dir, 2)
+    two = tiny(tiny_dir, 2, tensor_parallel_lm_head=lm_head)
     try:
         assert [o.token_ids for o in two.fork(prefix, suffixes, params)] == \
             [o.token_ids for o in one.fork(prefix, suffixes, params)]
+        p = prompts(3, [9])[0]
+        assert_same(run(two, {0: [(p, 20)]}), run(one, {0: [(p, 20)]}))  # logits within 1e-10
         assert torch.allclose(two.embed([prefix]), one.embed([prefix]), rtol=0, atol=1e-10)
         assert two.stats()["free_blocks"] == two.stats()["total_blocks"]
     finally:
@@ -153,13 +156,15 @@ def test_torchrun_two_processes_over_tcp(tiny_dir, tmp_path):
 
 
 @requires_smollm2
-def test_smollm2_tp3_greedy_equals_tp1(smollm2):
-    """SmolLM2 (9 heads, 3 KV heads) split three ways, fp32: the same greedy tokens for 32 tokens on 3 prompts."""
+@pytest.mark.parametrize("lm_head", ["whole", "vocab"])
+def test_smollm2_tp3_greedy_equals_tp1(smollm2, lm_head):
+    """SmolLM2 (9 heads, 3 KV heads) split three ways, fp32: the same greedy tokens for 32 tokens on 3 prompts
+    (its lm_head is tied to the embedding: "vocab" takes each rank's rows of the table)."""
     qs = [q["text"] for q in smollm2.questions[:3]]
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     msgs = [[{"role": "user", "content": q}] for q in qs]
     want = smollm2.llm.generate(msgs, sp)
-    llm = LLM("default", tensor_parallel_size=3, kv_cache_memory=64 << 20)
+    llm = LLM("default", tensor_parallel_size=3, kv_cache_memory=64 << 20, tensor_parallel_lm_head=lm_head)
     try:
         got = llm.generate(msgs, sp)
     finally:

@@ -43,11 +43,24 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def shard_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
+    """The weights one tensor-parallel rank holds, and their shapes (all of `expected_shapes` for Shard())."""
+    want = expected_shapes(shard_config(cfg, shard.world) if shard.world > 1 else cfg)
+    out = {}
+    for k, v in want.items():
+        spec = shard_spec(k, cfg, shard)
+        if spec == SKIP:
+            continue
+        if k == "lm_head.weight" and spec is not None:  # split over the vocabulary
+            v = (spec[2] - spec[1], v[1])
+        out[k] = v
+    return out
+
+
 def check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], where: str, shard: Shard = Shard()) -> None:
     """Raise ValueError naming `where` if any weight is missing, unexpected or mis-shaped (for `shard`: its
     slices)."""
-    want = expected_shapes(shard_config(cfg, shard.world) if shard.world > 1 else cfg)
-    want = {k: v for k, v in want.items() if shard_spec(k, cfg, shard) != SKIP}
+    want = shard_shapes(cfg, shard)
     missing = [k for k in want if k not in weights]
     extra = [k for k in weights if k not in want]
     bad = [f"{k}: {tuple(weights[k].shape)} != {want[k]}" for k in want if k in weights and tuple(weights[k].shape) != want[k]]

@@ -214,7 +214,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: s
     except (TypeError, KeyError, ValueError) as e:  # TypeError: int(None) for a missing key
         raise ValueError(f"{path}: {e}") from e
     if shard.world > 1:
-        check_shardable(config, shard.world)
+        check_shardable(config, shard.world, shard.vocab_head)
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:

@@ -12,8 +12,8 @@ import zlib
 import torch
 
 from sot_engine.engine.config import ModelConfig, shape
-from sot_engine.engine.loader.common import LoadedModel, expected_shapes
-from sot_engine.engine.parallel import SKIP, Shard, shard_config, shard_spec
+from sot_engine.engine.loader.common import LoadedModel, shard_shapes
+from sot_engine.engine.parallel import Shard, shard_spec
 
 
 def random_weights(config: ModelConfig, *, dtype: torch.dtype = torch.float32,
@@ -23,10 +23,8 @@ def random_weights(config: ModelConfig, *, dtype: torch.dtype = torch.float32,
     weights are other numbers than TP=1's, from the same distribution."""
     device = torch.device(device)
     weights = {}
-    sharded = shard_config(config, shard.world) if shard.world > 1 else config
-    for name, shp in expected_shapes(sharded).items():
-        if (spec := shard_spec(name, config, shard)) == SKIP:
-            continue
+    for name, shp in shard_shapes(config, shard).items():
+        spec = shard_spec(name, config, shard)
         key = f"{seed}:{name}" + (f":{spec}" if spec is not None else "")
         g = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
         mean, std = (1.0, 0.05) if name.endswith("norm.weight") else (0.0, 0.02)

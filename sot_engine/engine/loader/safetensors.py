@@ -98,7 +98,7 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype = torch.float32,
         raise ValueError(f"{path / 'config.json'}: {e}") from e
     weights: dict[str, torch.Tensor] = {}
     if shard.world > 1:
-        check_shardable(config, shard.world)
+        check_shardable(config, shard.world, shard.vocab_head)
     for file in _weight_files(path):
         for k, t in _read(file, config, shard).items():
             if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and config.tie_word_embeddings):
