@@ -25,6 +25,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
+    # the LLaMA block's relatives, as switches (HF model_type in parentheses)
+    qkv_bias: bool = False  # q/k/v projections with a bias (qwen2)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (qwen3)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -59,6 +62,9 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            qkv_bias=cfg.get("model_type") == "qwen2" or (cfg.get("model_type") == "qwen3"
+                                                          and bool(cfg.get("attention_bias"))),
+            qk_norm=cfg.get("model_type") == "qwen3",
         )
 
     def to_hf(self) -> dict[str, Any]:

@@ -83,8 +83,15 @@ class LlamaModel:
             a, b = vocab_part
             self.lm_head = map_tensors(self.embed, lambda t: t.narrow(0, a, b - a))
         self.layers = []
+        # the relatives' extras per layer, None where the config has none: fused q/k/v bias, q and k head norms
+        self.attn_extras: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
+            self.attn_extras.append((
+                torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None,
+                w.pop(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
+                w.pop(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
+            ))
             self.layers.append((
                 w.pop(p + "input_layernorm.weight"),
                 mat(torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
@@ -121,24 +128,33 @@ class LlamaModel:
         t, h, kvh, d = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]
         x = embedding(input_ids, self.embed, self.dtype)
-        if not meta.is_prefill and not meta.prefix_groups and (step := self._decode_layers(kv_cache)) is not None:
+        plain = not (cfg.qkv_bias or cfg.qk_norm)  # the fused decode paths know the plain LLaMA block only
+        if plain and not meta.is_prefill and not meta.prefix_groups and \
+                (step := self._decode_layers(kv_cache)) is not None:
             out = step(x, cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)
             if out is not None:
                 return out
         residual = None
         # plain decode (no shared-prefix groups): the backend's one-call RoPE + KV store + attention, if it has one
-        fused_decode = None if meta.is_prefill or meta.prefix_groups else kb.rope_store_decode_attention
-        for (ln1, wqkv, wo, ln2, wgu, wdown), (kc, vc) in zip(self.layers, kv_cache):
+        fused_decode = None if meta.is_prefill or meta.prefix_groups or not plain else kb.rope_store_decode_attention
+        for (ln1, wqkv, wo, ln2, wgu, wdown), (bias, qn, kn), (kc, vc) in zip(self.layers, self.attn_extras, kv_cache):
             if residual is None:
                 residual, y = x, kb.rms_norm(x, ln1, cfg.rms_norm_eps)
             else:
                 y, residual = kb.add_rms_norm(x, residual, ln1, cfg.rms_norm_eps)
             qkv = self.linear(y, wqkv)
+            if bias is not None:
+                qkv += bias
             if fused_decode is not None:
                 o = fused_decode(qkv, cos, sin, kc, vc, meta.slot_mapping, meta.block_tables, meta.context_lens,
                                  self.scale, meta.max_context_len)
             else:
-                o = self.attention(qkv.view(t, h + 2 * kvh, d), cos, sin, kc, vc, meta)
+                qkv = qkv.view(t, h + 2 * kvh, d)
+                if qn is not None:  # per-head RMSNorm of q and k, before RoPE
+                    qkv = torch.cat([kb.rms_norm(qkv[:, :h].reshape(-1, d), qn, cfg.rms_norm_eps).view(t, h, d),
+                                     kb.rms_norm(qkv[:, h:h + kvh].reshape(-1, d), kn, cfg.rms_norm_eps).view(t, kvh, d),
+                                     qkv[:, h + kvh:]], dim=1)
+                o = self.attention(qkv, cos, sin, kc, vc, meta)
             x = self.linear(o, wo)
             if self.group is not None:  # row-parallel o_proj: each rank holds a partial sum
                 self.group.all_reduce(x)

@@ -76,6 +76,12 @@ def shard_spec(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int
     if name.endswith(("self_attn.q_proj.weight", "self_attn.o_proj.weight")):
         a, b = shard.part(cfg.num_heads)
         return (0 if "q_proj" in name else 1), a * d, b * d
+    if name.endswith("self_attn.q_proj.bias"):
+        a, b = shard.part(cfg.num_heads)
+        return 0, a * d, b * d
+    if name.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")):
+        a, b = shard.part(cfg.num_kv_heads)
+        return 0, a * d, b * d
     if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
         a, b = shard.part(cfg.num_kv_heads)
         return 0, a * d, b * d

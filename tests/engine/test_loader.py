@@ -93,17 +93,23 @@ _GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
                "mlp.down_proj": "ffn_down"}
 
 
+_GGUF_NAMES |= {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
 def _gguf_name(hf: str) -> str:
     if hf in _GGUF_NAMES:
         return _GGUF_NAMES[hf]
-    _, _, i, *mod, _ = hf.split(".")
-    return f"blk.{i}.{_GGUF_NAMES['.'.join(mod)]}.weight"
+    _, _, i, *mod, kind = hf.split(".")
+    return f"blk.{i}.{_GGUF_NAMES['.'.join(mod)]}.{kind}"
 
 
 def write_gguf(path: Path, model, qtypes: dict[str, Q], *, extra=None, arch: str = "llama") -> Path:
-    """convert_hf_to_gguf in miniature: rename, permute q/k, quantize some tensors."""
+    """convert_hf_to_gguf in miniature: rename, permute llama's q/k, quantize some tensors."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
+    if getattr(c, "head_dim", None) and c.head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -119,9 +125,9 @@ def write_gguf(path: Path, model, qtypes: dict[str, Q], *, extra=None, arch: str
         if hf == "lm_head.weight" and c.tie_word_embeddings:
             continue
         a = t.float().numpy()
-        if "q_proj" in hf:
+        if arch == "llama" and "q_proj" in hf:
             a = permute_qk(a, c.num_attention_heads)
-        elif "k_proj" in hf:
+        elif arch == "llama" and "k_proj" in hf:
             a = permute_qk(a, c.num_key_value_heads)
         qt = next((q for k, q in qtypes.items() if k in hf), Q.F32)
         if qt == Q.F32:
@@ -217,9 +223,13 @@ def test_folder_without_weights_or_wrong_arch(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(shape("tiny").to_hf()))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_model(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({**shape("tiny").to_hf(), "model_type": "mistral",
-                                                      "architectures": ["MistralForCausalLM"]}))
-    with pytest.raises(ValueError, match="config.json.*unsupported model_type 'mistral'"):
+    (tmp_path / "config.json").write_text(json.dumps({**shape("tiny").to_hf(), "model_type": "gpt_neox",
+                                                      "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(ValueError, match="config.json.*unsupported architecture: model_type 'gpt_neox'"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**shape("tiny").to_hf(), "model_type": "qwen2",
+                                                      "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="model_type 'qwen2', architectures \\['LlamaForCausalLM'\\]"):
         load_model(str(tmp_path))
 
 
@@ -229,10 +239,15 @@ def test_gguf_wrong_arch_and_quant(tiny_hf, tmp_path):
     with pytest.raises(ValueError, match="f64.gguf.*output_norm.weight \\(F64\\)"):
         load_model(str(write_gguf(tmp_path / "f64.gguf", tiny_hf[0], {"model.norm": Q.F64})))
 
-    def odd_tensor(w):  # a tensor a plain LLaMA does not have
-        w.add_tensor("blk.0.attn_q_norm.weight", np.zeros(4, np.float32))
-    with pytest.raises(ValueError, match="odd.gguf.*unexpected tensor 'blk.0.attn_q_norm.weight'"):
+    def odd_tensor(w):  # a tensor a LLaMA-family block does not have
+        w.add_tensor("blk.0.attn_z.weight", np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="odd.gguf.*unexpected tensor 'blk.0.attn_z.weight'"):
         load_model(str(write_gguf(tmp_path / "odd.gguf", tiny_hf[0], {}, extra=[odd_tensor])))
+
+    def qwen3_norm_in_llama(w):  # a known tensor where this architecture has none
+        w.add_tensor("blk.0.attn_q_norm.weight", np.zeros(32, np.float32))
+    with pytest.raises(ValueError, match="q.gguf.*unexpected weights: model.layers.0.self_attn.q_norm.weight"):
+        load_model(str(write_gguf(tmp_path / "q.gguf", tiny_hf[0], {}, extra=[qwen3_norm_in_llama])))
 
 
 def test_default_needs_package(monkeypatch):

@@ -32,6 +32,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, h),
             p + "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, h),
             p + "self_attn.o_proj.weight": (h, cfg.num_heads * hd),
+            **({p + f"self_attn.{n}_proj.bias": ((cfg.num_heads if n == "q" else cfg.num_kv_heads) * hd,)
+                for n in "qkv"} if cfg.qkv_bias else {}),
+            **({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)} if cfg.qk_norm else {}),
             p + "post_attention_layernorm.weight": (h,),
             p + "mlp.gate_proj.weight": (f, h),
             p + "mlp.up_proj.weight": (f, h),

@@ -1,10 +1,11 @@
 """LLaMA from a GGUF file (llama.cpp's format), through `gguf.GGUFReader`.
 
+Architectures `llama`, `qwen2` (q/k/v biases) and `qwen3` (q/k head norms), whose keys live under their own name.
 Three llama.cpp conventions are undone so the result is a plain HF state dict:
 * tensor names (`blk.0.attn_q.weight` -> `model.layers.0.self_attn.q_proj.weight`);
 * shapes: GGUF lists dims fastest-first (`ne`), the reader's arrays are already row-major [out, in];
-* convert_hf_to_gguf permutes q/k rows per head (interleaved RoPE pairs); we permute back to HF's
-  rotate_half layout.
+* convert_hf_to_gguf permutes llama's q/k rows per head (interleaved RoPE pairs); we permute back to HF's
+  rotate_half layout (Qwen's are not permuted: llama.cpp runs them with NEOX RoPE, HF's layout).
 Quantized tensors are dequantized by `loader.dequant` (torch for F32/F16/BF16/Q8_0/Q4_0/Q4_1, else
 `gguf.quants.dequantize`: Q5_x, K-quants, ...).
 """
@@ -30,7 +31,9 @@ _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight
            "output.weight": "lm_head.weight"}
 _LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+          "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}  # the last two: qwen3
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # general.architecture values, each the LLaMA block with switches
 _IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: turned into config.rope_scaling instead
 
 
@@ -106,10 +109,10 @@ def hf_name(name: str) -> str | None:
         return _GLOBAL[name]
     if name in _IGNORED:
         return None
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in _LAYER:
-        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-    raise ValueError(f"unexpected tensor {name!r} (not a plain LLaMA)")
+        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"unexpected tensor {name!r} (not a LLaMA-family block)")
 
 
 def unpermute_qk(w: np.ndarray | torch.Tensor, n_head: int) -> np.ndarray | torch.Tensor:
@@ -148,10 +151,11 @@ def llama3_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int, 
 
 
 def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
-    meta = lambda k, d=None: gguf_meta(reader, k, d)  # noqa: E731
-    arch = meta("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported architecture {arch!r} (only 'llama')")
+    arch = gguf_meta(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+    # the model's keys live under its architecture's name ("qwen2.block_count")
+    meta = lambda k, d=None: gguf_meta(reader, k.replace("llama.", f"{arch}.", 1), d)  # noqa: E731
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError("no token_embd.weight tensor")
@@ -186,6 +190,8 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta("tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(int(e) for e in eos if e is not None)),
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
     )
 
 
@@ -215,6 +221,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: s
         raise ValueError(f"{path}: {e}") from e
     if shard.world > 1:
         check_shardable(config, shard.world, shard.vocab_head)
+    permuted = gguf_meta(reader, "general.architecture") == "llama"
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:
@@ -230,9 +237,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: s
             w = dequantize(raw, t.tensor_type, shape)
         except (NotImplementedError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: tensor {t.name} ({t.tensor_type.name}): {e}") from e
-        if name.endswith("q_proj.weight"):  # per head, so a shard of whole heads unpermutes alone
+        # llama.cpp permutes llama's q/k rows (interleaved RoPE), not Qwen's (NEOX RoPE, as HF's)
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):  # per head: a shard unpermutes alone
             w = unpermute_qk(w, config.num_heads // shard.world)
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_qk(w, config.num_kv_heads // shard.world)
         weights[name] = w.to(device=device, dtype=dtype).contiguous()
     check_weights(config, weights, str(path), shard)

@@ -17,7 +17,19 @@ from sot_engine.engine.loader.common import LoadedModel, check_weights
 from sot_engine.engine.parallel import SKIP, Shard, check_shardable, shard_spec, take
 from sot_engine.engine.tokenizer import Tokenizer
 
-_ARCHS = {"LlamaForCausalLM"}
+# model_type -> the architecture class it names; each is the LLaMA block with config switches (engine.config)
+_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "qwen3": "Qwen3ForCausalLM"}
+
+
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The window a config really uses (Qwen configs carry one with use_sliding_window false)."""
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        return None
+    if window is None or window >= int(cfg.get("max_position_embeddings", 2048)):
+        return None
+    return int(window)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -85,12 +97,14 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype = torch.float32,
         raise FileNotFoundError(f"{path}: no config.json (not an HF model folder)")
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        archs = set(cfg.get("architectures") or [])
-        if cfg.get("model_type") != "llama" or (archs and not archs & _ARCHS):
-            raise ValueError(f"unsupported model_type {cfg.get('model_type')!r} / architectures {sorted(archs)} "
-                             f"(only LLaMA)")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError("LLaMA with attention/MLP biases is not supported")
+        archs, kind = set(cfg.get("architectures") or []), cfg.get("model_type")
+        if kind not in _FAMILIES or (archs and _FAMILIES[kind] not in archs):
+            raise ValueError(f"unsupported architecture: model_type {kind!r}, architectures {sorted(archs)} "
+                             f"(supported: {', '.join(f'{k} ({v})' for k, v in _FAMILIES.items())})")
+        if (kind == "llama" and cfg.get("attention_bias")) or cfg.get("mlp_bias"):
+            raise ValueError(f"{kind} with an o_proj or MLP bias is not supported")
+        if (window := _sliding_window(cfg)) is not None:
+            raise ValueError(f"{kind} with sliding-window attention ({window} tokens) is not supported yet")
         config = ModelConfig.from_hf(cfg)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'}: missing key {e}") from e
