@@ -27,7 +27,16 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     # the LLaMA block's relatives, as switches (HF model_type in parentheses)
     qkv_bias: bool = False  # q/k/v projections with a bias (qwen2)
-    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (qwen3)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (qwen3, gemma3_text)
+    # Gemma 3's block (gemma3_text): each a switch of its own
+    norm_offset: bool = False  # RMSNorm scales by (1 + w): folded into the weights at load
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" | "gelu_tanh"
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
+    sandwich_norms: bool = False  # attention and MLP outputs normed before the residual add; a norm before the MLP
+    attn_scale: float | None = None  # attention scores times attn_scale ** -0.5 (None: head_dim)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    local_layers: tuple[bool, ...] | None = None  # per layer: a sliding-window ("local") layer
+    rope_local_theta: float | None = None  # the local layers' RoPE base
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -37,7 +46,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Build from a HF `config.json` dict (LlamaConfig fields)."""
+        """Build from a HF `config.json` dict (LlamaConfig fields, and the relatives' switches)."""
+        if cfg.get("model_type") == "gemma3_text":
+            return cls._from_gemma3(cfg)
         eos = cfg.get("eos_token_id", 2)
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [int(eos)])
         heads = cfg["num_attention_heads"]
@@ -66,6 +77,30 @@ class ModelConfig:
                                                           and bool(cfg.get("attention_bias"))),
             qk_norm=cfg.get("model_type") == "qwen3",
         )
+
+    @classmethod
+    def _from_gemma3(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Gemma 3's text config: per-layer-type RoPE (transformers >= 5 writes `rope_parameters` by layer type,
+        older files `rope_theta` + `rope_local_base_freq`), local layers by `layer_types` or a pattern."""
+        n = cfg["num_hidden_layers"]
+        types = cfg.get("layer_types") or [
+            "full_attention" if (i + 1) % cfg.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
+            for i in range(n)]
+        rp = cfg.get("rope_parameters") or {}
+        if "full_attention" in rp:
+            full, local = dict(rp["full_attention"]), dict(rp.get("sliding_attention") or {})
+        else:
+            full = dict(cfg.get("rope_scaling") or {}, rope_theta=cfg.get("rope_theta", 1_000_000.0))
+            local = {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+        theta = float(full.pop("rope_theta", 1_000_000.0))
+        scaling = full if full.get("rope_type", full.get("type", "default")) != "default" else None
+        base = cls.from_hf({**cfg, "model_type": "llama", "rope_parameters": None, "rope_scaling": scaling,
+                            "rope_theta": theta, "tie_word_embeddings": cfg.get("tie_word_embeddings", True)})
+        return replace(base, qk_norm=True, norm_offset=True, hidden_act="gelu_tanh", embed_scale=True,
+                       sandwich_norms=True, attn_scale=float(cfg.get("query_pre_attn_scalar") or base.head_dim),
+                       logit_softcap=cfg.get("final_logit_softcapping"),
+                       local_layers=tuple(t == "sliding_attention" for t in types),
+                       rope_local_theta=float(local.get("rope_theta", 10_000.0)))
 
     def to_hf(self) -> dict[str, Any]:
         """The matching HF LlamaConfig dict (used by tests to build an independent reference)."""

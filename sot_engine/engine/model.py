@@ -8,7 +8,7 @@ than the compute dtype (`weight_dtype`, see `kernels.weights`). Attention, norms
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,6 +39,12 @@ class AttnMetadata:
         return AttnMetadata(self.is_prefill, move(self.slot_mapping), move(self.block_tables),
                             move(self.context_lens), move(self.cu_seqlens_q), move(self.logits_indices),
                             self.max_context_len, None)
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Gemma's gated MLP: gelu(gate, tanh approximation) * up, for the fused [T, 2I] gate|up product."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -74,6 +80,9 @@ class LlamaModel:
         self.cfg, self.backend, self.group, self.vocab_part = cfg, backend, group, vocab_part
         w = weights  # consumed: fused matrices replace their parts, so peak memory stays ~1x
         mat = lambda t: store(t, weight_dtype, matmul_precision)  # noqa: E731
+        if cfg.norm_offset:  # Gemma's RMSNorm scales by (1 + w): folded in once, the norm kernels stay as they are
+            for k in [k for k in w if k.endswith("norm.weight")]:
+                w[k] = w[k] + 1
         self.norm = w["model.norm.weight"]
         self.embed = mat(w.pop("model.embed_tokens.weight"))
         # a tensor-parallel worker computes no logits: it has no lm_head
@@ -85,6 +94,7 @@ class LlamaModel:
         self.layers = []
         # the relatives' extras per layer, None where the config has none: fused q/k/v bias, q and k head norms
         self.attn_extras: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
+        self.ff_norms: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             self.attn_extras.append((
@@ -92,6 +102,9 @@ class LlamaModel:
                 w.pop(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
                 w.pop(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
             ))
+            if cfg.sandwich_norms:  # before the MLP, and after it (post_attention_layernorm: after attention)
+                self.ff_norms.append((w.pop(p + "pre_feedforward_layernorm.weight"),
+                                      w.pop(p + "post_feedforward_layernorm.weight")))
             self.layers.append((
                 w.pop(p + "input_layernorm.weight"),
                 mat(torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
@@ -110,9 +123,18 @@ class LlamaModel:
         freqs = torch.outer(positions, rope_inv_freq(cfg))
         dev = self.norm.device
         self.cos, self.sin = freqs.cos().to(dev), freqs.sin().to(dev)
-        self.scale = cfg.head_dim ** -0.5
+        self.local_rope = None  # Gemma 3's local layers: their own RoPE base, unscaled
+        if cfg.rope_local_theta is not None:
+            local = torch.outer(positions, rope_inv_freq(replace(cfg, rope_theta=cfg.rope_local_theta,
+                                                                 rope_scaling=None)))
+            self.local_rope = (local.cos().to(dev), local.sin().to(dev))
+        self.scale = (cfg.attn_scale or cfg.head_dim) ** -0.5
         self.linear = backend.linear or reference.linear  # weight matmuls: x [T, in] @ w[out, in]^T
         self.silu_mul = backend.silu_mul or reference.silu_mul
+        if cfg.hidden_act == "gelu_tanh":
+            self.silu_mul = gelu_tanh_mul
+        elif cfg.hidden_act != "silu":
+            raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r} (silu, gelu_tanh)")
         self.decode_step = None  # the backend's one-call decode layer loop, built for the first KV pool seen
         self._decode_step_pool: list | None = None
 
@@ -128,6 +150,10 @@ class LlamaModel:
         t, h, kvh, d = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]
         x = embedding(input_ids, self.embed, self.dtype)
+        if cfg.embed_scale:  # in the activations' dtype, as transformers does
+            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        if cfg.sandwich_norms:
+            return self._forward_sandwich(x, positions, cos, sin, meta, kv_cache)
         plain = not (cfg.qkv_bias or cfg.qk_norm)  # the fused decode paths know the plain LLaMA block only
         if plain and not meta.is_prefill and not meta.prefix_groups and \
                 (step := self._decode_layers(kv_cache)) is not None:
@@ -149,12 +175,7 @@ class LlamaModel:
                 o = fused_decode(qkv, cos, sin, kc, vc, meta.slot_mapping, meta.block_tables, meta.context_lens,
                                  self.scale, meta.max_context_len)
             else:
-                qkv = qkv.view(t, h + 2 * kvh, d)
-                if qn is not None:  # per-head RMSNorm of q and k, before RoPE
-                    qkv = torch.cat([kb.rms_norm(qkv[:, :h].reshape(-1, d), qn, cfg.rms_norm_eps).view(t, h, d),
-                                     kb.rms_norm(qkv[:, h:h + kvh].reshape(-1, d), kn, cfg.rms_norm_eps).view(t, kvh, d),
-                                     qkv[:, h + kvh:]], dim=1)
-                o = self.attention(qkv, cos, sin, kc, vc, meta)
+                o = self.attention(self._head_norms(qkv.view(t, h + 2 * kvh, d), qn, kn), cos, sin, kc, vc, meta)
             x = self.linear(o, wo)
             if self.group is not None:  # row-parallel o_proj: each rank holds a partial sum
                 self.group.all_reduce(x)
@@ -163,6 +184,42 @@ class LlamaModel:
             if self.group is not None:  # row-parallel down_proj
                 self.group.all_reduce(x)
         return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
+
+    def _head_norms(self, qkv: torch.Tensor, qn: torch.Tensor | None, kn: torch.Tensor | None) -> torch.Tensor:
+        """Per-head RMSNorm of q and k (Qwen3, Gemma 3), before RoPE; qkv as it is without them."""
+        if qn is None:
+            return qkv
+        t, h, kvh, d, eps = qkv.shape[0], self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim, \
+            self.cfg.rms_norm_eps
+        kb = self.backend
+        return torch.cat([kb.rms_norm(qkv[:, :h].reshape(-1, d), qn, eps).view(t, h, d),
+                          kb.rms_norm(qkv[:, h:h + kvh].reshape(-1, d), kn, eps).view(t, kvh, d),
+                          qkv[:, h + kvh:]], dim=1)
+
+    def _forward_sandwich(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          meta: AttnMetadata, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Gemma 3's layer: each sublayer's output is normed before it joins the residual stream, the MLP's input
+        has a norm of its own, and local layers rotate with their own RoPE base. Kernel by kernel (no fused path
+        knows this block)."""
+        cfg, kb = self.cfg, self.backend
+        t, h, kvh, d, eps = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        local_cs = (self.local_rope[0][positions], self.local_rope[1][positions]) if self.local_rope else (cos, sin)
+        for i, ((ln1, wqkv, wo, post_attn, wgu, wdown), (bias, qn, kn), (pre_ff, post_ff), (kc, vc)) in enumerate(
+                zip(self.layers, self.attn_extras, self.ff_norms, kv_cache)):
+            c, s_ = local_cs if cfg.local_layers and cfg.local_layers[i] else (cos, sin)
+            qkv = self.linear(kb.rms_norm(x, ln1, eps), wqkv)
+            if bias is not None:
+                qkv += bias
+            a = self.linear(self.attention(self._head_norms(qkv.view(t, h + 2 * kvh, d), qn, kn), c, s_, kc, vc,
+                                           meta), wo)
+            if self.group is not None:
+                self.group.all_reduce(a)
+            x = x + kb.rms_norm(a, post_attn, eps)
+            m = self.linear(self.silu_mul(self.linear(kb.rms_norm(x, pre_ff, eps), wgu)), wdown)
+            if self.group is not None:
+                self.group.all_reduce(m)
+            x = x + kb.rms_norm(m, post_ff, eps)
+        return kb.rms_norm(x, self.norm, eps)
 
     def _decode_layers(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]):
         """The backend's `decode_layers` step for these weights and `kv_cache` (built once per pool), or None."""
@@ -201,4 +258,6 @@ class LlamaModel:
         out = self.linear(hidden, self.lm_head).float()
         if self.vocab_part is not None:  # each rank computed its slice of the vocabulary
             out = self.group.all_gather(out)
+        if self.cfg.logit_softcap:
+            out = torch.tanh(out / self.cfg.logit_softcap) * self.cfg.logit_softcap
         return out

@@ -96,11 +96,17 @@ _GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
 _GGUF_NAMES |= {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
-def _gguf_name(hf: str) -> str:
-    if hf in _GGUF_NAMES:
-        return _GGUF_NAMES[hf]
+# Gemma 3's layer norms, as llama.cpp names them
+_GEMMA3_NAMES = _GGUF_NAMES | {"post_attention_layernorm": "post_attention_norm",
+                               "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _gguf_name(hf: str, arch: str = "llama") -> str:
+    names = _GEMMA3_NAMES if arch == "gemma3" else _GGUF_NAMES
+    if hf in names:
+        return names[hf]
     _, _, i, *mod, kind = hf.split(".")
-    return f"blk.{i}.{_GGUF_NAMES['.'.join(mod)]}.{kind}"
+    return f"blk.{i}.{names['.'.join(mod)]}.{kind}"
 
 
 def write_gguf(path: Path, model, qtypes: dict[str, Q], *, extra=None, arch: str = "llama") -> Path:
@@ -116,7 +122,10 @@ def write_gguf(path: Path, model, qtypes: dict[str, Q], *, extra=None, arch: str
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta)
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope else rope["rope_theta"])
+    if arch == "gemma3":
+        w.add_sliding_window(c.sliding_window)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_uint32(f"{arch}.vocab_size", c.vocab_size)
     for fn in extra or []:
@@ -125,17 +134,19 @@ def write_gguf(path: Path, model, qtypes: dict[str, Q], *, extra=None, arch: str
         if hf == "lm_head.weight" and c.tie_word_embeddings:
             continue
         a = t.float().numpy()
+        if arch == "gemma3" and hf.endswith("norm.weight"):  # convert_hf_to_gguf stores Gemma's (1 + w)
+            a = a + 1
         if arch == "llama" and "q_proj" in hf:
             a = permute_qk(a, c.num_attention_heads)
         elif arch == "llama" and "k_proj" in hf:
             a = permute_qk(a, c.num_key_value_heads)
         qt = next((q for k, q in qtypes.items() if k in hf), Q.F32)
         if qt == Q.F32:
-            w.add_tensor(_gguf_name(hf), np.ascontiguousarray(a, np.float32))
+            w.add_tensor(_gguf_name(hf, arch), np.ascontiguousarray(a, np.float32))
         elif qt in (Q.F16, Q.F64):
-            w.add_tensor(_gguf_name(hf), a.astype(np.float16 if qt == Q.F16 else np.float64))
+            w.add_tensor(_gguf_name(hf, arch), a.astype(np.float16 if qt == Q.F16 else np.float64))
         else:
-            w.add_tensor(_gguf_name(hf), gguf.quants.quantize(a, qt), raw_dtype=qt)
+            w.add_tensor(_gguf_name(hf, arch), gguf.quants.quantize(a, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,7 +1,8 @@
 """What every loader returns, and the weight names/shapes they all agree on (HF LLaMA naming, [out, in])."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -9,6 +10,19 @@ from sot_engine.engine.chat import ChatTemplate
 from sot_engine.engine.config import ModelConfig
 from sot_engine.engine.parallel import Shard, shard_config, shard_spec, SKIP
 from sot_engine.engine.tokenizer import Tokenizer
+
+
+log = logging.getLogger(__name__)
+
+
+def cap_at_window(config: ModelConfig, window: int, where: object) -> ModelConfig:
+    """Sliding windows are not implemented yet: within one window every layer attends to all of the context, exactly
+    as the model would, so the context is capped there (logged)."""
+    if window >= config.max_position_embeddings:
+        return config
+    log.warning("%s: sliding-window attention (%d tokens) is not implemented: the context is capped at %d tokens "
+                "(the model's own %d)", where, window, window, config.max_position_embeddings)
+    return replace(config, max_position_embeddings=window)
 
 
 @dataclass
@@ -35,6 +49,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             **({p + f"self_attn.{n}_proj.bias": ((cfg.num_heads if n == "q" else cfg.num_kv_heads) * hd,)
                 for n in "qkv"} if cfg.qkv_bias else {}),
             **({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)} if cfg.qk_norm else {}),
+            **({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
+               if cfg.sandwich_norms else {}),
             p + "post_attention_layernorm.weight": (h,),
             p + "mlp.gate_proj.weight": (f, h),
             p + "mlp.up_proj.weight": (f, h),

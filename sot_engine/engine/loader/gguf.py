@@ -1,6 +1,7 @@
 """LLaMA from a GGUF file (llama.cpp's format), through `gguf.GGUFReader`.
 
-Architectures `llama`, `qwen2` (q/k/v biases) and `qwen3` (q/k head norms), whose keys live under their own name.
+Architectures `llama`, `qwen2` (q/k/v biases), `qwen3` (q/k head norms) and `gemma3`, whose keys live under their
+own name.
 Three llama.cpp conventions are undone so the result is a plain HF state dict:
 * tensor names (`blk.0.attn_q.weight` -> `model.layers.0.self_attn.q_proj.weight`);
 * shapes: GGUF lists dims fastest-first (`ne`), the reader's arrays are already row-major [out, in];
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 
 from sot_engine.engine.chat import ChatTemplate, guess_chat_template
 from sot_engine.engine.config import ModelConfig
-from sot_engine.engine.loader.common import LoadedModel, check_weights
+from sot_engine.engine.loader.common import LoadedModel, cap_at_window, check_weights
 from sot_engine.engine.loader.dequant import dequantize
 from sot_engine.engine.parallel import SKIP, Shard, check_shardable, shard_spec
 from sot_engine.engine.tokenizer import Tokenizer
@@ -33,7 +35,13 @@ _LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k"
           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}  # the last two: qwen3
-ARCHITECTURES = ("llama", "qwen2", "qwen3")  # general.architecture values, each the LLaMA block with switches
+# Gemma 3 names its norms after their place: ffn_norm is the norm before the MLP, as in llama, but llama's HF name
+# for that one is post_attention_layernorm, which Gemma uses for the norm after attention
+_GEMMA3_LAYER = _LAYER | {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                          "post_ffw_norm": "post_feedforward_layernorm"}
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")  # general.architecture values: the LLaMA block with switches
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's: every 6th Gemma 3 layer is global (not in the file)
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0  # likewise
 _IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: turned into config.rope_scaling instead
 
 
@@ -103,15 +111,16 @@ def gguf_meta(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def hf_name(name: str) -> str | None:
+def hf_name(name: str, arch: str = "llama") -> str | None:
     """HF name of a GGUF tensor; None for tensors we deliberately drop; ValueError for unknown ones."""
     if name in _GLOBAL:
         return _GLOBAL[name]
     if name in _IGNORED:
         return None
+    layer = _GEMMA3_LAYER if arch == "gemma3" else _LAYER
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in _LAYER:
-        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in layer:
+        return f"model.layers.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
     raise ValueError(f"unexpected tensor {name!r} (not a LLaMA-family block)")
 
 
@@ -175,7 +184,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         orig = meta("llama.rope.scaling.original_context_length", 8192)
         scaling = llama3_scaling_from_freqs(np.asarray(freqs).reshape(-1), theta, head_dim, int(orig))
     eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    return ModelConfig(
+    config = ModelConfig(
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ne = [hidden, vocab]
         hidden_size=hidden,
         intermediate_size=int(meta("llama.feed_forward_length")),
@@ -191,8 +200,15 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         bos_token_id=meta("tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(int(e) for e in eos if e is not None)),
         qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "gemma3"),
     )
+    if arch == "gemma3":  # llama.cpp stores Gemma's norms as (1 + w) already: no offset to fold in
+        n = config.num_layers
+        config = replace(config, hidden_act="gelu_tanh", embed_scale=True, sandwich_norms=True,
+                         attn_scale=float(config.head_dim), logit_softcap=meta("gemma3.final_logit_softcapping"),
+                         local_layers=tuple((i + 1) % GEMMA3_SWA_PATTERN != 0 for i in range(n)),
+                         rope_local_theta=GEMMA3_LOCAL_ROPE_BASE)
+    return config
 
 
 def slice_raw(raw: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, int],
@@ -221,11 +237,14 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: s
         raise ValueError(f"{path}: {e}") from e
     if shard.world > 1:
         check_shardable(config, shard.world, shard.vocab_head)
-    permuted = gguf_meta(reader, "general.architecture") == "llama"
+    arch = gguf_meta(reader, "general.architecture")
+    permuted = arch == "llama"
+    if (window := gguf_meta(reader, f"{arch}.attention.sliding_window")) is not None:
+        config = cap_at_window(config, int(window), path)
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:
-            name = hf_name(t.name)
+            name = hf_name(t.name, arch)
             if name is None:
                 continue
             spec = shard_spec(name, config, shard)
