@@ -46,10 +46,19 @@ NAMED_TEMPLATES: dict[str, str] = {
         "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + c | trim + ' [/INST]' }}"
         "{% else %}{{ ' ' + c | trim + ' ' + eos_token }}{% endif %}"
         "{% endfor %}"),
+    # Google's Gemma 3: "<bos><start_of_turn>user\nsys\n\nhi<end_of_turn>\n<start_of_turn>model\n" (the system
+    # prompt opens the first user turn; the assistant is "model")
+    "gemma": (
+        "{{ bos_token }}"
+        "{% if messages and messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for m in loop_messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
 }
 _NAMED_DEFAULTS: dict[str, dict[str, str]] = {
     "chatml": {}, "vicuna_v1.1": {"bos_token": "<s>", "eos_token": "</s>", "system": VICUNA_SYSTEM},
-    "llama-2": {"bos_token": "<s>", "eos_token": "</s>"},
+    "llama-2": {"bos_token": "<s>", "eos_token": "</s>"}, "gemma": {"bos_token": "<bos>", "eos_token": "<eos>"},
 }
 
 
@@ -80,7 +89,7 @@ class ChatTemplate:
 
     @classmethod
     def named(cls, name: str, bos_token: str | None = None, eos_token: str | None = None) -> "ChatTemplate":
-        """A built-in template: "chatml", "vicuna_v1.1" or "llama-2"; bos/eos default to LLaMA's <s> / </s>."""
+        """A built-in template: "chatml", "vicuna_v1.1", "llama-2" or "gemma"; bos/eos default to each one's own."""
         if name not in NAMED_TEMPLATES:
             raise ValueError(f"unknown chat template {name!r}; known: {', '.join(NAMED_TEMPLATES)}")
         d = dict(_NAMED_DEFAULTS[name])
@@ -113,10 +122,12 @@ class ChatTemplate:
 
 def guess_chat_template(name: str, bos_token: str | None = None, eos_token: str | None = None) -> ChatTemplate:
     """For a model without a template, from its name or path: vicuna -> vicuna_v1.1, LLaMA-2 chat ->
-    llama-2, anything else -> chatml."""
+    llama-2, gemma -> gemma (a Gemma 3 GGUF may carry none), anything else -> chatml."""
     n = name.lower().replace("_", "-")
     if "vicuna" in n:
         key = "vicuna_v1.1"
+    elif "gemma" in n:
+        key = "gemma"
     elif ("llama-2" in n or "llama2" in n) and "chat" in n:
         key = "llama-2"
     else:

@@ -102,6 +102,19 @@ def test_guess_and_errors():
     assert guess_chat_template("/models/Llama-2-7b-chat-hf").name == "llama-2"
     assert guess_chat_template("/models/llama2_13b_chat").name == "llama-2"
     assert guess_chat_template("some-model").name == "chatml"
+    assert guess_chat_template("Gemma 3 270m gemma-3-270m-q4_k_m.gguf", "<bos>", "<eos>").name == "gemma"
+
+
+def test_gemma_template_is_googles():
+    """Gemma 3's own chat template (its tokenizer_config.json), written out: the system prompt opens the first user
+    turn, the assistant is "model", contents are trimmed."""
+    tpl = ChatTemplate.named("gemma")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi! "},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Colors?"}]
+    assert tpl.render(msgs) == ("<bos><start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\n"
+                                "Hello.<end_of_turn>\n<start_of_turn>user\nColors?<end_of_turn>\n"
+                                "<start_of_turn>model\n")
+    assert tpl.render(msgs[1:2]) == "<bos><start_of_turn>user\nHi!<end_of_turn>\n<start_of_turn>model\n"
     with pytest.raises(ValueError, match="unknown chat template 'nope'"):
         ChatTemplate.named("nope")
     tpl = ChatTemplate("{{ raise_exception('no ' + messages[0]['role']) }}")
