@@ -82,7 +82,6 @@ def _check_after(p: SamplingParams) -> bool:
     return p.greedy or (p.top_k in (0, -1) and p.top_p >= 1.0)
 
 
-
 def _unicode(text: str, what: str) -> str:
     """`text` if it can be encoded (JSON can carry a lone surrogate like \\ud800, which no tokenizer takes)."""
     try:
@@ -90,6 +89,7 @@ def _unicode(text: str, what: str) -> str:
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} is not valid Unicode: {e.reason} at character {e.start}") from None
     return text
+
 
 class LLMEngine:
     def __init__(self, model: str = "default", *, device: str | torch.device | None = None,

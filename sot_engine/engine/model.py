@@ -41,12 +41,6 @@ class AttnMetadata:
                             self.max_context_len, None)
 
 
-def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """Gemma's gated MLP: gelu(gate, tanh approximation) * up, for the fused [T, 2I] gate|up product."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.gelu(gate, approximate="tanh") * up
-
-
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (float32), with llama3-style or linear scaling from the config."""
     d = cfg.head_dim
@@ -130,11 +124,15 @@ class LlamaModel:
             self.local_rope = (local.cos().to(dev), local.sin().to(dev))
         self.scale = (cfg.attn_scale or cfg.head_dim) ** -0.5
         self.linear = backend.linear or reference.linear  # weight matmuls: x [T, in] @ w[out, in]^T
-        self.silu_mul = backend.silu_mul or reference.silu_mul
-        if cfg.hidden_act == "gelu_tanh":
-            self.silu_mul = gelu_tanh_mul
-        elif cfg.hidden_act != "silu":
+        # the gated MLP's activation on the fused gate|up product: SwiGLU through the backend, Gemma's GELU-tanh
+        if cfg.hidden_act == "silu":
+            self.act_mul = backend.silu_mul or reference.silu_mul
+        elif cfg.hidden_act == "gelu_tanh":
+            self.act_mul = reference.gelu_tanh_mul
+        else:
             raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r} (silu, gelu_tanh)")
+        # in the activations' dtype, as transformers does (Gemma)
+        self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=self.dtype) if cfg.embed_scale else None
         self.decode_step = None  # the backend's one-call decode layer loop, built for the first KV pool seen
         self._decode_step_pool: list | None = None
 
@@ -150,8 +148,8 @@ class LlamaModel:
         t, h, kvh, d = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]
         x = embedding(input_ids, self.embed, self.dtype)
-        if cfg.embed_scale:  # in the activations' dtype, as transformers does
-            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         if cfg.sandwich_norms:
             return self._forward_sandwich(x, positions, cos, sin, meta, kv_cache)
         plain = not (cfg.qkv_bias or cfg.qk_norm)  # the fused decode paths know the plain LLaMA block only
@@ -180,7 +178,7 @@ class LlamaModel:
             if self.group is not None:  # row-parallel o_proj: each rank holds a partial sum
                 self.group.all_reduce(x)
             y, residual = kb.add_rms_norm(x, residual, ln2, cfg.rms_norm_eps)
-            x = self.linear(self.silu_mul(self.linear(y, wgu)), wdown)
+            x = self.linear(self.act_mul(self.linear(y, wgu)), wdown)
             if self.group is not None:  # row-parallel down_proj
                 self.group.all_reduce(x)
         return kb.add_rms_norm(x, residual, self.norm, cfg.rms_norm_eps)[0]
@@ -215,7 +213,7 @@ class LlamaModel:
             if self.group is not None:
                 self.group.all_reduce(a)
             x = x + kb.rms_norm(a, post_attn, eps)
-            m = self.linear(self.silu_mul(self.linear(kb.rms_norm(x, pre_ff, eps), wgu)), wdown)
+            m = self.linear(self.act_mul(self.linear(kb.rms_norm(x, pre_ff, eps), wgu)), wdown)
             if self.group is not None:
                 self.group.all_reduce(m)
             x = x + kb.rms_norm(m, post_ff, eps)

@@ -75,7 +75,7 @@ class Scheduler:
                 # of this step computes too; once that is done the prefix is a cache hit.
                 held.append(self.waiting.popleft())
                 continue
-            n_new = len(seq) - seq.num_cached_tokens
+            n_new = seq.num_pending
             whole = not chunked or seq.pool  # an embedding averages all its hidden states: never split
             if batch and n_new > budget and whole:
                 break

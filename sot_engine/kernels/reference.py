@@ -32,6 +32,12 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
+    """Gemma's gated activation on the fused gate/up output: gelu(x[..., :F], tanh approximation) * x[..., F:]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LLaMA RMSNorm; statistics in float32 (or float64), like HF, then cast back."""
     acc = torch.promote_types(x.dtype, torch.float32)

@@ -22,13 +22,10 @@ _FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen
              "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
-
 def _sliding_window(cfg: dict[str, Any]) -> int | None:
     """The window a config really uses (Qwen configs carry one with use_sliding_window false)."""
     window = cfg.get("sliding_window")
-    if cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-        return None
-    if window is None or window >= int(cfg.get("max_position_embeddings", 2048)):
+    if window is None or (cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False)):
         return None
     return int(window)
 
