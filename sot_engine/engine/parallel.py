@@ -126,10 +126,10 @@ class Group:
         except RuntimeError as e:
             raise self._fail(e) from None
 
-    def _broadcast(self, t: torch.Tensor) -> None:
+    def _broadcast(self, t: torch.Tensor, wait: timedelta | None = None) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.cpu.broadcast([t], opts).wait(self.timeout)
+        self.cpu.broadcast([t], opts).wait(wait or self.timeout)
 
     def send(self, msg: Any) -> None:
         """Driver: one message to every worker."""
@@ -162,12 +162,10 @@ class Group:
                 pass
         self.dev = self.cpu = self.store = None
 
-    def recv(self, timeout: float | None = None) -> Any:
+    def recv(self) -> Any:
         """Worker: the driver's next message (waits as long as the driver is alive and idle)."""
         n = torch.zeros(1, dtype=torch.int64)
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
-        self.cpu.broadcast([n], opts).wait(timedelta(seconds=timeout) if timeout else timedelta(days=365))
+        self._broadcast(n, wait=timedelta(days=365))
         buf = torch.empty(int(n), dtype=torch.uint8)
         self._broadcast(buf)
         return pickle.loads(buf.numpy().tobytes())
@@ -192,15 +190,19 @@ class WorkerSpec:
     vocab_head: bool = False
 
 
-def _serve(group: Group, spec: WorkerSpec, rank: int) -> None:
+def _device(spec: WorkerSpec, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if spec.device_type == "cuda" else torch.device("cpu")
+
+
+def _serve(group: Group, spec: WorkerSpec) -> None:
     from sot_engine.engine.kv_cache import KVCache
     from sot_engine.engine.loader import load_model
     from sot_engine.engine.model import LlamaModel
     from sot_engine.kernels import get_backend
-    device = torch.device(f"cuda:{rank}") if spec.device_type == "cuda" else torch.device("cpu")
+    device = group.device
     if device.type == "cpu":
         torch.set_num_threads(spec.threads)
-    shard = Shard(rank, group.world, spec.vocab_head)
+    shard = Shard(group.rank, group.world, spec.vocab_head)
     loaded = load_model(spec.model, dtype=spec.dtype, device=device, seed=spec.seed, shard=shard)
     cfg = shard_config(loaded.config, group.world)
     model = LlamaModel(cfg, loaded.weights, get_backend(spec.backend, device), spec.weight_dtype,
@@ -250,10 +252,10 @@ def worker_main(rank: int, world: int, host: str, port: int, spec: WorkerSpec) -
     """A worker process: Ctrl-C is the driver's to handle (it stops the workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        device = torch.device(f"cuda:{rank}") if spec.device_type == "cuda" else torch.device("cpu")
+        device = _device(spec, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        _serve(Group(host, port, rank, world, device, spec.timeout), spec, rank)
+        _serve(Group(host, port, rank, world, device, spec.timeout), spec)
     except BaseException:  # noqa: BLE001 -- the driver sees the collective fail; the reason goes to stderr
         traceback.print_exc()
         sys.stderr.flush()
@@ -365,6 +367,5 @@ class Workers:
 def serve_torchrun(spec: WorkerSpec) -> None:
     """Ranks > 0 under torchrun: serve as a worker until the driver stops, then exit the process."""
     rank, world, host, port = torchrun_env()
-    device = torch.device(f"cuda:{rank}") if spec.device_type == "cuda" else torch.device("cpu")
-    _serve(Group(host, port + 1, rank, world, device, spec.timeout), spec, rank)
+    _serve(Group(host, port + 1, rank, world, _device(spec, rank), spec.timeout), spec)
     sys.exit(0)

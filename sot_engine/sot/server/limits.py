@@ -25,6 +25,9 @@ class ServerLimits:
 def json_depth(text: bytes | str, limit: int) -> bool:
     """Whether the JSON text nests deeper than `limit` (counted on brackets outside strings, before parsing, so a
     hostile body cannot make the parser recurse)."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # it cannot nest deeper than it has openings: no scan
+        return False
     depth, in_str, esc = 0, False, False
     for ch in text.decode("utf-8", "replace") if isinstance(text, bytes) else text:
         if in_str:
@@ -45,7 +48,8 @@ def json_depth(text: bytes | str, limit: int) -> bool:
     return False
 
 
-def error_body(status: int, message: str, type_: str, code: str) -> bytes:
+def error_body(message: str, type_: str, code: str) -> bytes:
+    """OpenAI's error shape (protocol.APIError.body(), without importing pydantic: the CLI reads this module)."""
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
@@ -90,7 +94,7 @@ class BodyLimit:
 
     @staticmethod
     async def _refuse(send, status: int, message: str, code: str) -> None:
-        body = error_body(status, message, "invalid_request_error", code)
+        body = error_body(message, "invalid_request_error", code)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
