@@ -228,10 +228,12 @@ void score_rows(const float* qg, int64_t G, int64_t D, const void* const* krows,
 
 template <typename T>
 void attend_rows(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc, int64_t t,
-                 AttendScratch& scratch) {
+                 AttendScratch& scratch, int64_t window) {
   const int64_t H = pg.H, D = pg.D, BS = pg.BS, KVH = pg.KVH, G = pg.G, max_blocks = pg.max_blocks;
   const int64_t* tp = pg.tables.data_ptr<int64_t>();
-  const int64_t s = t / KVH, kh = t % KVH, ctx = pg.lens.data_ptr<int64_t>()[s];
+  const int64_t s = t / KVH, kh = t % KVH, len = pg.lens.data_ptr<int64_t>()[s];
+  // a sliding window sees the last `window` keys: the rows before are never listed, so never read
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0, ctx = len - lo;
   if (static_cast<int64_t>(scratch.krows.size()) < ctx) {
     scratch.krows.resize(ctx);
     scratch.vrows.resize(ctx);
@@ -242,11 +244,12 @@ void attend_rows(const Paged& pg, const float* qp, const void* kp, const void* v
   float* scores = scratch.scores.data();
   const float* qg = qp + (s * H + kh * G) * D;  // G consecutive query heads
   float* og = op + (s * H + kh * G) * D;
-  for (int64_t p0 = 0; p0 < ctx; p0 += BS) {  // the context's rows, block by block
-    const int64_t base = (tp[s * max_blocks + p0 / BS] * BS * KVH + kh) * D;
-    for (int64_t r = 0; r < std::min(BS, ctx - p0); ++r) {
-      krows[p0 + r] = static_cast<const T*>(kp) + base + r * KVH * D;
-      vrows[p0 + r] = static_cast<const T*>(vp) + base + r * KVH * D;
+  for (int64_t p = lo; p < len;) {  // the visible rows, block by block
+    const int64_t blk = p / BS, end = std::min((blk + 1) * BS, len);
+    const int64_t base = (tp[s * max_blocks + blk] * BS * KVH + kh) * D;
+    for (; p < end; ++p) {
+      krows[p - lo] = static_cast<const T*>(kp) + base + (p - blk * BS) * KVH * D;
+      vrows[p - lo] = static_cast<const T*>(vp) + base + (p - blk * BS) * KVH * D;
     }
   }
   score_rows<T>(qg, G, D, krows, vrows, ctx, sc, scores);
@@ -293,9 +296,9 @@ Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::T
 }
 
 void attend_task(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc, int64_t t,
-                 AttendScratch& scratch) {
-  if (pg.bf16) return attend_rows<bf16>(pg, qp, kp, vp, op, sc, t, scratch);
-  attend_rows<float>(pg, qp, kp, vp, op, sc, t, scratch);
+                 AttendScratch& scratch, int64_t window) {
+  if (pg.bf16) return attend_rows<bf16>(pg, qp, kp, vp, op, sc, t, scratch, window);
+  attend_rows<float>(pg, qp, kp, vp, op, sc, t, scratch, window);
 }
 
 void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,
@@ -323,14 +326,14 @@ void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const flo
 namespace {
 
 // out [B, H, D] = attention of q [B, H, D] (contiguous) over the paged context
-void attend(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc) {
+void attend(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc, int64_t window) {
   // one thread unless there are >= ~64 KiB of K/V rows to read per task on average
   const int64_t tasks = pg.B * pg.KVH;
   const int64_t bytes_per_task = std::max<int64_t>(1, pg.total * pg.D * (pg.bf16 ? 4 : 8) / std::max<int64_t>(1, pg.B));
   const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / bytes_per_task);
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     AttendScratch scratch;
-    for (int64_t t = t0; t < t1; ++t) attend_task(pg, qp, kp, vp, op, sc, t, scratch);
+    for (int64_t t = t0; t < t1; ++t) attend_task(pg, qp, kp, vp, op, sc, t, scratch, window);
   });
 }
 
@@ -338,7 +341,7 @@ void attend(const Paged& pg, const float* qp, const void* kp, const void* vp, fl
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  std::optional<int64_t> max_context_len) {
+                                  std::optional<int64_t> max_context_len, int64_t window) {
   RECORD_FUNCTION("sot_cpp::paged_decode_attention", std::vector<c10::IValue>());
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.device().is_cpu(),
               "paged_decode_attention: q [B, H, D] float32 CPU");
@@ -347,14 +350,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                block_tables, context_lens);
   const auto qc = q.contiguous();
   auto out = at::empty_like(qc);
+  TORCH_CHECK(window >= 0, "paged_decode_attention: window >= 0");
   attend(pg, qc.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr<float>(),
-         static_cast<float>(scale));
+         static_cast<float>(scale), window);
   return out;
 }
 
 at::Tensor rope_store_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
-                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                       int64_t window) {
   RECORD_FUNCTION("sot_cpp::rope_store_decode_attention", std::vector<c10::IValue>());
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.device().is_cpu() &&
                   cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
@@ -385,7 +390,8 @@ at::Tensor rope_store_decode_attention(const at::Tensor& qkv, const at::Tensor& 
       rope_store_task(pg, x.data_ptr<float>(), x.stride(0), cc.data_ptr<float>(), sc.data_ptr<float>(), sp, qp, kp, vp,
                       t, kh);
   auto out = at::empty({B, H * D}, x.options());
-  attend(pg, qp, kp, vp, out.data_ptr<float>(), static_cast<float>(scale));
+  TORCH_CHECK(window >= 0, "rope_store_decode_attention: window >= 0");
+  attend(pg, qp, kp, vp, out.data_ptr<float>(), static_cast<float>(scale), window);
   return out;
 }
 

@@ -34,12 +34,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention, "float32 paged decode attention (GQA)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
-        py::arg("context_lens"), py::arg("scale"), py::arg("max_context_len") = py::none());
+        py::arg("context_lens"), py::arg("scale"), py::arg("max_context_len") = py::none(), py::arg("window") = 0);
   m.def("rope_store_decode_attention", &rope_store_decode_attention,
         "RoPE on the q/k heads of qkv [B, (H + 2 kv_heads) * D], k/v stored at slot_mapping, then paged decode "
         "attention -> [B, H * D]",
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"));
+        py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("window") = 0);
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("add_rms_norm", &add_rms_norm, "(norm(x + residual), x + residual)", py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("eps"));
@@ -53,10 +54,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            "and KV pool")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, at::Tensor, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, int64_t, double, double, bool>(),
+                    std::vector<at::Tensor>, int64_t, double, double, bool, std::vector<int64_t>>(),
            py::arg("ln1"), py::arg("ln2"), py::arg("mats"), py::arg("scales"), py::arg("final_norm"),
            py::arg("k_caches"), py::arg("v_caches"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"),
-           py::arg("bf16_act") = false)
+           py::arg("bf16_act") = false, py::arg("windows") = std::vector<int64_t>{})
       .def("__call__", &DecodeLayers::forward,
            "x [B, hidden] embeddings -> final-normed hidden [B, hidden]; stores the new K/V (GIL released)",
            py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),

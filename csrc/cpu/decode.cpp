@@ -55,12 +55,15 @@ inline void barrier() {
 DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> ln2, std::vector<at::Tensor> mats,
                            std::vector<std::optional<at::Tensor>> scales, at::Tensor final_norm,
                            std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t num_heads,
-                           double eps, double scale, bool bf16_act)
-    : eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)) {
+                           double eps, double scale, bool bf16_act, std::vector<int64_t> windows)
+    : windows_(std::move(windows)), eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)) {
   const size_t L = ln1.size();
   TORCH_CHECK(L > 0 && ln2.size() == L && mats.size() == 4 * L && scales.size() == 4 * L && k_caches.size() == L &&
                   v_caches.size() == L,
               "DecodeLayers: per layer 2 norms, 4 matrices (+ 4 scales), a K and a V pool");
+  if (windows_.empty()) windows_.assign(L, 0);
+  TORCH_CHECK(windows_.size() == L, "DecodeLayers: one window per layer");
+  for (int64_t w : windows_) TORCH_CHECK(w >= 0, "DecodeLayers: windows >= 0 (0: the whole context)");
   k0_ = k_caches[0];
   v0_ = v_caches[0];
   TORCH_CHECK(k0_.dim() == 4 && (k0_.scalar_type() == at::kFloat || k0_.scalar_type() == at::kBFloat16),
@@ -171,7 +174,7 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
       // its KV head: the last block, never shared), so one thread does both with no barrier between them
       for (int64_t t = ta; t < tb; ++t) {
         rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
-        attend_task(pg, q, k_[l], v_[l], o, scale_, t, ts.attn);
+        attend_task(pg, q, k_[l], v_[l], o, scale_, t, ts.attn, windows_[l]);
       }
       barrier();
       matmul_begin();

@@ -28,12 +28,13 @@ int64_t linear_max_rows();
 // attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  std::optional<int64_t> max_context_len);
+                                  std::optional<int64_t> max_context_len, int64_t window = 0);
 // the decode half of a layer's attention in one call: RoPE on the q and k heads of the fused qkv [B, (H + 2 KVH) * D],
 // k and v stored at their slots, then paged decode attention -> [B, H * D]
 at::Tensor rope_store_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
-                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale);
+                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                       int64_t window = 0);
 
 // elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -92,9 +93,10 @@ struct AttendScratch {
 // its slot of k_cache, v head kh copied into v_cache
 void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,
                      const int64_t* slots, float* q, void* k_cache, void* v_cache, int64_t s, int64_t kh);
-// attention of row s's query heads of KV group kh (task t = s * KVH + kh): q, out [B, H, D]
+// attention of row s's query heads of KV group kh (task t = s * KVH + kh): q, out [B, H, D]; over the context's
+// last `window` keys (0: all of it)
 void attend_task(const Paged& pg, const float* q, const void* k_cache, const void* v_cache, float* out, float scale,
-                 int64_t t, AttendScratch& scratch);
+                 int64_t t, AttendScratch& scratch, int64_t window = 0);
 
 
 // decode.cpp: a decode step's whole layer loop in one call (bound as _cpp.DecodeLayers). Built once per model
@@ -102,10 +104,12 @@ void attend_task(const Paged& pg, const float* q, const void* k_cache, const voi
 class DecodeLayers {
  public:
   // per layer l: ln1[l], ln2[l]; mats[4 l .. 4 l + 3] = qkv, o, gate_up, down (scales[i]: int8 only);
-  // k_caches[l], v_caches[l] the layer's pools; bf16_act: bfloat16 matrices at bf16 precision (linear_bf16.cpp)
+  // k_caches[l], v_caches[l] the layer's pools; bf16_act: bfloat16 matrices at bf16 precision (linear_bf16.cpp);
+  // windows[l]: layer l's sliding attention window (0: the whole context; empty: none anywhere)
   DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> ln2, std::vector<at::Tensor> mats,
                std::vector<std::optional<at::Tensor>> scales, at::Tensor final_norm, std::vector<at::Tensor> k_caches,
-               std::vector<at::Tensor> v_caches, int64_t num_heads, double eps, double scale, bool bf16_act = false);
+               std::vector<at::Tensor> v_caches, int64_t num_heads, double eps, double scale, bool bf16_act = false,
+               std::vector<int64_t> windows = {});
   // x [B, hidden] embeddings -> final-normed hidden states [B, hidden]; K/V of the new tokens stored
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
                      const at::Tensor& block_tables, const at::Tensor& context_lens);
@@ -123,6 +127,7 @@ class DecodeLayers {
   std::vector<at::Tensor> keep_;  // owners of the memory the views point into
   std::vector<Layer> layers_;
   std::vector<void*> k_, v_;  // pools of pg.bf16 ? bfloat16 : float32
+  std::vector<int64_t> windows_;  // per layer, 0: the whole context
   at::Tensor k0_, v0_;  // the first layer's pools, for shapes (all layers' are alike)
   const float* final_norm_;
   int64_t hidden_, H_, KVH_, D_, F_;

@@ -42,7 +42,7 @@ int num_sms(c10::DeviceIndex device) {
 std::tuple<at::Tensor, std::optional<at::Tensor>> paged_decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
     const at::Tensor& context_lens, double scale, int64_t max_context_len, int64_t partition_size,
-    std::optional<at::Tensor> out, bool return_lse) {
+    std::optional<at::Tensor> out, bool return_lse, int64_t window) {
   CHECK_ARG(q.is_cuda(), "q must be a CUDA tensor, got one on ", q.device());
   for (const at::Tensor* t : {&k_cache, &v_cache, &block_tables, &context_lens})
     CHECK_ARG(t->device() == q.device(), "every tensor must be on ", q.device(), ", got one on ", t->device());
@@ -70,6 +70,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> paged_decode_attention(
   CHECK_ARG(max_context_len >= 1 && max_context_len <= INT32_MAX, "max_context_len must be >= 1, got ",
             max_context_len);
   CHECK_ARG(partition_size >= 0, "partition_size must be >= 0 (0: automatic), got ", partition_size);
+  CHECK_ARG(window >= 0 && window <= INT32_MAX, "window must be >= 0 (0: the whole context), got ", window);
   if (out.has_value())
     CHECK_ARG(out->sizes() == q.sizes() && out->scalar_type() == q.scalar_type() && out->device() == q.device() &&
                   out->stride(2) == 1,
@@ -83,7 +84,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> paged_decode_attention(
   std::optional<at::Tensor> lse;
   if (return_lse) lse = at::empty({B, H}, q.options().dtype(at::kFloat));
 
-  const int max_len = static_cast<int>(max_context_len);
+  // keys any query reads: the partitions split the window, not the whole context
+  const int max_len = static_cast<int>(window > 0 ? std::min(max_context_len, window) : max_context_len);
   const int psize = partition_size > 0 ? static_cast<int>(std::min<int64_t>(partition_size, max_len))
                                        : sot::paged_decode_partition_size(B, H, KVH, max_len, num_sms(q.get_device()));
   const int parts = (max_len + psize - 1) / psize;
@@ -119,6 +121,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> paged_decode_attention(
   a.block_size = static_cast<int>(k_cache.size(1));
   a.partition_size = psize;
   a.num_partitions = parts;
+  a.window = static_cast<int>(window);
   a.scale = static_cast<float>(scale);
   a.dtype = dtype;
   const cudaError_t err = sot::launch_paged_decode(a, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
@@ -135,7 +138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "partition_size 0 picks the split-K partitions for this GPU",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("scale"), py::arg("max_context_len"), py::arg("partition_size") = 0, py::arg("out") = py::none(),
-        py::arg("return_lse") = false);
+        py::arg("return_lse") = false, py::arg("window") = 0);
   m.def("default_partition_size", &sot::paged_decode_partition_size,
         "tokens per partition the kernel picks for a batch on a GPU with `num_sms` multiprocessors",
         py::arg("batch"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("max_context_len"),

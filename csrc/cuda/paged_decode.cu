@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_partition_kernel(con
   const int kv_head = head0 / (a.num_heads / a.num_kv_heads);
   const int part = blockIdx.z;
   const int ctx = a.context_lens[seq];
-  const int start = part * a.partition_size;
+  // partitions split the window (the whole context without one): keys before it are never read
+  const int start = (a.window > 0 ? max(ctx - a.window, 0) : 0) + part * a.partition_size;
   if (start >= ctx) return;  // a short sequence of a ragged batch: the reduce never reads this slot
   const int end = min(start + a.partition_size, ctx);
 
@@ -236,7 +237,8 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_partition_kernel(con
 template <typename T>
 __global__ void paged_decode_reduce_kernel(const PagedDecodeArgs a) {
   const int seq = blockIdx.x, head = blockIdx.y;
-  const int n = ceil_div(a.context_lens[seq], a.partition_size);  // later slots were never written
+  const int len = a.window > 0 ? min(a.context_lens[seq], a.window) : a.context_lens[seq];
+  const int n = ceil_div(len, a.partition_size);  // later slots were never written
   const int64_t row0 = (int64_t(seq) * a.num_heads + head) * a.num_partitions;
   const float* part_out = a.workspace + row0 * a.head_dim;
   const float* part_lse = a.workspace + int64_t(a.batch) * a.num_heads * a.num_partitions * a.head_dim + row0;
@@ -312,7 +314,7 @@ size_t paged_decode_workspace_floats(int batch, int num_heads, int head_dim, int
 
 cudaError_t launch_paged_decode(const PagedDecodeArgs& a, cudaStream_t stream) {
   if (a.batch < 0 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.block_size <= 0 ||
-      a.partition_size <= 0 || a.num_partitions <= 0 || !paged_decode_supports_head_dim(a.head_dim) ||
+      a.partition_size <= 0 || a.num_partitions <= 0 || a.window < 0 || !paged_decode_supports_head_dim(a.head_dim) ||
       (a.num_partitions > 1 && a.workspace == nullptr) || a.num_partitions > 65535 ||
       a.num_heads > 65535)
     return cudaErrorInvalidValue;

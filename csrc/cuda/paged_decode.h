@@ -6,7 +6,8 @@
 // Semantics are those of kernels.reference.paged_decode_attention: one query token per sequence,
 // q [B, H, D] against the sequence's first context_lens[s] tokens of the paged K/V pool
 // [num_blocks, block_size, KVH, D] (token t in block block_tables[s][t / block_size], row
-// t % block_size), softmax(scale * q.k) @ v, H a multiple of KVH (GQA).
+// t % block_size), softmax(scale * q.k) @ v, H a multiple of KVH (GQA). With a sliding window only the
+// context's last `window` tokens are attended to (and read).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,7 +35,8 @@ struct PagedDecodeArgs {
   int64_t v_stride_block, v_stride_row, v_stride_head;
   int batch, num_heads, num_kv_heads, head_dim, block_size;
   int partition_size;            // tokens per split-K partition (>= 1)
-  int num_partitions;            // ceil(max_context_len / partition_size)
+  int num_partitions;            // ceil(min(max_context_len, window or max) / partition_size)
+  int window;                    // > 0: keys a query sees (its context's last ones); 0: the whole context
   float scale;                   // softmax scale, usually head_dim^-0.5
   DType dtype;
 };

@@ -35,14 +35,23 @@ class ModelConfig:
     sandwich_norms: bool = False  # attention and MLP outputs normed before the residual add; a norm before the MLP
     attn_scale: float | None = None  # attention scores times attn_scale ** -0.5 (None: head_dim)
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
-    local_layers: tuple[bool, ...] | None = None  # per layer: a sliding-window ("local") layer
-    rope_local_theta: float | None = None  # the local layers' RoPE base
+    sliding_window: int | None = None  # keys a local layer's query sees, itself included (mistral, qwen2/3, gemma3)
+    local_layers: tuple[bool, ...] | None = None  # per layer: a sliding-window layer (None: all, if there is a window)
+    rope_local_theta: float | None = None  # the local layers' RoPE base (gemma3)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+
+    def window(self, layer: int) -> int:
+        """The attention window of a layer in the kernels' convention: 0 for the whole causal context."""
+        if not self.sliding_window or (self.local_layers is not None and not self.local_layers[layer]):
+            return 0
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -58,6 +67,15 @@ class ModelConfig:
         rope.pop("rope_theta", None)
         if rope.get("rope_type", rope.get("type", "default")) == "default":
             rope = {}
+        # Qwen configs carry a window they do not use unless use_sliding_window; layer_types (transformers >= 4.54)
+        # names the windowed layers, else a window applies to every layer (Mistral)
+        window = cfg.get("sliding_window")
+        if cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            window = None
+        types = cfg.get("layer_types")
+        if window and not types and cfg.get("model_type") in ("qwen2", "qwen3"):  # older Qwen files
+            types = ["sliding_attention" if i >= cfg.get("max_window_layers", 0) else "full_attention"
+                     for i in range(cfg["num_hidden_layers"])]
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -76,6 +94,8 @@ class ModelConfig:
             qkv_bias=cfg.get("model_type") == "qwen2" or (cfg.get("model_type") == "qwen3"
                                                           and bool(cfg.get("attention_bias"))),
             qk_norm=cfg.get("model_type") == "qwen3",
+            sliding_window=int(window) if window else None,
+            local_layers=tuple(t == "sliding_attention" for t in types) if window and types else None,
         )
 
     @classmethod
@@ -95,11 +115,11 @@ class ModelConfig:
         theta = float(full.pop("rope_theta", 1_000_000.0))
         scaling = full if full.get("rope_type", full.get("type", "default")) != "default" else None
         base = cls.from_hf({**cfg, "model_type": "llama", "rope_parameters": None, "rope_scaling": scaling,
-                            "rope_theta": theta, "tie_word_embeddings": cfg.get("tie_word_embeddings", True)})
+                            "rope_theta": theta, "tie_word_embeddings": cfg.get("tie_word_embeddings", True),
+                            "layer_types": types})
         return replace(base, qk_norm=True, norm_offset=True, hidden_act="gelu_tanh", embed_scale=True,
                        sandwich_norms=True, attn_scale=float(cfg.get("query_pre_attn_scalar") or base.head_dim),
                        logit_softcap=cfg.get("final_logit_softcapping"),
-                       local_layers=tuple(t == "sliding_attention" for t in types),
                        rope_local_theta=float(local.get("rope_theta", 10_000.0)))
 
     def to_hf(self) -> dict[str, Any]:

@@ -123,6 +123,7 @@ class LlamaModel:
                                                                  rope_scaling=None)))
             self.local_rope = (local.cos().to(dev), local.sin().to(dev))
         self.scale = (cfg.attn_scale or cfg.head_dim) ** -0.5
+        self.windows = [cfg.window(i) for i in range(cfg.num_layers)]  # per layer, 0: the whole context
         self.linear = backend.linear or reference.linear  # weight matmuls: x [T, in] @ w[out, in]^T
         # the gated MLP's activation on the fused gate|up product: SwiGLU through the backend, Gemma's GELU-tanh
         if cfg.hidden_act == "silu":
@@ -161,7 +162,8 @@ class LlamaModel:
         residual = None
         # plain decode (no shared-prefix groups): the backend's one-call RoPE + KV store + attention, if it has one
         fused_decode = None if meta.is_prefill or meta.prefix_groups or not plain else kb.rope_store_decode_attention
-        for (ln1, wqkv, wo, ln2, wgu, wdown), (bias, qn, kn), (kc, vc) in zip(self.layers, self.attn_extras, kv_cache):
+        for (ln1, wqkv, wo, ln2, wgu, wdown), (bias, qn, kn), (kc, vc), window in zip(
+                self.layers, self.attn_extras, kv_cache, self.windows):
             if residual is None:
                 residual, y = x, kb.rms_norm(x, ln1, cfg.rms_norm_eps)
             else:
@@ -171,9 +173,10 @@ class LlamaModel:
                 qkv += bias
             if fused_decode is not None:
                 o = fused_decode(qkv, cos, sin, kc, vc, meta.slot_mapping, meta.block_tables, meta.context_lens,
-                                 self.scale, meta.max_context_len)
+                                 self.scale, meta.max_context_len, window)
             else:
-                o = self.attention(self._head_norms(qkv.view(t, h + 2 * kvh, d), qn, kn), cos, sin, kc, vc, meta)
+                o = self.attention(self._head_norms(qkv.view(t, h + 2 * kvh, d), qn, kn), cos, sin, kc, vc, meta,
+                                   window)
             x = self.linear(o, wo)
             if self.group is not None:  # row-parallel o_proj: each rank holds a partial sum
                 self.group.all_reduce(x)
@@ -205,11 +208,12 @@ class LlamaModel:
         for i, ((ln1, wqkv, wo, post_attn, wgu, wdown), (bias, qn, kn), (pre_ff, post_ff), (kc, vc)) in enumerate(
                 zip(self.layers, self.attn_extras, self.ff_norms, kv_cache)):
             c, s_ = local_cs if cfg.local_layers and cfg.local_layers[i] else (cos, sin)
+            window = self.windows[i]
             qkv = self.linear(kb.rms_norm(x, ln1, eps), wqkv)
             if bias is not None:
                 qkv += bias
             a = self.linear(self.attention(self._head_norms(qkv.view(t, h + 2 * kvh, d), qn, kn), c, s_, kc, vc,
-                                           meta), wo)
+                                           meta, window), wo)
             if self.group is not None:
                 self.group.all_reduce(a)
             x = x + kb.rms_norm(a, post_attn, eps)
@@ -226,26 +230,27 @@ class LlamaModel:
         if self._decode_step_pool is not kv_cache:
             cfg = self.cfg
             self.decode_step = self.backend.decode_layers(self.layers, self.norm, kv_cache, cfg.num_heads,
-                                                          cfg.rms_norm_eps, self.scale)
+                                                          cfg.rms_norm_eps, self.scale, self.windows)
             self._decode_step_pool = kv_cache
         return self.decode_step
 
     def attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                  meta: AttnMetadata) -> torch.Tensor:
-        """RoPE, KV store and attention of one layer, kernel by kernel: qkv [T, H + 2 KVH, D] -> [T, H * D]."""
+                  meta: AttnMetadata, window: int = 0) -> torch.Tensor:
+        """RoPE, KV store and attention of one layer, kernel by kernel: qkv [T, H + 2 KVH, D] -> [T, H * D].
+        Cascade attention knows no window: with one that binds (a context past it) the step decodes plainly."""
         kb, h, kvh = self.backend, self.cfg.num_heads, self.cfg.num_kv_heads
         qk = kb.apply_rope(qkv[:, :h + kvh], cos, sin)  # q and k heads rotated in one call
         q, k = qk[:, :h], qk[:, h:]
         kb.store_kv(k, qkv[:, h + kvh:], kc, vc, meta.slot_mapping)
         if meta.is_prefill:
             o = kb.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
-                                           self.scale)
-        elif meta.prefix_groups:
+                                           self.scale, window)
+        elif meta.prefix_groups and (not window or 0 < meta.max_context_len <= window):
             o = kb.cascade_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
                                             meta.prefix_groups, meta.max_context_len)
         else:
             o = kb.paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, self.scale,
-                                          meta.max_context_len)
+                                          meta.max_context_len, window)
         return o.reshape(qkv.shape[0], h * self.cfg.head_dim)
 
     def logits(self, hidden: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:

@@ -73,26 +73,26 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float, max_context_len: int | None = None) -> torch.Tensor:
+                           scale: float, max_context_len: int | None = None, window: int = 0) -> torch.Tensor:
     """`kernels.reference.paged_decode_attention`, in C++ for float32 queries over float32 or bfloat16 pools."""
     if q.dtype == F32 and _pools_ok(k_cache, v_cache):
         return _cpp.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                           max_context_len)
+                                           max_context_len, window)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                            max_context_len)
+                                            max_context_len, window)
 
 
 def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                                context_lens: torch.Tensor, scale: float, max_context_len: int | None = None
-                                ) -> torch.Tensor:
+                                context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
+                                window: int = 0) -> torch.Tensor:
     """`kernels.reference.rope_store_decode_attention` as one C++ call for float32: what a decode step does per
     layer between two matmuls, without the Python-side views and calls of three kernels."""
     if qkv.dtype == F32 and cos.dtype == F32 and _pools_ok(k_cache, v_cache):
         return _cpp.rope_store_decode_attention(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables,
-                                                context_lens, scale)
+                                                context_lens, scale, window)
     return reference.rope_store_decode_attention(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables,
-                                                 context_lens, scale, max_context_len)
+                                                 context_lens, scale, max_context_len, window)
 
 
 class DecodeStep:
@@ -118,9 +118,10 @@ class DecodeStep:
 
 
 def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
-                  num_heads: int, eps: float, scale: float) -> DecodeStep | None:
+                  num_heads: int, eps: float, scale: float, windows: list[int] | None = None) -> DecodeStep | None:
     """The whole decode layer loop for these weights (`LlamaModel.layers`: ln1, wqkv, wo, ln2, wgate_up, wdown per
-    layer) and KV pool, or None where it cannot run it: activations or norms not float32, a pool neither float32
+    layer; `windows`: each layer's attention window, 0 or None the whole context) and KV pool, or None where it
+    cannot run it: activations or norms not float32, a pool neither float32
     nor bfloat16, or a weight storage the kernel does not read."""
     ln1, ln2, mats, scales = [], [], [], []
     bf16_act = isinstance(layers[0][1], Bf16MatmulWeight)
@@ -142,7 +143,8 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
             or len({k.dtype for k, _ in kv_cache}) != 1:
         return None
     return DecodeStep(_cpp.DecodeLayers(ln1, ln2, mats, scales, norm, [k for k, _ in kv_cache],
-                                        [v for _, v in kv_cache], num_heads, eps, scale, bf16_act))
+                                        [v for _, v in kv_cache], num_heads, eps, scale, bf16_act,
+                                        list(windows or [])))
 
 
 def cpp_backend() -> Backend:

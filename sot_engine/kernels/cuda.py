@@ -112,8 +112,8 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           max_context_len: int | None = None, *, partition_size: int | None = None,
-                           out: torch.Tensor | None = None,
+                           max_context_len: int | None = None, window: int = 0, *,
+                           partition_size: int | None = None, out: torch.Tensor | None = None,
                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`kernels.triton.decode.paged_decode_attention` (same arguments and results) in the CUDA kernel.
 
@@ -124,12 +124,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not supports(q, k_cache, v_cache):
         from sot_engine.kernels.triton.decode import paged_decode_attention as triton_decode
         return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
-                             partition_size=partition_size, out=out, return_lse=return_lse)
+                             partition_size=partition_size, out=out, return_lse=return_lse, window=window)
     if partition_size is not None and partition_size < 1:
         raise ValueError(f"partition_size must be positive, got {partition_size}")
     max_len = max_context_len or (int(context_lens.max()) if context_lens.numel() else 1)
     o, lse = load_extension().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                                     max_len, partition_size or 0, out, return_lse)
+                                                     max_len, partition_size or 0, out, return_lse, window)
     return (o, lse) if return_lse else o
 
 

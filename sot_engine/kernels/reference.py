@@ -5,7 +5,9 @@ Layout conventions shared by all backends:
 - a KV pool is `[num_blocks, block_size, kv_heads, head_dim]`; a sequence's token at position p
   lives in block `block_tables[s, p // block_size]`, row `p % block_size`;
 - `context_lens[s]` counts every token of sequence s whose K/V is in the pool, the new ones included
-  (K/V are stored before attention runs).
+  (K/V are stored before attention runs);
+- `window` (attention): a query at position p sees keys p - window + 1 .. p (a sliding window, Mistral's and Gemma's
+  local layers; transformers' `kv_idx > q_idx - sliding_window`); 0 sees the whole causal context.
 Everything works in any float dtype, float64 included, so tests can compute an exact oracle.
 """
 from __future__ import annotations
@@ -79,8 +81,8 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of packed new tokens over each sequence's whole paged context.
+                            context_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+    """Causal attention of packed new tokens over each sequence's paged context (within `window`, if any).
 
     Sequence s owns queries `q[cu_seqlens_q[s]:cu_seqlens_q[s+1]]`, the last tokens of its
     `context_lens[s]` (a cached prefix, e.g. a forked one, then the new tokens).
@@ -101,7 +103,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             v = v.repeat_interleave(heads // kvh, dim=1)
         # query i sits at position ctx - n_new + i and sees keys 0..that position
         qpos = torch.arange(ctx - n_new, ctx, device=q.device)[:, None]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
+        key = torch.arange(ctx, device=q.device)[None, :]
+        mask = key <= qpos
+        if window:
+            mask &= key > qpos - window
         o = F.scaled_dot_product_attention(qs.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                            attn_mask=mask, scale=scale)
         out[cu[s]:cu[s + 1]] = o.transpose(0, 1)
@@ -110,8 +115,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float, max_context_len: int | None = None) -> torch.Tensor:
-    """One query per sequence over its paged context: q [B, H, D] -> [B, H, D].
+                           scale: float, max_context_len: int | None = None, window: int = 0) -> torch.Tensor:
+    """One query per sequence over its paged context (its last `window` keys, if any): q [B, H, D] -> [B, H, D].
 
     Gathers the whole batch's blocks at once (padded to the longest context, padding masked out),
     so the cost in Python is a handful of ops per layer whatever the batch size.
@@ -127,7 +132,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     v = v_cache[tables].view(b, nblk * bs, kvh, d).to(acc)
     qg = q.view(b, kvh, heads // kvh, d).to(acc)  # the query heads that share one KV head
     scores = torch.einsum("bkgd,blkd->bkgl", qg, k).mul_(scale)
-    pad = torch.arange(nblk * bs, device=q.device)[None, :] >= context_lens[:, None]
+    key = torch.arange(nblk * bs, device=q.device)[None, :]
+    pad = key >= context_lens[:, None]
+    if window:
+        pad |= key < context_lens[:, None] - window
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, heads, d).to(q.dtype)
@@ -136,7 +144,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                                 context_lens: torch.Tensor, scale: float,
-                                max_context_len: int | None = None) -> torch.Tensor:
+                                max_context_len: int | None = None, window: int = 0) -> torch.Tensor:
     """The decode half of a layer's attention: one new token per sequence, qkv [B, (H + 2 KVH) * D] as the fused
     matmul leaves it. RoPE on its q and k heads, k and v stored at `slot_mapping`, paged decode attention ->
     [B, H * D]. (The engine calls a backend's fused version of it; backends without one run the three kernels.)"""
@@ -146,4 +154,4 @@ def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch
     qk = apply_rope(qkv[:, :h + kvh], cos, sin)
     store_kv(qk[:, h:], qkv[:, h + kvh:], k_cache, v_cache, slot_mapping)
     return paged_decode_attention(qk[:, :h], k_cache, v_cache, block_tables, context_lens, scale,
-                                  max_context_len).reshape(b, h * d)
+                                  max_context_len, window).reshape(b, h * d)

@@ -1,6 +1,7 @@
 """The LLaMA block's relatives, each a config switch, against transformers' own implementation: a tiny random model
 built and saved by transformers, loaded by us, float64 logits within 1e-5 over a ragged prefill and 20 decode steps;
-a fork equals its full prompts."""
+a fork equals its full prompts. Sliding windows (Mistral, Qwen's upper layers, Gemma 3's local layers) are 16 tokens
+here, so the contexts (5 to 60 tokens) run past them."""
 from __future__ import annotations
 
 import pytest
@@ -36,12 +37,13 @@ def build(family: str, **extra):
 
 FAMILIES = {
     "mistral": dict(sliding_window=None, head_dim=32),
-    "qwen2": dict(use_sliding_window=False, sliding_window=64),  # q/k/v bias
+    "mistral-window": dict(sliding_window=16, head_dim=32),  # every layer windowed
+    "qwen2": dict(use_sliding_window=False, sliding_window=64),  # q/k/v bias; a window it does not use
+    "qwen2-window": dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),  # layer 1 windowed
     "qwen3": dict(head_dim=48, use_sliding_window=False, attention_bias=False),  # q/k norms, head_dim != 128/4
     "qwen3-tied": dict(head_dim=48, tie_word_embeddings=True),
-    # local and global layers with their own RoPE bases, a window longer than these contexts (the engine caps the
-    # context at the window until sliding windows are implemented), query_pre_attn_scalar != head_dim
-    "gemma3": dict(num_hidden_layers=4, head_dim=32, sliding_window=128, query_pre_attn_scalar=24,
+    # local (windowed) and global layers with their own RoPE bases, query_pre_attn_scalar != head_dim
+    "gemma3": dict(num_hidden_layers=4, head_dim=32, sliding_window=16, query_pre_attn_scalar=24,
                    layer_types=["sliding_attention", "full_attention"] * 2, tie_word_embeddings=True),
 }
 
@@ -52,10 +54,12 @@ def test_family_logits_match_transformers(family, tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     eng = LLMEngine(str(tmp_path), device="cpu", dtype=torch.float64, num_blocks=64, block_size=8)
     cfg = eng.config
-    assert (cfg.qkv_bias, cfg.qk_norm) == (family == "qwen2", family.startswith(("qwen3", "gemma3")))
+    assert (cfg.qkv_bias, cfg.qk_norm) == (family.startswith("qwen2"), family.startswith(("qwen3", "gemma3")))
+    assert [cfg.window(i) for i in range(cfg.num_layers)] == {
+        "mistral-window": [16, 16], "qwen2-window": [0, 16], "gemma3": [16, 0, 16, 0]}.get(family, [0] * cfg.num_layers)
+    assert cfg.max_position_embeddings == 1024  # the model's own context, not the window
     if family == "gemma3":
         assert cfg.sandwich_norms and cfg.local_layers == (True, False, True, False)
-        assert cfg.max_position_embeddings == 128  # capped at the window
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (23, 5, 40)]
     ours = engine_logits(eng, prompts, 20)
@@ -68,9 +72,13 @@ def test_family_logits_match_transformers(family, tmp_path):
             assert err < 1e-5, f"{family} step {step}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3", "mistral-window", "mistral-window-32"])
 def test_family_fork_and_batch_equal_alone(family, tmp_path):
-    build(family, **FAMILIES[family]).save_pretrained(tmp_path, safe_serialization=True)
+    """Forked suffixes share the prefix's blocks, and their decode steps run cascade attention while the contexts
+    are within the windows (window 32: the first steps), plain paged attention once past them."""
+    kind = family.split("-")[0]
+    extra = FAMILIES["mistral-window"] | dict(sliding_window=32) if family == "mistral-window-32" else FAMILIES[family]
+    build(kind, **extra).save_pretrained(tmp_path, safe_serialization=True)
     llm = LLM(str(tmp_path), dtype=torch.float64, num_blocks=64, block_size=8)
     g = torch.Generator().manual_seed(4)
     prefix = torch.randint(0, 512, (21,), generator=g).tolist()
@@ -82,21 +90,31 @@ def test_family_fork_and_batch_equal_alone(family, tmp_path):
     assert [o.token_ids for o in llm.fork(prefix, suffixes, sp)] == alone
 
 
-def test_a_window_caps_the_context_and_other_architectures_are_named(tmp_path, caplog):
-    """Until sliding windows are implemented the context stops at the window, where they change nothing."""
-    hf = build("mistral", sliding_window=16, head_dim=32)
+@pytest.mark.parametrize("family", ["mistral-window", "gemma3"])
+def test_windowed_prefix_cache_hit_equals_a_cold_run(family, tmp_path):
+    """A prompt whose cached blocks lie partly outside the window: the cached run's tokens equal a cold run's (with
+    chunked prefill in chunks shorter than the window), and both equal transformers' greedy continuation."""
+    hf = build(family.split("-")[0], **FAMILIES[family])
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    with caplog.at_level("WARNING"):
-        llm = LLM(str(tmp_path), dtype=torch.float64, num_blocks=16, block_size=8)
-    assert llm.engine.max_model_len == 16 and "the context is capped at 16 tokens" in caplog.text
-    with pytest.raises(ValueError, match="does not fit the context"):
-        llm.generate([list(range(3, 20))], SamplingParams(max_tokens=2))
-    p = list(range(3, 10))
-    with torch.no_grad():  # within the window the model is exact
-        ref = hf(torch.tensor([p])).logits[0, -1]
-    eng = llm.engine
-    (logits,) = engine_logits(eng, [p], 0)
-    assert rel_err(logits[0], ref) < 1e-5
+    g = torch.Generator().manual_seed(11)
+    shared = torch.randint(0, 512, (40,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 17)]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    cold = [LLM(str(tmp_path), dtype=torch.float64, num_blocks=64, block_size=8).generate([p], sp)[0].token_ids
+            for p in prompts]
+    llm = LLM(str(tmp_path), dtype=torch.float64, num_blocks=64, block_size=8, max_num_batched_tokens=12,
+              max_num_seqs=4)
+    warm = [llm.generate([p], sp)[0].token_ids for p in prompts]  # the second reuses the first's 40-token prefix
+    assert llm.engine.scheduler.bm.hit_tokens >= 40
+    assert warm == cold
+    for p, got in zip(prompts, cold):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
+        assert got == want
+
+
+def test_other_architectures_are_named(tmp_path):
+    build("mistral", **FAMILIES["mistral"]).save_pretrained(tmp_path, safe_serialization=True)
     import json
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
@@ -121,7 +139,7 @@ def test_family_tensor_parallel_equals_tp1(family, tmp_path):
 
 
 # llama.cpp's Gemma 3: every 6th layer global, local layers at RoPE base 10000, the scale 1/sqrt(head_dim)
-GGUF_GEMMA3 = dict(num_hidden_layers=6, head_dim=32, sliding_window=128, query_pre_attn_scalar=32,
+GGUF_GEMMA3 = dict(num_hidden_layers=6, head_dim=32, sliding_window=16, query_pre_attn_scalar=32,
                    layer_types=["sliding_attention"] * 5 + ["full_attention"], tie_word_embeddings=True)
 
 
@@ -155,3 +173,25 @@ def test_family_gguf_matches_transformers(family, tmp_path):
         ref_logits = hf(torch.tensor([full])).logits[0]
     for step, l in enumerate(logits):
         assert rel_err(l, ref_logits[len(p) - 1 + step]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_windowed_float32_backends_match_the_reference(backend, tmp_path, monkeypatch):
+    """float32, where the C++ kernels (the fused decode loop included) and Triton's run instead of the float64
+    fallback: a windowed Mistral's logits past the window match the torch reference kernels."""
+    if backend == "triton":
+        pytest.importorskip("triton")  # on CPU its interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+    build("mistral", **FAMILIES["mistral-window"]).save_pretrained(tmp_path, safe_serialization=True)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (23, 5)]
+    runs = {}
+    for name in ("torch", backend):
+        try:
+            eng = LLMEngine(str(tmp_path), device="cpu", dtype=torch.float32, num_blocks=64, block_size=8,
+                            backend=name)
+        except ValueError as e:  # the C++ extension not built
+            pytest.skip(str(e))
+        runs[name] = engine_logits(eng, prompts, 12)
+    for want, got in zip(runs["torch"], runs[backend]):
+        for a, b in zip(want, got):
+            assert rel_err(b, a) < 1e-4

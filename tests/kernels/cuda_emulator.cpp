@@ -55,6 +55,7 @@ template <typename T>
 inline T __ldg(const T* p) { return *p; }
 
 inline int min(int a, int b) { return a < b ? a : b; }  // CUDA's device min
+inline int max(int a, int b) { return a > b ? a : b; }  // and max
 
 inline float __uint_as_float(unsigned u) {
   float f;

@@ -30,7 +30,7 @@ class Args(ctypes.Structure):
                                                   "table_stride", "k_stride_block", "k_stride_row", "k_stride_head",
                                                   "v_stride_block", "v_stride_row", "v_stride_head")]
                 + [(n, ctypes.c_int) for n in ("batch", "num_heads", "num_kv_heads", "head_dim", "block_size",
-                                                "partition_size", "num_partitions")]
+                                                "partition_size", "num_partitions", "window")]
                 + [("scale", ctypes.c_float), ("dtype", ctypes.c_int)])
 
 
@@ -70,20 +70,21 @@ class Emulated:
         return self.lib.emu_heads_per_block(group)
 
     def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
-                               partition_size=0, out=None, return_lse=False):
+                               partition_size=0, out=None, return_lse=False, window=0):
         b, h, d = q.shape
         tables = block_tables.to(torch.int32).contiguous()
         lens = context_lens.to(torch.int32).contiguous()
         out = torch.empty(b, h, d, dtype=q.dtype) if out is None else out
         lse = torch.full((b, h), math.nan) if return_lse else None
-        psize = min(partition_size, max_context_len) if partition_size else self.default_partition_size(
-            b, h, k_cache.shape[2], max_context_len, self.num_sms)
-        parts = -(-max_context_len // psize)
+        max_len = min(max_context_len, window) if window else max_context_len  # as bindings.cpp
+        psize = min(partition_size, max_len) if partition_size else self.default_partition_size(
+            b, h, k_cache.shape[2], max_len, self.num_sms)
+        parts = -(-max_len // psize)
         ws = torch.full((b * h * parts * (d + 1),), math.nan) if parts > 1 else None
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         a = Args(ptr(q), ptr(k_cache), ptr(v_cache), ptr(tables), ptr(lens), ptr(out), ptr(lse), ptr(ws),
                  q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), *k_cache.stride()[:3],
-                 *v_cache.stride()[:3], b, h, k_cache.shape[2], d, k_cache.shape[1], psize, parts, scale,
+                 *v_cache.stride()[:3], b, h, k_cache.shape[2], d, k_cache.shape[1], psize, parts, window, scale,
                  DTYPE_CODES[q.dtype])
         err = self.lib.emu_launch_paged_decode(ctypes.byref(a))
         if err:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -13,16 +13,6 @@ from sot_engine.engine.tokenizer import Tokenizer
 
 
 log = logging.getLogger(__name__)
-
-
-def cap_at_window(config: ModelConfig, window: int, where: object) -> ModelConfig:
-    """Sliding windows are not implemented yet: within one window every layer attends to all of the context, exactly
-    as the model would, so the context is capped there (logged)."""
-    if window >= config.max_position_embeddings:
-        return config
-    log.warning("%s: sliding-window attention (%d tokens) is not implemented: the context is capped at %d tokens "
-                "(the model's own %d)", where, window, window, config.max_position_embeddings)
-    return replace(config, max_position_embeddings=window)
 
 
 @dataclass

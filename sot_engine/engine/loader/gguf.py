@@ -24,7 +24,7 @@ import torch
 
 from sot_engine.engine.chat import ChatTemplate, guess_chat_template
 from sot_engine.engine.config import ModelConfig
-from sot_engine.engine.loader.common import LoadedModel, cap_at_window, check_weights
+from sot_engine.engine.loader.common import LoadedModel, check_weights
 from sot_engine.engine.loader.dequant import dequantize
 from sot_engine.engine.parallel import SKIP, Shard, check_shardable, shard_spec
 from sot_engine.engine.tokenizer import Tokenizer
@@ -184,6 +184,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         orig = meta("llama.rope.scaling.original_context_length", 8192)
         scaling = llama3_scaling_from_freqs(np.asarray(freqs).reshape(-1), theta, head_dim, int(orig))
     eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    window = meta("llama.attention.sliding_window")
     config = ModelConfig(
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ne = [hidden, vocab]
         hidden_size=hidden,
@@ -201,6 +202,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         eos_token_ids=list(dict.fromkeys(int(e) for e in eos if e is not None)),
         qkv_bias=arch == "qwen2",
         qk_norm=arch in ("qwen3", "gemma3"),
+        sliding_window=int(window) if window else None,  # every layer's, but Gemma 3's global ones below
     )
     if arch == "gemma3":  # llama.cpp stores Gemma's norms as (1 + w) already: no offset to fold in
         n = config.num_layers
@@ -239,8 +241,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: s
         check_shardable(config, shard.world, shard.vocab_head)
     arch = gguf_meta(reader, "general.architecture")
     permuted = arch == "llama"
-    if (window := gguf_meta(reader, f"{arch}.attention.sliding_window")) is not None:
-        config = cap_at_window(config, int(window), path)
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:

@@ -13,21 +13,13 @@ from safetensors import safe_open
 
 from sot_engine.engine.chat import ChatTemplate, guess_chat_template
 from sot_engine.engine.config import ModelConfig
-from sot_engine.engine.loader.common import LoadedModel, cap_at_window, check_weights
+from sot_engine.engine.loader.common import LoadedModel, check_weights
 from sot_engine.engine.parallel import SKIP, Shard, check_shardable, shard_spec, take
 from sot_engine.engine.tokenizer import Tokenizer
 
 # model_type -> the architecture class it names; each is the LLaMA block with config switches (engine.config)
 _FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-
-
-def _sliding_window(cfg: dict[str, Any]) -> int | None:
-    """The window a config really uses (Qwen configs carry one with use_sliding_window false)."""
-    window = cfg.get("sliding_window")
-    if window is None or (cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False)):
-        return None
-    return int(window)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -102,8 +94,6 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype = torch.float32,
         if (kind == "llama" and cfg.get("attention_bias")) or cfg.get("mlp_bias"):
             raise ValueError(f"{kind} with an o_proj or MLP bias is not supported")
         config = ModelConfig.from_hf(cfg)
-        if (window := _sliding_window(cfg)) is not None:
-            config = cap_at_window(config, window, path)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'}: missing key {e}") from e
     except ValueError as e:

@@ -37,7 +37,7 @@ BLOCK_P = 32  # partitions merged per step of the reduce loop
 @triton.jit
 def _decode_partition_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, lse_ptr,
-        qk_scale, partition_size,
+        qk_scale, partition_size, window,
         stride_qb, stride_qh, stride_kn, stride_kr, stride_kh, stride_vn, stride_vr, stride_vh,
         stride_tb, stride_ob, stride_oh, stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_eb,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -47,7 +47,8 @@ def _decode_partition_kernel(
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     ctx = tl.load(lens_ptr + b).to(tl.int32)
-    start = part * partition_size
+    lo = tl.maximum(ctx - window, 0)  # the first key in the window (window: the context's bound, if none)
+    start = lo + part * partition_size  # partitions split the window, so keys before it are never read
     if start >= ctx:  # nothing of this sequence here; the reduce skips this slot
         return
     end = tl.minimum(start + partition_size, ctx)
@@ -85,14 +86,14 @@ def _decode_partition_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-        part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, lse_ptr, partition_size,
+        part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, lse_ptr, partition_size, window,
         stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_ob, stride_oh, stride_eb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_LSE: tl.constexpr):
     """Merge one (sequence, head)'s partitions: out = sum_p 2^(lse_p - m) o_p / sum_p 2^(lse_p - m)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     ctx = tl.load(lens_ptr + b).to(tl.int32)
-    n_parts = tl.cdiv(ctx, partition_size)  # only these were written; later slots hold garbage
+    n_parts = tl.cdiv(tl.minimum(ctx, window), partition_size)  # only these were written; later slots hold garbage
     offs_d = tl.arange(0, BLOCK_D)
     acc, l, m = merge_partitions(  # from an empty state: partition 0 always holds a token
         tl.zeros([BLOCK_D], tl.float32), tl.full([], 0.0, tl.float32), tl.full([], float("-inf"), tl.float32),
@@ -126,13 +127,14 @@ def workspace_numel(batch: int, heads: int, head_dim: int, num_partitions: int) 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           max_context_len: int | None = None, *, partition_size: int | None = None,
+                           max_context_len: int | None = None, window: int = 0, *, partition_size: int | None = None,
                            out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence over its paged context: q [B, H, D] -> [B, H, D] in q's dtype.
 
     As `kernels.reference.paged_decode_attention`; every `context_lens[s] >= 1`, and
-    `max_context_len` (if given) must be at least their max (it sizes the grid).
+    `max_context_len` (if given) must be at least their max (it sizes the grid). `window` > 0: each query sees its
+    context's last `window` keys, and only those are read.
     `partition_size` (tokens) overrides the split; `out` ([B, H, D], unit last stride) and
     `workspace` (flat float32, `workspace_numel(...)` elements) let a caller reuse buffers.
     With `return_lse` it returns `(out, lse)`, lse [B, H] float32: each query's log-sum-exp of its scaled
@@ -156,6 +158,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     max_len = max_context_len or int(context_lens.max())
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: the whole context), got {window}")
+    max_len = min(max_len, window) if window else max_len  # keys any query reads
     group = heads // kvh
     if partition_size is not None and partition_size < 1:
         raise ValueError(f"partition_size must be positive, got {partition_size}")
@@ -178,7 +183,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     upcast, precision = dot_inputs(q, k_cache, use_dot)
     _decode_partition_kernel[(b, kvh, parts)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, lse,
-        scale * LOG2E, psize,
+        scale * LOG2E, psize, window or max_len,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), *part_out.stride()[:3], *part_lse.stride()[:2],
         lse.stride(0),
@@ -188,7 +193,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         WRITE_LSE=return_lse, num_warps=4)
     if split:
         _decode_reduce_kernel[(b, heads)](
-            part_out, part_lse, context_lens, out, lse, psize,
+            part_out, part_lse, context_lens, out, lse, psize, window or max_len,
             *part_out.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1), lse.stride(0),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=BLOCK_P, WRITE_LSE=return_lse, num_warps=4)
     return (out, lse) if return_lse else out

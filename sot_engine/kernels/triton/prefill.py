@@ -17,8 +17,10 @@ Design:
   any block size works; BLOCK_N is the context tile, a multiple of the block size when that is a
   power of two up to BLOCK_N.
 - The context walk stops at the tile's last query position (tiles above the causal diagonal are
-  never visited) and runs in two phases: tiles every row sees in full, with no masks at all, then
-  the few tiles that straddle the diagonal (or the context end), masked.
+  never visited) and runs in phases: tiles every row sees in full, with no masks at all, then
+  the few tiles that straddle the diagonal (or the context end), masked. With a sliding window it
+  starts at the tile's first row's first key (keys before are never read), and the keys some rows
+  see and others do not (the window's trailing edge) come first, masked.
 - Online softmax in fp32 with exp2 (scale * log2 e folded into one multiply); tl.dot takes the
   input dtype (fp16/bf16 on GPU, fp32 accumulate), except bf16 in Triton's CPU interpreter, whose
   bf16 arithmetic is broken: there the tiles are upcast to fp32 after loading.
@@ -31,19 +33,24 @@ import triton.language as tl
 
 from sot_engine.kernels.triton.attention import LOG2E, interpreting
 
+NO_WINDOW = 1 << 30  # the window a kernel gets when there is none: past any context, so no key is masked by it
+
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, lo, hi,
+def _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, first_key, lo, hi, window,
                   stride_kb, stride_kr, stride_vb, stride_vr, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold context keys [lo, hi) into the running (acc, l, m); MASKED applies causal + length masks."""
+    """Fold the key tiles from lo up to hi into the running (acc, l, m): whole tiles of BLOCK_N from lo, the last
+    one overrunning hi unless hi - lo is a multiple. MASKED applies the causal, window and length masks (a row at
+    position pos sees keys pos - window < key <= pos) and loads only keys in [first_key, ctx)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         key = start + offs_n
         if MASKED:
-            in_ctx = key < ctx  # never read past the context: the rest of a partial block is stale
+            # never read past the context (the rest of a partial block is stale) or before every row's window
+            in_ctx = (key < ctx) & (key >= first_key)
             blk = tl.load(table + key // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
         else:
             blk = tl.load(table + key // BLOCK_SIZE).to(tl.int64)
@@ -58,7 +65,7 @@ def _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, lo, hi,
             v = tl.load(v_base + v_off[:, None] + offs_d[None, :])
         s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32, log2 units
         if MASKED:
-            s = tl.where(key[None, :] <= pos[:, None], s, float("-inf"))
+            s = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] > pos[:, None] - window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -69,7 +76,7 @@ def _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, lo, hi,
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, ctx_ptr, tiles_ptr, qk_scale,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, ctx_ptr, tiles_ptr, qk_scale, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kr, stride_kh, stride_vb, stride_vr, stride_vh, stride_tb,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -90,15 +97,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, ctx_ptr, til
     tok = t0 + rows // GROUP
     head = kvh * GROUP + rows % GROUP
     row_ok = (rows < TOKENS * GROUP) & (tok < n_new)
-    pos = ctx - n_new + tok  # each row attends to keys 0..pos
+    pos = ctx - n_new + tok  # each row attends to keys pos - window + 1 .. pos
     offs_d = tl.arange(0, HEAD_DIM)
     q_off = (q_lo + tok).to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
-    # finite start, defensive: the walk's first tile always holds key 0 or follows a full tile, so
-    # every row sees a key before any fully masked tile; -inf - -inf would be NaN
+    # finite start: a row may meet a tile it sees none of (the window's trailing edge) before any key it
+    # sees; with -inf there, -inf - -inf would be NaN
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -107,12 +114,21 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, ctx_ptr, til
     v_base = v_ptr + kvh.to(tl.int64) * stride_vh
     first = ctx - n_new + t0  # position of the tile's first token: keys up to it are seen by all
     last = ctx - n_new + tl.minimum(t0 + TOKENS, n_new) - 1
-    full_end = (first + 1) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, 0, full_end,
-                                  stride_kb, stride_kr, stride_vb, stride_vr, qk_scale,
+    # three runs of whole key tiles: masked ones that only some rows' windows reach (from the tile holding the
+    # first row's first key), unmasked ones every row sees in full, masked ones across the diagonal. Without a
+    # window (window: past any context) the first run is empty and the walk starts at key 0.
+    first_key = tl.maximum(first - window + 1, 0)
+    lo = first_key // BLOCK_N * BLOCK_N
+    full_end = (first + 1) // BLOCK_N * BLOCK_N  # tiles up to it hold no key past the first row's position
+    seen_by_all = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N, lo), full_end)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, first_key, lo, seen_by_all,
+                                  window, stride_kb, stride_kr, stride_vb, stride_vr, qk_scale,
+                                  BLOCK_N, HEAD_DIM, BLOCK_SIZE, True, DOT_PRECISION)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, first_key, seen_by_all,
+                                  full_end, window, stride_kb, stride_kr, stride_vb, stride_vr, qk_scale,
                                   BLOCK_N, HEAD_DIM, BLOCK_SIZE, False, DOT_PRECISION)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, full_end, last + 1,
-                                  stride_kb, stride_kr, stride_vb, stride_vr, qk_scale,
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, ctx, first_key, full_end, last + 1,
+                                  window, stride_kb, stride_kr, stride_vb, stride_vr, qk_scale,
                                   BLOCK_N, HEAD_DIM, BLOCK_SIZE, True, DOT_PRECISION)
     out = acc / l_i[:, None]
     o_off = (q_lo + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
@@ -148,12 +164,14 @@ def _launch_config(head_dim: int, group: int, block_size: int) -> tuple[int, int
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                            *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                            context_lens: torch.Tensor, scale: float, window: int = 0,
+                            out: torch.Tensor | None = None, *, block_m: int | None = None,
+                            block_n: int | None = None) -> torch.Tensor:
     """Causal attention of packed new tokens over each sequence's paged context; see the module doc.
 
     q [T, H, D] (any row/head strides), caches [num_blocks, block_size, kv_heads, D], block_tables
-    [B, max_blocks], cu_seqlens_q [B+1], context_lens [B]. `out` (like q) is written in place if
+    [B, max_blocks], cu_seqlens_q [B+1], context_lens [B]; `window` > 0: a sliding window (keys before it are
+    never read), 0 the whole causal context. `out` (like q) is written in place if
     given; `block_m`/`block_n` override the tile sizes (tests use them to force many tiles).
     """
     t, heads, d = q.shape
@@ -170,6 +188,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must have q's shape and dtype and a contiguous head_dim")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: the whole context), got {window}")
     if t == 0:
         return out
     if q.stride(-1) != 1:
@@ -183,7 +203,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     upcast = interpreting() and torch.bfloat16 in (q.dtype, k_cache.dtype, v_cache.dtype)
     _prefill_kernel[(tiles.shape[0], kvh)](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, tiles, scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        window or NO_WINDOW, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, BLOCK_SIZE=bs, UPCAST=upcast,
