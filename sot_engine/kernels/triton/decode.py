@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sot_engine.kernels.triton import arch
 from sot_engine.kernels.triton.attention import LN2, LOG2E, attend_pages, dot_inputs, merge_partitions
 
 BLOCK_N = 64  # tokens per tile: 4 pages of 16 or 2 of 32
@@ -139,6 +140,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     `workspace` (flat float32, `workspace_numel(...)` elements) let a caller reuse buffers.
     With `return_lse` it returns `(out, lse)`, lse [B, H] float32: each query's log-sum-exp of its scaled
     scores (natural log), what an exact merge with attention over other keys needs (cascade decode).
+    The partition kernel runs 4 warps, 8 on sm_8x (`arch.capability`; with 4, an A100's mma.sync layouts spill).
     """
     b, heads, d = q.shape
     _, page, kvh, _ = k_cache.shape
@@ -190,7 +192,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else 1,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=BLOCK_N,
         USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION=precision, SPLIT=split,
-        WRITE_LSE=return_lse, num_warps=4)
+        WRITE_LSE=return_lse, num_warps=8 if arch.is_sm8x(arch.capability(q.device)) else 4)
     if split:
         _decode_reduce_kernel[(b, heads)](
             part_out, part_lse, context_lens, out, lse, psize, window or max_len,

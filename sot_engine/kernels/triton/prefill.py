@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sot_engine.kernels.triton import arch
 from sot_engine.kernels.triton.attention import LOG2E, interpreting
 
 NO_WINDOW = 1 << 30  # the window a kernel gets when there is none: past any context, so no key is masked by it
@@ -154,12 +155,28 @@ def _tile_table(cu_seqlens_q: torch.Tensor, num_tokens: int, tokens_per_tile: in
     return torch.stack((torch.where(valid, seq, -1), torch.where(valid, start, 0)), 1).to(torch.int32)
 
 
-def _launch_config(head_dim: int, group: int, block_size: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows, BLOCK_N keys, warps): FA2-like 128 x 64 tiles; 8 warps keep a 128-wide
-    fp32 accumulator in registers. Rows fit at least one token's whole group of query heads."""
-    block_m = max(128, triton.next_power_of_2(group))
-    block_n = max(64, block_size) if block_size & (block_size - 1) == 0 else 64
-    return block_m, block_n, 4 if head_dim <= 64 else 8
+def _launch_config(head_dim: int, group: int, block_size: int, fp32: bool,
+                   cap: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N keys, warps) for a GPU of compute capability `cap` (`arch.capability`; None, the
+    interpreter, gets the H100's). Rows fit at least one token's whole group of query heads; a power-of-two
+    page size up to BLOCK_N is covered whole.
+    - sm_90 (H100): FA2-like 128 x 64 tiles; 8 warps keep a 128-wide fp32 accumulator in registers (4 at
+      head_dim 64). head_dim 256 (Gemma 3) takes 128 x 32: at 128 x 64 it spills.
+    - sm_8x (A100 sm_80, RTX 3090 sm_86: mma.sync layouts, which hold more per thread than wgmma's; 99 KB of
+      shared memory a block on sm_86), where those spill: 8 warps at every head_dim (4 spill at head_dim 64),
+      128 x 32 tiles at head_dim 128 (48 KB: two blocks an SM on sm_86, still 128 rows a K/V read), 64 x 32
+      at head_dim 256 (every 128-row tile spills); float32 (exact comparisons: it spills at any size) in
+      64 x 32 tiles with 4 warps, 72 KB of shared memory at head_dim 128 where 128 x 64 needs 160 KB.
+    Registers, shared memory and spills of each: `python tests/kernels/test_triton_compile.py --table`."""
+    rows, keys, warps = 128, 32 if head_dim >= 256 else 64, 4 if head_dim <= 64 else 8
+    if arch.is_sm8x(cap):
+        if fp32:
+            rows, keys, warps = 64, 32, 4
+        else:
+            rows, keys, warps = 64 if head_dim >= 256 else 128, 32 if head_dim >= 128 else 64, 8
+    block_m = max(rows, triton.next_power_of_2(group))
+    block_n = max(keys, block_size) if block_size & (block_size - 1) == 0 else keys
+    return block_m, block_n, warps
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -195,7 +212,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if q.stride(-1) != 1:
         q = q.contiguous()
     group = heads // kvh
-    bm, bn, warps = _launch_config(d, group, bs)
+    bm, bn, warps = _launch_config(d, group, bs, q.dtype == torch.float32, arch.capability(q.device))
     bm, bn = block_m or bm, block_n or bn
     if bm < group or bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"tiles {bm} x {bn} must be powers of two >= 16 (tl.dot), block_m >= {group} heads")
