@@ -3,6 +3,7 @@
 #   bash scripts/install.sh          # run the engine
 #   bash scripts/install.sh test     # plus the test dependencies
 #   bash scripts/install.sh server   # plus `sot serve`
+#   bash scripts/install.sh gemma3   # plus Gemma 3 270M, `--model gemma3-270m` (CI: install.sh test gemma3)
 # Dependencies resolve to the versions pinned in constraints.txt (the set the tests passed on);
 # SOT_UNPINNED=1 takes the newest releases the registry offers instead.
 # On a CPU machine torch is pinned to 2.13.0 (a local CPU wheel; any other version pulls GBs of

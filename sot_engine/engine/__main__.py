@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sot_engine.engine
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="answer prompts (chat template applied unless --raw)")
     g.add_argument("prompts", nargs="+", help="one or more prompts, answered as one batch")
-    g.add_argument("--model", default="default", help='GGUF file, HF folder, "default" or "random:<shape>"')
+    g.add_argument("--model", default="default",
+                   help='GGUF file, HF folder, "default" (SmolLM2), "gemma3-270m" (extra gemma3) or "random:<shape>"')
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
     g.add_argument("--weights", default=None, choices=WEIGHT_DTYPES,

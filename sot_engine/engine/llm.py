@@ -52,7 +52,7 @@ def _as_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
 
 
 class LLM:
-    """Embed the engine: `LLM(model="default" | path | "random:<shape>", device=..., dtype=...)`."""
+    """Embed the engine: `LLM(model="default" | "gemma3-270m" | path | "random:<shape>", device=..., dtype=...)`."""
 
     def __init__(self, model: str = "default", **engine_args) -> None:
         self.engine = LLMEngine(model, **engine_args)

@@ -30,7 +30,8 @@ def _common() -> argparse.ArgumentParser:
     """Options every subcommand shares: the model and the SoT config. None means SoTConfig's default."""
     p = argparse.ArgumentParser(add_help=False)
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="default", help='GGUF file, HF folder, "default" or "random:<shape>"')
+    m.add_argument("--model", default="default",
+                   help='GGUF file, HF folder, "default" (SmolLM2), "gemma3-270m" (extra gemma3) or "random:<shape>"')
     m.add_argument("--device", default=None)
     m.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
     m.add_argument("--weights", default=None, choices=WEIGHT_DTYPES,

@@ -111,6 +111,16 @@ def gguf_meta(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
+def gguf_token_id(reader: gguf.GGUFReader, text: str) -> int | None:
+    """The id of the vocabulary entry `text` (tokenizer.ggml.tokens), or None. Compares each entry's raw bytes, so
+    finding an early special token decodes nothing (Gemma: 262144 entries)."""
+    f = reader.fields.get("tokenizer.ggml.tokens")
+    if f is None:
+        return None
+    want = text.encode()
+    return next((i for i, k in enumerate(f.data) if bytes(f.parts[k]) == want), None)
+
+
 def hf_name(name: str, arch: str = "llama") -> str | None:
     """HF name of a GGUF tensor; None for tensors we deliberately drop; ValueError for unknown ones."""
     if name in _GLOBAL:
@@ -184,6 +194,8 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         orig = meta("llama.rope.scaling.original_context_length", 8192)
         scaling = llama3_scaling_from_freqs(np.asarray(freqs).reshape(-1), theta, head_dim, int(orig))
     eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    if arch == "gemma3" and eos[1] is None:  # no eot id in the file (Gemma 3 270M's eos is <eos> alone), but a chat
+        eos.append(gguf_token_id(reader, "<end_of_turn>"))  # turn ends with <end_of_turn> (llama.cpp finds it by text)
     window = meta("llama.attention.sliding_window")
     config = ModelConfig(
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ne = [hidden, vocab]
