@@ -105,10 +105,10 @@ def sot_comparison_table(paths: list[Path]) -> str:
              "*Points opening with a whole sentence*: expansions whose text starts with a complete sentence of 4+ "
              "words (the rest are empty, cut mid-clause like \"The answer to this question is\", or a fragment). "
              "*Speed-up*: mean normal latency / mean SoT latency.", "",
-             "| date | machine | precision | router | skeleton, points | SoT ran: SoT-suited | all 80 | fell back (SoT-suited) "
+             "| date | machine | model | precision | router | skeleton, points | SoT ran: SoT-suited | all 80 | fell back (SoT-suited) "
              "| points per skeleton | empty points | points opening with a whole sentence | speed-up SoT-suited "
              "| where SoT ran | all | tokens SoT-suited: normal / SoT |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for path in paths:
         d = _sot_run(path)
         cfg, sm = d["config"], d["summary"]
@@ -120,7 +120,8 @@ def sot_comparison_table(paths: list[Path]) -> str:
         sk = ("grammar" if grammar else "free") + (f", {hold}-word first sentence held" if hold else ", free") \
             + (f", at most {cap} sentences" if cap else "")
         router = d.get("router") or "rules"  # runs before the trained router had the rules
-        lines.append(f"| {d['env']['date']} | {d['env']['device']} | {prec} | {router} | {sk} "
+        model = d.get("model", "SmolLM2 135M").replace("Smollm2 135M 8k Lc100K Mix1 Ep2", "SmolLM2 135M")
+        lines.append(f"| {d['env']['date']} | {d['env']['device']} | {model} | {prec} | {router} | {sk} "
                      f"| {suited['sot_used']}/{suited['n']} | {allq['sot_used']}/{allq['n']} | {suited['fallbacks']} | {allq['points_per_skeleton']:.1f} | {allq['empty_points']} "
                      f"| {100 * d['points_with_sentence']:.0f}% "
                      f"| {suited['speedup']:.2f}x | {ran['speedup']:.2f}x | {allq['speedup']:.2f}x "
