@@ -10,6 +10,7 @@ Ours: B chat prompts prefilled, then decode steps through `LLMEngine.step`, time
 Every weight matmul is timed too: the `model.linear` calls from Python, and inside the cpp backend's one-call
 decode layer loop its matmul phases (each up to the barrier that ends it), which that loop times itself.
 "bf16-matmul": bf16 weights at bf16 matmul precision (`LLM(matmul_precision="bf16")`: AMX where the CPU has it);
+"int8-matmul": int8 weights at int8 matmul precision (`LLM(matmul_precision="int8")`: integer dot products);
 "+kv-bf16": a bf16 K/V pool (`kv_cache_dtype="bf16"`).
 "Outside matmuls" is the share of the step spent in everything else (attention, norms, Python, sampling,
 scheduling). Transformers (fp32 only):
@@ -103,7 +104,7 @@ def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
 
 def main() -> None:
     from sot_engine.kernels.weights import WEIGHT_DTYPES
-    variants = (*WEIGHT_DTYPES, "bf16-matmul", "bf16-matmul+kv-bf16")
+    variants = (*WEIGHT_DTYPES, "bf16-matmul", "bf16-matmul+kv-bf16", "int8-matmul")
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--steps", type=int, default=32)
@@ -134,7 +135,7 @@ def main() -> None:
             continue
         for weights in storages:
             storage, _, kv = weights.partition("+kv-")
-            kw = {"matmul_precision": "bf16"} if storage == "bf16-matmul" else {"weight_dtype": storage}
+            kw = {"matmul_precision": storage.split("-")[0]} if storage.endswith("-matmul") else {"weight_dtype": storage}
             llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, kv_cache_dtype=kv or None,
                       kv_cache_memory=256 << 20, **kw)
             configs.append(({"backend": backend, "weights": storage, **({"kv": kv} if kv else {})}, llm))

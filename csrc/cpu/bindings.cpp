@@ -30,6 +30,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16(x) [M, K] @ w [N, K]^T for bfloat16 w: x rounded to bfloat16, products exact, float32 sums; on AMX "
         "when amx and the CPU and OS allow it (AMX_READY), else the float32 kernel on the rounded x",
         py::arg("x"), py::arg("w"), py::arg("amx") = true);
+  m.def("linear_int8", &linear_int8,
+        "x [M, K] float32 @ w [N, K]^T at int8 precision: int8 w with scale [N, K / 32], x quantized per 32 of a row "
+        "(scale amax / 127, round half to even), int32 dot products per group, float32 scales and sums",
+        py::arg("x"), py::arg("w"), py::arg("scale"));
+  m.def("quantize_int8_activations", &quantize_int8_activations,
+        "x [M, K] float32 -> (int8 values [M, K], float32 scales [M, K / 32]) as linear_int8 quantizes it",
+        py::arg("x"));
+  m.def("int8_isa", &int8_isa, "the instruction set linear_int8 runs on: avx512vnni, avx2 or scalar");
+  m.def("set_int8_isa", &set_int8_isa, "force avx512vnni / avx2 / scalar (one this CPU runs) or auto; returns the "
+        "previous", py::arg("name"));
   m.def("linear_rows", &linear_rows, "the linear kernel for any M", py::arg("x"), py::arg("w"),
         py::arg("scale") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention, "float32 paged decode attention (GQA)",
@@ -54,10 +64,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            "and KV pool")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, at::Tensor, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, int64_t, double, double, bool, std::vector<int64_t>>(),
+                    std::vector<at::Tensor>, int64_t, double, double, bool, std::vector<int64_t>, bool>(),
            py::arg("ln1"), py::arg("ln2"), py::arg("mats"), py::arg("scales"), py::arg("final_norm"),
            py::arg("k_caches"), py::arg("v_caches"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"),
-           py::arg("bf16_act") = false, py::arg("windows") = std::vector<int64_t>{})
+           py::arg("bf16_act") = false, py::arg("windows") = std::vector<int64_t>{}, py::arg("int8_act") = false)
       .def("__call__", &DecodeLayers::forward,
            "x [B, hidden] embeddings -> final-normed hidden [B, hidden]; stores the new K/V (GIL released)",
            py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),

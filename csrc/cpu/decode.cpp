@@ -55,7 +55,7 @@ inline void barrier() {
 DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> ln2, std::vector<at::Tensor> mats,
                            std::vector<std::optional<at::Tensor>> scales, at::Tensor final_norm,
                            std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t num_heads,
-                           double eps, double scale, bool bf16_act, std::vector<int64_t> windows)
+                           double eps, double scale, bool bf16_act, std::vector<int64_t> windows, bool int8_act)
     : windows_(std::move(windows)), eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)) {
   const size_t L = ln1.size();
   TORCH_CHECK(L > 0 && ln2.size() == L && mats.size() == 4 * L && scales.size() == 4 * L && k_caches.size() == L &&
@@ -85,6 +85,9 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
       w[i] = weight_view(mats[4 * l + i], scales[4 * l + i]);
       TORCH_CHECK(!bf16_act || w[i].dtype == at::kBFloat16, "DecodeLayers: bf16 precision needs bfloat16 matrices");
       w[i].bf16_act = bf16_act;
+      TORCH_CHECK(!int8_act || (w[i].dtype == at::kChar && w[i].K == 32 * w[i].G),
+                  "DecodeLayers: int8 precision needs int8 matrices with a scale per 32 weights");
+      w[i].int8_act = int8_act;
       keep_.push_back(mats[4 * l + i]);
       if (scales[4 * l + i]) keep_.push_back(*scales[4 * l + i]);
     }

@@ -200,6 +200,10 @@ void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, i
     const auto [n0, n1] = share(w.N, part, parts, 32);
     return linear_bf16_rows(x, ldx, w, out, ldo, M, n0, n1, true);
   }
+  if (w.int8_act) {  // in blocks of the int8 kernel's 4 weight rows
+    const auto [n0, n1] = share(w.N, part, parts, 4);
+    return linear_int8_rows(x, ldx, w, out, ldo, M, n0, n1);
+  }
   dispatch_view(x, ldx, w, out, ldo, M, part, parts);
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <mutex>
@@ -61,6 +62,7 @@ struct WeightView {
   const float* scale;  // int8: [N, G]; else nullptr
   int64_t G, N, K;
   bool bf16_act = false;  // bfloat16 weights at bf16 precision: x rounded to bf16 too (linear_bf16.cpp)
+  bool int8_act = false;  // int8 weights (a scale per 32) at int8 precision: x quantized too (linear_int8.cpp)
 };
 WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale);
 // out[m, n] (rows ldo apart) = x[m] . w[n] for the calling thread's share `part` of `parts` of the N outputs
@@ -72,6 +74,16 @@ void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, i
 bool amx_compiled();  // built for AMX-BF16 (-march=native on such a CPU)
 bool amx_ready();     // ... and the OS granted the tile state (SOT_NO_AMX=1: never)
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, bool amx);
+// linear_int8.cpp: out = x @ w^T at int8 precision for int8 w with a scale per 32 weights of a row: x quantized per
+// 32 of a row (scale amax / 127), integer dot products (AVX2 or AVX-512 VNNI, chosen at run time), float32 scales
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);
+std::tuple<at::Tensor, at::Tensor> quantize_int8_activations(const at::Tensor& x);  // (values int8, scales)
+void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* xs);
+// out[:, n0 : n1] at int8 precision (w.int8_act)
+void linear_int8_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M,
+                      int64_t n0, int64_t n1);
+std::string int8_isa();  // the instruction set the int8 kernel runs on: "avx512vnni", "avx2" or "scalar"
+std::string set_int8_isa(const std::string& name);  // force one this CPU has (or "auto"); returns the previous
 // out[:, n0 : n1] of it (n0 a multiple of 16 for the AMX path)
 void linear_bf16_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int64_t n0,
                       int64_t n1, bool amx);
@@ -109,7 +121,7 @@ class DecodeLayers {
   DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> ln2, std::vector<at::Tensor> mats,
                std::vector<std::optional<at::Tensor>> scales, at::Tensor final_norm, std::vector<at::Tensor> k_caches,
                std::vector<at::Tensor> v_caches, int64_t num_heads, double eps, double scale, bool bf16_act = false,
-               std::vector<int64_t> windows = {});
+               std::vector<int64_t> windows = {}, bool int8_act = false);
   // x [B, hidden] embeddings -> final-normed hidden states [B, hidden]; K/V of the new tokens stored
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
                      const at::Tensor& block_tables, const at::Tensor& context_lens);

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sot_engine.engine
                         "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits")
     g.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
                    help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, batched "
-                        "decode steps cost about what one row does)")
+                        "decode steps cost about what one row does); int8: int8 weights and activations quantized "
+                        "per 32 values, integer dot products")
     g.add_argument("--kv-cache-dtype", default=None, choices=("fp32", "bf16"),  # engine.llm_engine.KV_CACHE_DTYPES
                    help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
     g.add_argument("--backend", default=None, help="kernel backend (default: best for the device)")

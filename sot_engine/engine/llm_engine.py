@@ -112,7 +112,8 @@ class LLMEngine:
         `weight_dtype`: storage of the weight matrices and the embedding, "fp32" | "bf16" | "int8" (a scale per
         32 weights); products and sums stay in `dtype`. None: stored in `dtype`. `matmul_precision`: "fp32", or "bf16"
         (bf16 weights, and the matmuls round their activations to bf16: on a CPU with AMX a decode step of up to
-        16 rows then costs about what one row does). See `kernels.weights`.
+        16 rows then costs about what one row does), or "int8" (int8 weights, and the matmuls quantize their
+        activations per 32 values too: integer dot products, llama.cpp's Q8_0 x Q8_0). See `kernels.weights`.
 
         `enable_chunked_prefill` (vLLM's name and default): a step decodes one token for every running sequence
         and spends the rest of `max_num_batched_tokens` (None: 512 on a CPU, 4096 on a GPU) on prompts, cutting

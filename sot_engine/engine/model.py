@@ -68,7 +68,7 @@ class LlamaModel:
                  weight_dtype: str | None = None, matmul_precision: str = "fp32", group=None,
                  vocab_part: tuple[int, int] | None = None) -> None:
         """`weight_dtype`: storage of the matrices, "fp32" | "bf16" | "int8" (None: as loaded);
-        `matmul_precision` "bf16": bf16 weights whose matmuls round the activations to bf16 too. `group`: this
+        `matmul_precision` "bf16" / "int8": bf16 / int8 weights whose matmuls round (quantize) the activations too. `group`: this
         rank's tensor-parallel group (engine.parallel); `cfg` and `weights` are then its shard's. `vocab_part`: the
         rows of the vocabulary this rank's lm_head holds (logits all-gathered), None for a whole lm_head."""
         self.cfg, self.backend, self.group, self.vocab_part = cfg, backend, group, vocab_part

@@ -34,6 +34,8 @@ def _pools_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """`kernels.reference.linear`; the C++ kernel for float32 x and up to _cpp.MAX_ROWS rows, else at::linear on
     the widened weights (in C++ too)."""
+    if isinstance(w, Int8Weight) and w.int8_act:  # integer dot products, any number of rows
+        return _cpp.linear_int8(x, w.q, w.scale) if x.dtype == F32 and x.dim() == 2 else reference.linear(x, w)
     if isinstance(w, Int8Weight):
         return _cpp.linear(x, w.q, w.scale)
     if isinstance(w, Bf16MatmulWeight):  # any number of rows: on AMX prefill is compute-cheap too
@@ -125,12 +127,13 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
     nor bfloat16, or a weight storage the kernel does not read."""
     ln1, ln2, mats, scales = [], [], [], []
     bf16_act = isinstance(layers[0][1], Bf16MatmulWeight)
+    int8_act = isinstance(layers[0][1], Int8Weight) and layers[0][1].int8_act
     for a, wqkv, wo, b, wgu, wdown in layers:
         ln1.append(a)
         ln2.append(b)
         for w in (wqkv, wo, wgu, wdown):
-            if isinstance(w, Bf16MatmulWeight) != bf16_act:  # one precision for the whole loop
-                return None
+            if isinstance(w, Bf16MatmulWeight) != bf16_act or (isinstance(w, Int8Weight) and w.int8_act) != int8_act:
+                return None  # one precision for the whole loop
             if isinstance(w, Int8Weight):
                 q, sc = w.q, w.scale
             else:
@@ -144,7 +147,7 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
         return None
     return DecodeStep(_cpp.DecodeLayers(ln1, ln2, mats, scales, norm, [k for k, _ in kv_cache],
                                         [v for _, v in kv_cache], num_heads, eps, scale, bf16_act,
-                                        list(windows or [])))
+                                        list(windows or []), int8_act))
 
 
 def cpp_backend() -> Backend:

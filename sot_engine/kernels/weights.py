@@ -16,6 +16,12 @@ activations to bf16 too, so every product is exact in float32 and only the sums 
 TDPBF16PS, llama.cpp's BF16 type and torch's "medium" float32 matmul precision make the same trade). What it buys is
 compute, not bytes: a CPU with AMX multiplies bf16 ~20x faster than float32 FMAs, so a decode step of 8-16 rows
 costs what a 1-row step does (csrc/cpu/linear_bf16.cpp) and prefill is compute-cheap too.
+
+`matmul_precision="int8"` is the same step for int8 storage (llama.cpp's Q8_0 x Q8_0): each matmul quantizes its
+activations per 32 values of a row too (`quantize_activations_int8`), so the group sums are integer dot products
+(AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd: csrc/cpu/linear_int8.cpp) and only the scales are float32. Widening int8
+weights to float32 makes a step of 8+ rows compute-bound on fp32 FMAs; the integer instructions do 4x the work a
+cycle, so a batch-8 step goes back to streaming the weights.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from typing import Callable
 import torch
 
 WEIGHT_DTYPES = ("fp32", "bf16", "int8")
-MATMUL_PRECISIONS = ("fp32", "bf16")
+MATMUL_PRECISIONS = ("fp32", "bf16", "int8")
 INT8_GROUP = 32  # weights per int8 scale
 
 
@@ -35,6 +41,7 @@ class Int8Weight:
     scale = max|w| / 127 over the group, q = round(w / scale)."""
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N, G] float32, G groups per row (G = 1: a scale per row)
+    int8_act: bool = False  # int8 matmul precision: x @ w^T quantizes x per 32 of a row too (groups of 32 only)
 
     @property
     def shape(self) -> torch.Size:
@@ -69,11 +76,11 @@ def check_weight_dtype(weight_dtype: str | None, matmul_precision: str = "fp32")
                          f"got {weight_dtype!r}")
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
-    if matmul_precision == "bf16":
-        if weight_dtype not in (None, "bf16"):
-            raise ValueError(f"matmul_precision='bf16' multiplies bf16 weights; weight_dtype must be 'bf16' or None, "
-                             f"got {weight_dtype!r}")
-        return "bf16"
+    if matmul_precision != "fp32":  # bf16 / int8 precision multiplies weights stored so
+        if weight_dtype not in (None, matmul_precision):
+            raise ValueError(f"matmul_precision={matmul_precision!r} multiplies {matmul_precision} weights; "
+                             f"weight_dtype must be {matmul_precision!r} or None, got {weight_dtype!r}")
+        return matmul_precision
     return weight_dtype
 
 
@@ -88,11 +95,26 @@ def quantize_int8(w: torch.Tensor, group: int = INT8_GROUP) -> Int8Weight:
     return Int8Weight(q.view(n, k), scale)
 
 
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of 32) -> (int8 values [M, K], float32 scales [M, K / 32]) as the int8-precision
+    matmul quantizes its activations: per 32 of a row, scale amax / 127, values round(x * (127 / amax)) half to even,
+    in float32 (an all-zero group: scale 0, values 0)."""
+    m, k = x.shape
+    xf = x.float().view(m, k // INT8_GROUP, INT8_GROUP)
+    amax = xf.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round((xf * inv).clamp_(-127, 127)).to(torch.int8)
+    return q.view(m, k), (amax / 127)[:, :, 0]
+
+
 def store(w: torch.Tensor, weight_dtype: str | None, matmul_precision: str = "fp32") -> Weight:
     """A [N, K] weight matrix in `weight_dtype` storage (None: as it is) for `matmul_precision`."""
     weight_dtype = check_weight_dtype(weight_dtype, matmul_precision)
     if matmul_precision == "bf16":
         return Bf16MatmulWeight(w.to(torch.bfloat16).contiguous())
+    if matmul_precision == "int8":  # a row not in whole groups of 32 keeps float activations (widened weights)
+        q = quantize_int8(w)
+        return Int8Weight(q.q, q.scale, int8_act=w.shape[1] % INT8_GROUP == 0)
     if weight_dtype is None:
         return w
     if weight_dtype == "int8":
@@ -115,7 +137,7 @@ def map_tensors(w: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight
     if w is None:
         return None
     if isinstance(w, Int8Weight):
-        return Int8Weight(fn(w.q), fn(w.scale))
+        return Int8Weight(fn(w.q), fn(w.scale), w.int8_act)
     if isinstance(w, Bf16MatmulWeight):
         return Bf16MatmulWeight(fn(w.w))
     return fn(w)

@@ -21,7 +21,7 @@ from sot_engine.sot.server.limits import ServerLimits
 MODES = ("auto", "sot", "normal")  # sot.driver.MODES; repeated so --help does not import torch
 EXPANSIONS = ("paper", "continuation")
 WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
-MATMUL_PRECISIONS = ("fp32", "bf16")  # kernels.weights.MATMUL_PRECISIONS, likewise
+MATMUL_PRECISIONS = ("fp32", "bf16", "int8")  # kernels.weights.MATMUL_PRECISIONS, likewise
 KV_CACHE_DTYPES = ("fp32", "bf16")  # engine.llm_engine.KV_CACHE_DTYPES, likewise
 FEATURES = ("text", "hidden", "text+hidden")  # sot.trained_router.FEATURES, likewise
 
@@ -39,7 +39,8 @@ def _common() -> argparse.ArgumentParser:
                         "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits")
     m.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
                    help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, SoT's "
-                        "batched point expansion then costs about what one sequence does)")
+                        "batched point expansion then costs about what one sequence does); int8: int8 weights and "
+                        "activations quantized per 32 values, integer dot products (AVX2 / AVX-512 VNNI)")
     m.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                    help="the K/V pool's dtype (default: --dtype); bf16 on CPU halves KV memory and attention reads")
     m.add_argument("--tensor-parallel-size", type=int, default=1,

@@ -346,8 +346,8 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
               p + "self_attn.v_proj.weight": r(kvh * d, h), p + "self_attn.o_proj.weight": r(h, heads * d),
               p + "mlp.gate_proj.weight": r(ffn, h), p + "mlp.up_proj.weight": r(ffn, h),
               p + "mlp.down_proj.weight": r(h, ffn)}
-    if storage == "bf16-matmul":
-        return LlamaModel(cfg, w, get_backend("cpp", "cpu"), None, "bf16")
+    if storage in ("bf16-matmul", "int8-matmul"):
+        return LlamaModel(cfg, w, get_backend("cpp", "cpu"), None, storage.split("-")[0])
     return LlamaModel(cfg, w, get_backend("cpp", "cpu"), storage)
 
 
