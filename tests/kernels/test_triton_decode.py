@@ -71,6 +71,7 @@ CASES = {
     "gqa8-d128-bs16-multi-tile-one-partition": (8, 1, 128, 16, [200, 3], None),
     "gqa8-d64-bs32-multi-tile-split128": (8, 1, 64, 32, [190, 1, 129], 128),
     "mha-d128-bs32-split48": (2, 2, 128, 32, [97, 48, 49], 48),
+    "gemma-d256-bs16-split48": (4, 1, 256, 16, [90, 7], 48),  # float32 at head_dim 256: 32-token tiles
 }
 
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from sot_engine.kernels.cascade import PrefixGroup
 from sot_engine.kernels.triton.attention import LN2, LOG2E, attend_pages, dot_inputs, merge_partitions
-from sot_engine.kernels.triton.decode import BLOCK_N, default_partition_size, paged_decode_attention
+from sot_engine.kernels.triton.decode import default_partition_size, paged_decode_attention, tile_tokens
 
 MAX_ROWS = 64  # query rows (members x heads per KV head) per prefix program; more members -> more chunks
 
@@ -194,7 +194,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, MEMBERS=members, ROWS=max(16, triton.next_power_of_2(members * group)), HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=BLOCK_N, UPCAST=upcast,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=tile_tokens(d, k_cache), UPCAST=upcast,
         DOT_PRECISION=precision, num_warps=4)
 
     out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)

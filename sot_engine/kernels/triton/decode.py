@@ -31,6 +31,13 @@ from sot_engine.kernels.triton import arch
 from sot_engine.kernels.triton.attention import LN2, LOG2E, attend_pages, dot_inputs, merge_partitions
 
 BLOCK_N = 64  # tokens per tile: 4 pages of 16 or 2 of 32
+TILE_BYTES = 32 << 10  # at most this much of K (and of V) a tile: float32 at head_dim 256 takes 32 tokens, not 64
+
+
+def tile_tokens(head_dim: int, kv: torch.Tensor) -> int:
+    """Tokens per K/V tile: BLOCK_N, fewer where a tile would pass TILE_BYTES (float32 pools at head_dim 256, Gemma 3:
+    64 tokens pipelined need 152 KB of shared memory, over an RTX 3090's 99 KB)."""
+    return max(16, min(BLOCK_N, TILE_BYTES // (triton.next_power_of_2(head_dim) * kv.element_size())))
 MIN_PARTITION = 256  # below this a partition's fixed cost (q load, partial write, reduce) dominates
 BLOCK_P = 32  # partitions merged per step of the reduce loop
 
@@ -190,7 +197,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1), *part_out.stride()[:3], *part_lse.stride()[:2],
         lse.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else 1,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=BLOCK_N,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_N=tile_tokens(d, k_cache),
         USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION=precision, SPLIT=split,
         WRITE_LSE=return_lse, num_warps=8 if arch.is_sm8x(arch.capability(q.device)) else 4)
     if split:
