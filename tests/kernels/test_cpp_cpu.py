@@ -142,7 +142,7 @@ def test_kv_cache_dtype_is_checked():
 def test_matmul_precision_is_checked():
     assert weights.check_weight_dtype(None, "bf16") == "bf16"
     assert isinstance(weights.store(torch.randn(4, 32), None, "bf16"), Bf16MatmulWeight)
-    with pytest.raises(ValueError, match="matmul_precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="matmul_precision must be one of fp32, bf16, int8, got 'fp16'"):
         weights.check_weight_dtype(None, "fp16")
     with pytest.raises(ValueError, match="weight_dtype must be 'bf16' or None, got 'int8'"):
         weights.check_weight_dtype("int8", "bf16")
