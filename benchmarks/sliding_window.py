@@ -31,8 +31,6 @@ def attention_ms(device: torch.device, contexts: list[int], window: int, batch: 
         k = torch.randn(batch * nblk, block, kv_heads, head_dim, generator=g).to(device, torch.bfloat16)
         v = torch.randn(batch * nblk, block, kv_heads, head_dim, generator=g).to(device, torch.bfloat16)
         q = torch.randn(batch, heads, head_dim, generator=g).to(device, dt)
-        if device.type == "cuda":
-            k, v = k.to(dt), v.to(dt)
         tables = torch.randperm(batch * nblk, generator=g).view(batch, nblk).to(device)
         lens = torch.full((batch,), ctx, device=device)
         row = {"context": ctx, "batch": batch, "backend": backend.name}
@@ -44,11 +42,11 @@ def attention_ms(device: torch.device, contexts: list[int], window: int, batch: 
     return rows
 
 
-def kv_blocks(context: int, window: int, local_share: float, block: int = 16) -> dict:
+def kv_blocks(context: int, window: int, all_local: bool, block: int = 16) -> dict:
     """Blocks one sequence holds (kept) and the blocks a free-behind-the-window policy could release: only where
     every layer is local (one block table serves all layers, so one global layer keeps every block)."""
     held = -(-context // block)
-    freeable = max(0, (context - window) // block) if local_share == 1.0 else 0
+    freeable = max(0, (context - window) // block) if all_local else 0
     return {"context": context, "window": window, "blocks_held": held, "blocks_freeable": freeable,
             "freeable_share": round(freeable / held, 3)}
 
@@ -61,8 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = attention_ms(device, args.contexts, args.window)
-    memory = {"mistral-7b-v0.1 (all layers, window 4096)": [kv_blocks(c, 4096, 1.0) for c in (4096, 8192, 32768)],
-              "gemma3-270m (5 of 6 layers local, window 512)": [kv_blocks(c, 512, 5 / 6) for c in (512, 2048, 32768)]}
+    memory = {"mistral-7b-v0.1 (all layers, window 4096)": [kv_blocks(c, 4096, True) for c in (4096, 8192, 32768)],
+              "gemma3-270m (5 of 6 layers local, window 512)": [kv_blocks(c, 512, False) for c in (512, 2048, 32768)]}
     for model, entries in memory.items():
         for e in entries:
             print(f"{model}: context {e['context']}: holds {e['blocks_held']} blocks, "

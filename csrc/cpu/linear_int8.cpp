@@ -169,6 +169,22 @@ void rows_isa(int isa, const int8_t* xq, const float* xs, int64_t M, const int8_
   tile_scalar(xq, xs, M, wq, ws, K, n0, n1, out, ldo);
 }
 
+void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* xs) {
+  const int64_t G = K / kGroup;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* v = x + m * ldx + g * kGroup;
+      float amax = 0.f;
+      for (int64_t k = 0; k < kGroup; ++k) amax = std::max(amax, std::fabs(v[k]));
+      // what weights.quantize_activations_int8 computes: scale amax / 127, values round(x * (127 / amax)), half
+      // to even (the default rounding mode); an all-zero group stays zero with scale 0
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      xs[m * G + g] = amax / 127.f;
+      for (int64_t k = 0; k < kGroup; ++k)
+        xq[m * K + g * kGroup + k] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, v[k] * inv))));
+    }
+}
+
 }  // namespace
 
 std::string int8_isa() { return kIsaNames[current_isa().load()]; }
@@ -186,22 +202,6 @@ std::string set_int8_isa(const std::string& name) {
     return before;
   }
   TORCH_CHECK(false, "set_int8_isa: ", name, " is not one this CPU runs (up to ", kIsaNames[best], ", or auto)");
-}
-
-void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* xs) {
-  const int64_t G = K / kGroup;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      const float* v = x + m * ldx + g * kGroup;
-      float amax = 0.f;
-      for (int64_t k = 0; k < kGroup; ++k) amax = std::max(amax, std::fabs(v[k]));
-      // what weights.quantize_activations_int8 computes: scale amax / 127, values round(x * (127 / amax)), half
-      // to even (the default rounding mode); an all-zero group stays zero with scale 0
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      xs[m * G + g] = amax / 127.f;
-      for (int64_t k = 0; k < kGroup; ++k)
-        xq[m * K + g * kGroup + k] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, v[k] * inv))));
-    }
 }
 
 void linear_int8_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M,
@@ -240,10 +240,17 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t M = xc.size(0), N = wv.N;
   auto out = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return out;
+  // x quantized once for all threads (a prefill's rows too); the fused decode loop's threads each quantize their
+  // own few rows instead (linear_int8_rows), which costs less than a barrier
+  std::vector<int8_t> xq(M * wv.K);
+  std::vector<float> xs(M * wv.G);
+  quantize_rows_int8(xc.data_ptr<float>(), xc.stride(0), M, wv.K, xq.data(), xs.data());
+  const int isa = current_isa().load();
   // >= ~32 KiB of weights a task
   const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / std::max<int64_t>(1, wv.K));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    linear_int8_rows(xc.data_ptr<float>(), xc.stride(0), wv, out.data_ptr<float>(), N, M, n0, n1);
+    rows_isa(isa, xq.data(), xs.data(), M, static_cast<const int8_t*>(wv.data), wv.scale, wv.K, n0, n1,
+             out.data_ptr<float>(), N);
   });
   return out;
 }

@@ -78,7 +78,6 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, bool amx);
 // 32 of a row (scale amax / 127), integer dot products (AVX2 or AVX-512 VNNI, chosen at run time), float32 scales
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);
 std::tuple<at::Tensor, at::Tensor> quantize_int8_activations(const at::Tensor& x);  // (values int8, scales)
-void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* xs);
 // out[:, n0 : n1] at int8 precision (w.int8_act)
 void linear_int8_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M,
                       int64_t n0, int64_t n1);

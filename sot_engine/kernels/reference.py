@@ -22,9 +22,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T for any weight storage (`kernels.weights`): the weights are widened (dequantized)
     to x's dtype (at bf16 precision x is first rounded to bf16), then F.linear."""
     if isinstance(w, Int8Weight) and w.int8_act:  # int8 precision: x quantized per 32 of a row too
-        xq, xs = quantize_activations_int8(x.reshape(-1, x.shape[-1]))
-        xd = (xq.view(xq.shape[0], xs.shape[1], -1).to(x.dtype) * xs[:, :, None].to(x.dtype)).view(x.shape)
-        return F.linear(xd, w.dequantize(x.dtype))
+        xd = Int8Weight(*quantize_activations_int8(x.reshape(-1, x.shape[-1]))).dequantize(x.dtype)
+        return F.linear(xd.view(x.shape), w.dequantize(x.dtype))
     if isinstance(w, Int8Weight):
         return F.linear(x, w.dequantize(x.dtype))
     if isinstance(w, Bf16MatmulWeight):  # x rounded to bf16 too: exact products, sums in x's dtype

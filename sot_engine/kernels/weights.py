@@ -25,7 +25,7 @@ cycle, so a batch-8 step goes back to streaming the weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -113,8 +113,7 @@ def store(w: torch.Tensor, weight_dtype: str | None, matmul_precision: str = "fp
     if matmul_precision == "bf16":
         return Bf16MatmulWeight(w.to(torch.bfloat16).contiguous())
     if matmul_precision == "int8":  # a row not in whole groups of 32 keeps float activations (widened weights)
-        q = quantize_int8(w)
-        return Int8Weight(q.q, q.scale, int8_act=w.shape[1] % INT8_GROUP == 0)
+        return replace(quantize_int8(w), int8_act=w.shape[1] % INT8_GROUP == 0)
     if weight_dtype is None:
         return w
     if weight_dtype == "int8":

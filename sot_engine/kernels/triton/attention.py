@@ -21,6 +21,7 @@ LOG2E = 1.4426950408889634  # host side: folded into the kernels' score scale, s
 # back to natural-log units in a kernel; a kernel may read only tl.constexpr globals (the compiler rejects a
 # plain float with a NameError, the interpreter does not check)
 LN2 = tl.constexpr(0.6931471805599453)
+NO_WINDOW = 1 << 30  # the window a kernel gets when there is none: past any context, so no key is masked by it
 
 
 def interpreting() -> bool:

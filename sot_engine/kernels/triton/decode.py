@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from sot_engine.kernels.triton import arch
-from sot_engine.kernels.triton.attention import LN2, LOG2E, attend_pages, dot_inputs, merge_partitions
+from sot_engine.kernels.triton.attention import LN2, LOG2E, NO_WINDOW, attend_pages, dot_inputs, merge_partitions
 
 BLOCK_N = 64  # tokens per tile: 4 pages of 16 or 2 of 32
 TILE_BYTES = 32 << 10  # at most this much of K (and of V) a tile: float32 at head_dim 256 takes 32 tokens, not 64
@@ -55,7 +55,7 @@ def _decode_partition_kernel(
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     ctx = tl.load(lens_ptr + b).to(tl.int32)
-    lo = tl.maximum(ctx - window, 0)  # the first key in the window (window: the context's bound, if none)
+    lo = tl.maximum(ctx - window, 0)  # the first key in the window (0 without one: window is NO_WINDOW)
     start = lo + part * partition_size  # partitions split the window, so keys before it are never read
     if start >= ctx:  # nothing of this sequence here; the reduce skips this slot
         return
@@ -192,7 +192,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     upcast, precision = dot_inputs(q, k_cache, use_dot)
     _decode_partition_kernel[(b, kvh, parts)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, lse,
-        scale * LOG2E, psize, window or max_len,
+        scale * LOG2E, psize, window or NO_WINDOW,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), *part_out.stride()[:3], *part_lse.stride()[:2],
         lse.stride(0),
@@ -202,7 +202,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         WRITE_LSE=return_lse, num_warps=8 if arch.is_sm8x(arch.capability(q.device)) else 4)
     if split:
         _decode_reduce_kernel[(b, heads)](
-            part_out, part_lse, context_lens, out, lse, psize, window or max_len,
+            part_out, part_lse, context_lens, out, lse, psize, window or NO_WINDOW,
             *part_out.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1), lse.stride(0),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=BLOCK_P, WRITE_LSE=return_lse, num_warps=4)
     return (out, lse) if return_lse else out

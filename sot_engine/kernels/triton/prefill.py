@@ -32,9 +32,7 @@ import triton
 import triton.language as tl
 
 from sot_engine.kernels.triton import arch
-from sot_engine.kernels.triton.attention import LOG2E, interpreting
-
-NO_WINDOW = 1 << 30  # the window a kernel gets when there is none: past any context, so no key is masked by it
+from sot_engine.kernels.triton.attention import LOG2E, NO_WINDOW, interpreting
 
 
 @triton.jit
