@@ -330,7 +330,7 @@ def test_rope_store_decode_attention_matches_float64(heads, kvh, d, pool):
 # ------------------------------------------------------------------------------------ fused decode layers
 def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, hidden: int = 48, ffn: int = 80):
     """A random 3-layer LlamaModel on the cpp backend (norm weights away from 1, so a skipped norm shows).
-    storage "bf16-matmul": bf16 weights at bf16 matmul precision."""
+    storage "bf16-matmul" / "int8-matmul": bf16 / int8 weights at that matmul precision."""
     from sot_engine.engine.config import ModelConfig
     from sot_engine.engine.model import LlamaModel
     cfg = ModelConfig(vocab_size=97, hidden_size=hidden, intermediate_size=ffn, num_layers=3, num_heads=heads,
@@ -351,6 +351,22 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
     return LlamaModel(cfg, w, get_backend("cpp", "cpu"), storage)
 
 
+def decode_step_inputs(lens: list[int], kvh: int, d: int, seed: int, pool: torch.dtype = torch.float32, bs: int = 4):
+    """A decode step for random_model: its 3 layers' K/V pools (random, each sequence's blocks scattered, none
+    shared), the batch's metadata (one new token per sequence, at position lens[s] - 1), token ids and positions."""
+    from sot_engine.engine.model import AttnMetadata
+    b, g = len(lens), torch.Generator().manual_seed(seed)
+    n = b * 16 + 3
+    kv = [(torch.randn(n, bs, kvh, d, generator=g).to(pool), torch.randn(n, bs, kvh, d, generator=g).to(pool))
+          for _ in range(3)]
+    tables = torch.randperm(n, generator=g)[:b * 16].view(b, 16)
+    ctx = torch.tensor(lens)
+    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
+    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
+                        cu_seqlens_q=None, logits_indices=torch.arange(b), max_context_len=max(lens))
+    return kv, meta, torch.randint(0, 97, (b,), generator=g), ctx - 1
+
+
 CASES = [(4, 2, 12, [1, 7, 40]), (6, 6, 8, [5]), (9, 3, 16, [3, 17, 33, 2, 64, 9, 1, 20, 11])]
 
 
@@ -368,19 +384,8 @@ CASES = [(4, 2, 12, [1, 7, 40]), (6, 6, 8, [5]), (9, 3, 16, [3, 17, 33, 2, 64, 9
 def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden, ffn, pool):
     """One C++ call for all layers == the model's Python loop over the same backend's kernels (ragged contexts,
     GQA ratios, every weight storage, float32 and bf16 pools), hidden states and the K/V written into the pool."""
-    from sot_engine.engine.model import AttnMetadata
     model = random_model(heads, kvh, d, storage, seed=heads + len(lens), hidden=hidden, ffn=ffn)
-    bs, b = 4, len(lens)
-    g = torch.Generator().manual_seed(d)
-    n = b * 16 + 3
-    kv = [(torch.randn(n, bs, kvh, d, generator=g).to(pool), torch.randn(n, bs, kvh, d, generator=g).to(pool))
-          for _ in range(3)]
-    tables = torch.randperm(n, generator=g)[:b * 16].view(b, 16)  # scattered blocks, none shared
-    ctx = torch.tensor(lens)
-    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
-    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
-                        cu_seqlens_q=None, logits_indices=torch.arange(b), max_context_len=max(lens))
-    ids, pos = torch.randint(0, 97, (b,), generator=g), ctx - 1
+    kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=d, pool=pool)
     kv_loop = [(k.clone(), v.clone()) for k, v in kv]
     step = model._decode_layers(kv)
     assert step is not None and model._decode_layers(kv) is step  # built once per pool

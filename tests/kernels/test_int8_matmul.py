@@ -120,20 +120,11 @@ def test_storage_and_reference():
 def test_decode_layers_at_int8_precision_match_the_layer_loop(lens):
     """The fused decode loop multiplies on the int8 kernel like the model's loop over `cpp.linear`."""
     from dataclasses import replace
-    from sot_engine.engine.model import AttnMetadata
-    from tests.kernels.test_cpp_cpu import random_model
+    from tests.kernels.test_cpp_cpu import decode_step_inputs, random_model
     heads, kvh, d = 4, 2, 16
     model = random_model(heads, kvh, d, "int8-matmul", seed=2, hidden=64, ffn=96)
     assert all(w.int8_act for layer in model.layers for w in layer[1:3] + layer[4:6])
-    bs, b, g = 4, len(lens), torch.Generator().manual_seed(3)
-    n = b * 16 + 3
-    kv = [(torch.randn(n, bs, kvh, d, generator=g), torch.randn(n, bs, kvh, d, generator=g)) for _ in range(3)]
-    tables = torch.randperm(n, generator=g)[:b * 16].view(b, 16)
-    ctx = torch.tensor(lens)
-    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
-    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
-                        cu_seqlens_q=None, logits_indices=torch.arange(b), max_context_len=max(lens))
-    ids, pos = torch.randint(0, 97, (b,), generator=g), ctx - 1
+    kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=3)
     kv_loop = [(k.clone(), v.clone()) for k, v in kv]
     assert model._decode_layers(kv) is not None
     got = model.forward(ids, pos, meta, kv)

@@ -148,21 +148,12 @@ def test_cpp_decode_layers_take_a_window_per_layer():
     """The fused C++ decode loop with windows 5, none and 2 on its three layers equals the model's layer loop on the
     torch reference kernels (ragged contexts shorter and longer than the windows, the new K/V stored alike)."""
     from dataclasses import replace
-    from sot_engine.engine.model import AttnMetadata
     from sot_engine.kernels import get_backend
-    from tests.kernels.test_cpp_cpu import random_model
-    heads, kvh, d, bs, lens = 6, 2, 16, 4, [1, 3, 9, 40]
+    from tests.kernels.test_cpp_cpu import decode_step_inputs, random_model
+    heads, kvh, d = 6, 2, 16
     model = random_model(heads, kvh, d, None, seed=8)
     model.windows = [5, 0, 2]
-    b, g = len(lens), torch.Generator().manual_seed(9)
-    n = b * 16 + 3
-    kv = [(torch.randn(n, bs, kvh, d, generator=g), torch.randn(n, bs, kvh, d, generator=g)) for _ in range(3)]
-    tables = torch.randperm(n, generator=g)[:b * 16].view(b, 16)
-    ctx = torch.tensor(lens)
-    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
-    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
-                        cu_seqlens_q=None, logits_indices=torch.arange(b), max_context_len=max(lens))
-    ids, pos = torch.randint(0, 97, (b,), generator=g), ctx - 1
+    kv, meta, ids, pos = decode_step_inputs([1, 3, 9, 40], kvh, d, seed=9)
     kv_ref = [(k.clone(), v.clone()) for k, v in kv]
     assert model._decode_layers(kv) is not None
     got = model.forward(ids, pos, meta, kv)
