@@ -11,9 +11,12 @@ Every weight matmul is timed too: the `model.linear` calls from Python, and insi
 decode layer loop its matmul phases (each up to the barrier that ends it), which that loop times itself.
 "bf16-matmul": bf16 weights at bf16 matmul precision (`LLM(matmul_precision="bf16")`: AMX where the CPU has it);
 "int8-matmul": int8 weights at int8 matmul precision (`LLM(matmul_precision="int8")`: integer dot products);
+"gguf": the file's own Q4_1 / Q8_0 weights on integer dot products (`LLM(weight_dtype="gguf")`);
 "+kv-bf16": a bf16 K/V pool (`kv_cache_dtype="bf16"`).
 "Outside matmuls" is the share of the step spent in everything else (attention, norms, Python, sampling,
-scheduling). Transformers (fp32 only):
+scheduling). Each row records the instruction set the integer kernels ran on (`isa`).
+`--llama-cpp` adds llama.cpp on the same file and prompt ids (`benchmarks.llamacpp`, the `llamacpp` extra): a step is
+one `llama_decode` of B tokens, one per parallel sequence, plus the argmaxes. Transformers (fp32 only):
 `generate` on the same left-padded batch, (time for prefill + N tokens - time for prefill + 1 token)
 / (N - 1).
 """
@@ -102,6 +105,11 @@ def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
     return 1000 * (run(steps) - run(1)) / (steps - 1)
 
 
+def _cpp_isa() -> str:
+    from sot_engine.kernels import _cpp
+    return _cpp.int8_isa()
+
+
 def main() -> None:
     from sot_engine.kernels.weights import WEIGHT_DTYPES
     variants = (*WEIGHT_DTYPES, "bf16-matmul", "bf16-matmul+kv-bf16", "int8-matmul")
@@ -117,6 +125,7 @@ def main() -> None:
     ap.add_argument("--weights", default=",".join(variants),
                     help=f"comma-separated weight storages ({', '.join(variants)}; default: all)")
     ap.add_argument("--out", default=None, help="results name (default: decode_cpu, or decode_cpu_quick)")
+    ap.add_argument("--llama-cpp", action="store_true", help="time llama.cpp on the same file too (llamacpp extra)")
     args = ap.parse_args()
     model = "random:tiny" if args.quick else "default"
     steps = 8 if args.quick else args.steps
@@ -138,13 +147,23 @@ def main() -> None:
             kw = {"matmul_precision": storage.split("-")[0]} if storage.endswith("-matmul") else {"weight_dtype": storage}
             llm = LLM(model, device="cpu", dtype=torch.float32, backend=backend, kv_cache_dtype=kv or None,
                       kv_cache_memory=256 << 20, **kw)
-            configs.append(({"backend": backend, "weights": storage, **({"kv": kv} if kv else {})}, llm))
+            isa = _cpp_isa() if backend == "cpp" else "torch"
+            configs.append(({"backend": backend, "weights": storage, **({"kv": kv} if kv else {}), "isa": isa}, llm))
     # a shared VM's neighbours slow whole stretches of a run: every (config, batch) is timed once per round, the
     # rounds interleaved, and the fastest round kept (interference only ever adds time)
     # the memory bandwidth this VM gives now (its neighbours move it by up to ~30%): decode is bound by it
     cpu = torch.device("cpu")
     copy = [copy_bandwidth(cpu, 256 << 20)["gbps"] if not args.quick else 0.0]
     best: dict[tuple[int, int], dict] = {}
+    lc, lc_ids, lc_best = None, [], {}
+    if args.llama_cpp and not args.quick:
+        from benchmarks import llamacpp
+        from sot_engine.engine.loader import default_model_path
+        if not llamacpp.available():
+            ap.error("--llama-cpp needs llama-cpp-python: pip install 'sot-engine[llamacpp]'")
+        lc = llamacpp.LlamaCpp(default_model_path(), torch.get_num_threads())
+        enc = configs[0][1].engine
+        lc_ids = [enc.encode([{"role": "user", "content": q}]) for q in prompts(max(map(int, args.batches.split(","))))]
     for r in range(args.rounds):
         for i, (key, llm) in enumerate(configs):
             for b in map(int, args.batches.split(",")):
@@ -152,9 +171,20 @@ def main() -> None:
                 if (i, b) not in best or got["ms_per_step"] < best[i, b]["ms_per_step"]:
                     best[i, b] = got
                 print(f"round {r + 1}/{args.rounds}", {**key, "batch": b, **got}, flush=True)
+        if lc is not None:
+            for b in map(int, args.batches.split(",")):
+                _, times = lc.greedy(lc_ids[:b], steps + 1)
+                ms = 1000 * statistics.median(times)
+                if b not in lc_best or ms < lc_best[b]:
+                    lc_best[b] = ms
+                print(f"round {r + 1}/{args.rounds}", {"backend": "llama.cpp", "batch": b, "ms_per_step": ms}, flush=True)
     copy.append(copy_bandwidth(cpu, 256 << 20)["gbps"] if not args.quick else 0.0)
     rows = [{**key, "batch": b, **best[i, b]} for i, (key, _) in enumerate(configs)
             for b in map(int, args.batches.split(","))]
+    if lc is not None:
+        rows += [{"backend": "llama.cpp", "weights": "file", "isa": lc.system_info, "llama_cpp": lc.version,
+                  "batch": b, "ms_per_step": ms} for b, ms in lc_best.items()]
+        lc.close()
     llm = configs[-1][1] if configs else None
     if not (args.quick or args.no_hf) and rows:
         from sot_engine.engine.loader import default_model_path
@@ -164,7 +194,7 @@ def main() -> None:
                 row["transformers_ms_per_step"] = transformers_ms(default_model_path(), chats, row["batch"], steps)
                 print(row, flush=True)
     name = args.out or ("decode_cpu_quick" if args.quick else "decode_cpu")
-    label = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)" if model == "default" else model
+    label = "SmolLM2-135M-Instruct (Q4_1 GGUF; dequantized but for the gguf rows)" if model == "default" else model
     print("wrote", write_result(name, cpu, {"model": label, "steps": steps, "rounds": args.rounds,
                                             "copy_gbps_before_after": copy, "rows": rows}))
 

@@ -18,33 +18,48 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def decode_cpu_table(path: Path) -> str:
     d = json.loads(path.read_text())
     env = d["env"]
+    rows = d["rows"]
+    lc = {r["batch"]: r["ms_per_step"] for r in rows if r.get("backend") == "llama.cpp"}
     lines = [f"CPU decode, {d['model']}, fp32 activations, {env['device']}, {env['threads']} threads, "
-             f"torch {env['torch']}, {env['date']} (`python -m benchmarks.decode_cpu`); weights: storage of the "
-             "matrices (bf16; int8 with a scale per 32 weights; bf16-matmul: bf16 weights and activations rounded "
-             "to bf16 in the matmuls, on AMX where the CPU has it; kv bf16: a bf16 K/V pool); outside matmuls: the "
-             "step's time not in weight matmuls (attention, norms, Python, sampling):", "",
-             "| backend | weights | batch | ours ms/step | vs batch 1 | transformers ms/step | ours vs transformers "
-             "| outside matmuls |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"torch {env['torch']}, {env['date']} (`python -m benchmarks.decode_cpu"
+             f"{' --llama-cpp' if lc else ''}`); weights: storage of the matrices (bf16; int8 with a scale per 32 "
+             "weights; bf16-matmul: bf16 weights and activations rounded to bf16 in the matmuls, on AMX where the CPU "
+             "has it; int8-matmul: int8 weights and activations quantized per 32, integer dot products; gguf: the "
+             "file's own Q4_1 / Q8_0 weights, likewise; kv bf16: a bf16 K/V pool); isa: what the integer kernels ran "
+             "on; vs llama.cpp: its time on the same file at the same batch over ours (> 1: ours is faster); outside "
+             "matmuls: the step's time not in weight matmuls (attention, norms, Python, sampling):", "",
+             "| backend | weights | isa | batch | ms/step | vs batch 1 | vs llama.cpp | transformers ms/step "
+             "| vs transformers | outside matmuls |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
     def key_of(r: dict) -> tuple[str, str]:
         return r.get("backend", "torch"), r.get("weights", "fp32") + (f", kv {r['kv']}" if r.get("kv") else "")
 
-    one = {key_of(r): r["ms_per_step"] for r in d["rows"] if r["batch"] == 1}
-    for r in d["rows"]:
+    def isa_of(r: dict) -> str:
+        if r.get("backend") == "llama.cpp":
+            flags = [f.split("=")[0].strip() for f in r.get("isa", "").split("|") if f.strip().endswith("= 1")]
+            return "llama.cpp " + r.get("llama_cpp", "") + (f" ({', '.join(f for f in flags if 'AVX' in f)})"
+                                                           if flags else "")
+        return r.get("isa", "-")
+
+    one = {key_of(r): r["ms_per_step"] for r in rows if r["batch"] == 1}
+    for r in rows:
         key = key_of(r)
         hf = r.get("transformers_ms_per_step")
         ratio = f"{hf / r['ms_per_step']:.2f}x" if hf else "-"
         rel = f"{r['ms_per_step'] / one[key]:.2f}x" if key in one else "-"
+        vs_lc = f"{lc[r['batch']] / r['ms_per_step']:.2f}x" if r["batch"] in lc and key[0] != "llama.cpp" else "-"
         outside = f"{100 * r['outside_matmul']:.0f}%" if "outside_matmul" in r else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {r['batch']} | {r['ms_per_step']:.1f} | {rel} | "
+        lines.append(f"| {key[0]} | {key[1]} | {isa_of(r)} | {r['batch']} | {r['ms_per_step']:.1f} | {rel} | {vs_lc} | "
                      f"{f'{hf:.1f}' if hf else '-'} | {ratio} | {outside} |")
     copy = d.get("copy_gbps_before_after")
     bw = (f" Copy bandwidth at the start / end of this run: {copy[0]:.1f} / {copy[1]:.1f} GB/s (it moves with the "
           "VM's neighbours, and decode with it)." if copy and copy[0] else "")
     rounds = f"fastest of {d['rounds']} interleaved rounds" if d.get("rounds") else "one run"
-    lines += ["", f"A shared 2-core VM, {rounds}: repeated runs of a row differ by up to ~25%.{bw} The CPU anchor, "
-              "llama.cpp on the same GGUF (Q4_1 weights, 2 threads, measured when the C++ issue was filed): ~9.2 ms/token at "
-              "batch 1, ~45 ms per batch-8 step."]
+    anchor = (" llama.cpp: one `llama_decode` of B tokens, one per parallel sequence, plus the argmaxes."
+              if lc else " The CPU anchor, llama.cpp on the same GGUF (Q4_1 weights, 2 threads, measured when the C++ "
+              "issue was filed): ~9.2 ms/token at batch 1, ~45 ms per batch-8 step.")
+    lines += ["", f"A shared 2-core VM, {rounds}: repeated runs of a row differ by up to ~25%.{bw}{anchor}"]
     return "\n".join(lines)
 
 

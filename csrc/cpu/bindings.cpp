@@ -31,11 +31,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "when amx and the CPU and OS allow it (AMX_READY), else the float32 kernel on the rounded x",
         py::arg("x"), py::arg("w"), py::arg("amx") = true);
   m.def("linear_int8", &linear_int8,
-        "x [M, K] float32 @ w [N, K]^T at int8 precision: int8 w with scale [N, K / 32], x quantized per 32 of a row "
+        "x [M, K] float32 @ w [N, K]^T at int8 precision: int8 w with scale [N, K / 32] (or [N, K / 16]), x quantized per 32 of a row "
         "(scale amax / 127, round half to even), int32 dot products per group, float32 scales and sums",
         py::arg("x"), py::arg("w"), py::arg("scale"));
+  m.def("linear_q4", &linear_q4,
+        "x [M, K] float32 @ w^T for 4-bit w [N, K / 2] uint8 (per 32-group: byte b holds weight b low, b + 16 high) "
+        "with scale_min [N, 2, K / 32] float32 (w = scale * nibble + min); x quantized as in linear_int8",
+        py::arg("x"), py::arg("w"), py::arg("scale_min"));
   m.def("quantize_int8_activations", &quantize_int8_activations,
-        "x [M, K] float32 -> (int8 values [M, K], float32 scales [M, K / 32]) as linear_int8 quantizes it",
+        "x [M, K] float32 -> (int8 values [M, K], float32 scales [M, K / 32], scales times the group's sum of "
+        "values) as linear_int8 quantizes it",
         py::arg("x"));
   m.def("int8_isa", &int8_isa, "the instruction set linear_int8 runs on: avx512vnni, avx2 or scalar");
   m.def("set_int8_isa", &set_int8_isa, "force avx512vnni / avx2 / scalar (one this CPU runs) or auto; returns the "

@@ -33,8 +33,8 @@ void check_f32_vector(const at::Tensor& t, int64_t n, const char* what) {
 // rows [a, b) of w as their own matrix
 WeightView rows(const WeightView& w, int64_t a, int64_t b) {
   WeightView r = w;
-  r.data = static_cast<const char*>(w.data) + a * w.K * static_cast<int64_t>(c10::elementSize(w.dtype));
-  r.scale = w.scale ? w.scale + a * w.G : nullptr;
+  r.data = static_cast<const char*>(w.data) + a * w.row_bytes();
+  r.scale = w.scale ? w.scale + a * w.scale_row() : nullptr;
   r.N = b - a;
   return r;
 }
@@ -85,9 +85,11 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
       w[i] = weight_view(mats[4 * l + i], scales[4 * l + i]);
       TORCH_CHECK(!bf16_act || w[i].dtype == at::kBFloat16, "DecodeLayers: bf16 precision needs bfloat16 matrices");
       w[i].bf16_act = bf16_act;
-      TORCH_CHECK(!int8_act || (w[i].dtype == at::kChar && w[i].K == 32 * w[i].G),
-                  "DecodeLayers: int8 precision needs int8 matrices with a scale per 32 weights");
-      w[i].int8_act = int8_act;
+      // 4-bit matrices are at int8 precision always, int8 ones when int8_act (any mix: the GGUF's own types)
+      TORCH_CHECK(!int8_act || w[i].dtype == at::kByte ||
+                      (w[i].dtype == at::kChar && w[i].K % 32 == 0 && (w[i].K == 32 * w[i].G || w[i].K == 16 * w[i].G)),
+                  "DecodeLayers: int8 precision needs int8 matrices with a scale per 32 (or 16) weights, or 4-bit ones");
+      w[i].int8_act = w[i].int8_act || int8_act;
       keep_.push_back(mats[4 * l + i]);
       if (scales[4 * l + i]) keep_.push_back(*scales[4 * l + i]);
     }

@@ -182,9 +182,21 @@ bool is_storage(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16
 }  // namespace
 
 WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(w.dim() == 2 && is_storage(w.scalar_type()) && w.device().is_cpu() && w.is_contiguous(),
-              "linear: w [N, K] contiguous float32 / bfloat16 / int8 on CPU");
-  TORCH_CHECK(scale.has_value() == (w.scalar_type() == at::kChar), "linear: int8 weights need a scale, others none");
+  TORCH_CHECK(w.dim() == 2 && (is_storage(w.scalar_type()) || w.scalar_type() == at::kByte) && w.device().is_cpu() &&
+                  w.is_contiguous(),
+              "linear: w [N, K] contiguous float32 / bfloat16 / int8 (or uint8: 4-bit pairs) on CPU");
+  const bool q4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(scale.has_value() == (q4 || w.scalar_type() == at::kChar),
+              "linear: int8 and 4-bit weights need a scale, others none");
+  if (q4) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 3 && scale->size(0) == w.size(0) &&
+                    scale->size(1) == 2 && scale->size(2) * 16 == w.size(1) && scale->is_contiguous() &&
+                    scale->device().is_cpu(),
+                "linear: 4-bit weights [N, K / 2] need scale_min [N, 2, K / 32] float32 contiguous");
+    WeightView v{w.data_ptr(), at::kByte, scale->data_ptr<float>(), scale->size(2), w.size(0), 2 * w.size(1)};
+    v.int8_act = true;  // only ever multiplied on integer dot products
+    return v;
+  }
   if (scale)
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 2 && scale->size(0) == w.size(0) &&
                     scale->size(1) > 0 && w.size(1) % scale->size(1) == 0 && scale->is_contiguous() &&

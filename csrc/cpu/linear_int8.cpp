@@ -1,17 +1,22 @@
-// Weight matmul at int8 precision: int8 weights with a float32 scale per 32 of a row (weights.py's Int8Weight,
-// llama.cpp's Q8_0) times activations quantized the same way per call (dynamic: a scale per 32 of a row of x),
-// multiplied on integer dot-product instructions:
-//   out[m, n] = sum_g (xs[m, g] * ws[n, g]) * sum_{k in g} xq[m, k] * wq[n, k]
-// The inner sums are exact int32; each group's term is one float32 product and the groups are summed in float32.
+// Weight matmuls on integer dot products (matmul precision int8, and the GGUF's own quantized weights):
+// activations quantized per call to int8 with a float32 scale per 32 of a row (dynamic, llama.cpp's Q8_0 / Q8_1),
+// times weights in one of three layouts (sot_engine/kernels/weights.py):
+//   int8, a scale per 32 (Int8Weight; Q8_0, Q5_0)   out[m, n] = sum_g xs[m, g] ws[n, g] . sum_k xq[m, k] wq[n, k]
+//   int8, a scale per 16 (Int8Weight; Q6_K)         the same with each 32-group's two halves scaled apart
+//   4-bit, a scale and a min per 32 (Q4Weight; Q4_0, Q4_1, Q4_K):  w = d q + m with q in 0..15, so
+//                                                   out[m, n] = sum_g xs d . sum_k xq q  +  sum_g m . xs sum_k xq
+// The inner sums are exact int32; each group's term is one float32 product, the groups summed in float32.
 //
 // Why: widening int8 weights to float32 in registers (linear.cpp) makes a decode step of 8+ rows compute-bound on
 // fp32 FMAs (a SmolLM2 step at batch 8 cost 4.8x batch 1 on an AVX2 EPYC). An integer multiply-add instruction does
-// 32 (AVX2 vpmaddubsw + vpmaddwd) or 32 (AVX-512 VNNI vpdpbusd, one instruction) products a cycle per 256-bit
-// register, 4x the fp32 FMA's 8: the step returns to streaming the weights.
+// 32 products per 256-bit register (AVX2 vpmaddubsw + vpmaddwd, or AVX-512 VNNI's one vpdpbusd), 4x the fp32 FMA's 8.
 //
-// Both instructions multiply an unsigned byte by a signed one, so x . w is computed as |x| . (w * sign(x))
-// (vpsignb), llama.cpp's trick; |x| <= 127 and |w| <= 127 (the quantizers clamp there), so vpmaddubsw's pairs
-// (at most 2 * 127 * 127) never saturate.
+// Both instructions multiply an unsigned byte by a signed one. 4-bit values are unsigned already (0..15); an int8
+// weight is multiplied as |x| . (w * sign(x)) (vpsignb), llama.cpp's trick: |x| <= 127 and |w| <= 127 (the
+// quantizers clamp there), so vpmaddubsw's pairs (at most 2 * 127 * 127) never saturate.
+//
+// A 4-bit group is 16 bytes, the low nibbles weights 0-15 and the high ones 16-31 (GGUF's Q4_0 / Q4_1 order), so one
+// 128-bit load, a shift and two masks give the 32 weights in order.
 //
 // The instruction set is picked at run time (int8_isa): the variants are compiled with target attributes, so one
 // build runs on an AVX2-only CPU and uses VNNI where the CPU has it; SOT_CPU_ISA=avx2|scalar, or set_int8_isa,
@@ -36,10 +41,13 @@
 namespace sot_cpu {
 namespace {
 
-constexpr int64_t kGroup = 32;  // values per scale, of x and of w
+constexpr int64_t kGroup = 32;  // activation values per scale; weight groups are 32 or 16
 
 enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512vnni"};
+
+// The weight layouts; a kernel is compiled for each
+enum Fmt : int { kI8G32 = 0, kI8G16 = 1, kQ4 = 2 };
 
 int detect_isa() {
 #if defined(SOT_X86)
@@ -63,113 +71,198 @@ std::atomic<int>& current_isa() {
   return isa;
 }
 
-// ---------------------------------------------------------------- scalar: the portable path and the tail
+// The quantized activations of M rows: values [M, K], scales and scaled sums (xs * sum of the group's values, for
+// the 4-bit weights' min term) [M, K / 32]
+struct Act {
+  const int8_t* q;
+  const float* s;
+  const float* sum;
+  int64_t K, G;
+};
 
-void tile_scalar(const int8_t* xq, const float* xs, int64_t M, const int8_t* wq, const float* ws, int64_t K,
-                 int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  const int64_t G = K / kGroup;
-  for (int64_t n = n0; n < n1; ++n)
+// A run of weight rows: row n's values at data + n * row_bytes, its float32 scales at scale + n * scale_row
+// (kQ4: G scales, then G mins)
+struct Rows {
+  const uint8_t* data;
+  const float* scale;
+  int64_t row_bytes, scale_row;
+};
+
+Fmt fmt_of(const WeightView& w) { return w.dtype == at::kByte ? kQ4 : (w.G * kGroup == w.K ? kI8G32 : kI8G16); }
+
+Rows rows_of(const WeightView& w) {
+  return {static_cast<const uint8_t*>(w.data), w.scale, w.row_bytes(), w.scale_row()};
+}
+
+// ---------------------------------------------------------------- scalar: the portable path
+
+template <int F>
+void rows_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t G = a.G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w.data + n * w.row_bytes;
+    const float* sr = w.scale + n * w.scale_row;
     for (int64_t m = 0; m < M; ++m) {
+      const int8_t* x = a.q + m * a.K;
       float acc = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        int32_t s = 0;
-        for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) s += int32_t(xq[m * K + k]) * int32_t(wq[n * K + k]);
-        acc += xs[m * G + g] * ws[n * G + g] * static_cast<float>(s);
+        int32_t s0 = 0, s1 = 0;  // the group's two halves (apart for kI8G16's two scales)
+        for (int64_t k = 0; k < kGroup; ++k) {
+          int32_t wk;
+          if constexpr (F == kQ4)
+            wk = k < 16 ? (wr[g * 16 + k] & 0x0F) : (wr[g * 16 + k - 16] >> 4);
+          else
+            wk = static_cast<int8_t>(wr[g * kGroup + k]);
+          (k < 16 ? s0 : s1) += int32_t(x[g * kGroup + k]) * wk;
+        }
+        const float sx = a.s[m * G + g];
+        if constexpr (F == kI8G16)
+          acc += sx * sr[2 * g] * static_cast<float>(s0) + sx * sr[2 * g + 1] * static_cast<float>(s1);
+        else
+          acc += sx * sr[g] * static_cast<float>(s0 + s1);
       }
+      if constexpr (F == kQ4)
+        for (int64_t g = 0; g < G; ++g) acc += sr[G + g] * a.sum[m * G + g];
       out[m * ldo + n] = acc;
     }
+  }
 }
 
 #if defined(SOT_X86)
 // ---------------------------------------------------------------- AVX2 and AVX-512 VNNI: MR rows x NR weight rows
 
-// 8 int32 partial sums of x . w over 32 bytes, |x| . (w * sign(x)) on vpmaddubsw + vpmaddwd
-__attribute__((target("avx2,fma"))) inline __m256i dot32_avx2(__m256i ax, __m256i sw) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1));
+#define SOT_AVX2 "avx2,fma,f16c"
+#define SOT_VNNI "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+
+// 8 int32 partial sums of u . s over 32 bytes (u unsigned, s signed; lane i sums bytes 4i..4i+3)
+__attribute__((target(SOT_AVX2))) inline __m256i dot_avx2(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+__attribute__((target(SOT_VNNI))) inline __m256i dot_vnni(__m256i u, __m256i s) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 }
 
-__attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni"))) inline __m256i dot32_vnni(__m256i ax,
-                                                                                                      __m256i sw) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw);
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+__attribute__((target(SOT_AVX2))) inline float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// The body of both vector variants; DOT is the instruction sequence. Accumulates each (m, n) in 8 float lanes:
-// lane i holds the groups' terms of its 4 consecutive bytes, the lanes are summed once at the end.
-#define SOT_INT8_TILE(NAME, TARGET, DOT)                                                                              \
-  template <int MR, int NR>                                                                                           \
-  __attribute__((target(TARGET))) void NAME(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,    \
-                                            int64_t K, float* out, int64_t ldo) {                                     \
-    const int64_t G = K / kGroup;                                                                                     \
+// sum_i a[i] b[i] in float32 (the 4-bit weights' min term: a row's G mins against a row's G scaled sums)
+__attribute__((target(SOT_AVX2))) inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum8(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// The body of both vector variants; DOT is the instruction sequence. Accumulates each (m, n) in 8 float lanes (lane i
+// the groups' terms of its 4 consecutive bytes), the lanes summed once at the end.
+#define SOT_QUANT_TILE(NAME, TARGET, DOT)                                                                             \
+  template <int MR, int NR, int F>                                                                                    \
+  __attribute__((target(TARGET))) void NAME(const Act& a, const int8_t* xq, const float* xs, const float* xsum,       \
+                                            const uint8_t* wd, const float* ws, const Rows& w, float* out,            \
+                                            int64_t ldo) {                                                            \
+    const int64_t G = a.G, K = a.K;                                                                                   \
     __m256 acc[MR][NR];                                                                                               \
     for (int i = 0; i < MR; ++i)                                                                                      \
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();                                                   \
+    const __m128i low4 = _mm_set1_epi8(0x0F);                                                                         \
+    const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                                 \
     for (int64_t g = 0; g < G; ++g) {                                                                                 \
-      __m256i w[NR];                                                                                                  \
+      __m256i wv[NR];                                                                                                 \
       for (int j = 0; j < NR; ++j) {                                                                                  \
-        _mm_prefetch(reinterpret_cast<const char*>(wq + j * K + g * kGroup) + 2048, _MM_HINT_T0);                    \
-        w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + j * K + g * kGroup));                         \
+        const uint8_t* p = wd + j * w.row_bytes + g * (F == kQ4 ? 16 : kGroup);                                      \
+        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);                                          \
+        if constexpr (F == kQ4) {                                                                                     \
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));                                     \
+          wv[j] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));               \
+        } else {                                                                                                      \
+          wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));                                            \
+        }                                                                                                             \
       }                                                                                                               \
       for (int i = 0; i < MR; ++i) {                                                                                  \
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));              \
-        const __m256i ax = _mm256_sign_epi8(x, x);                                                                    \
         const float sx = xs[i * G + g];                                                                               \
+        const __m256i ax = F == kQ4 ? x : _mm256_sign_epi8(x, x);                                                     \
         for (int j = 0; j < NR; ++j) {                                                                                \
-          const __m256 p = _mm256_cvtepi32_ps(DOT(ax, _mm256_sign_epi8(w[j], x)));                                    \
-          acc[i][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(sx * ws[j * G + g]), acc[i][j]);                              \
+          const __m256 p = _mm256_cvtepi32_ps(F == kQ4 ? DOT(wv[j], x) : DOT(ax, _mm256_sign_epi8(wv[j], x)));       \
+          __m256 sc;                                                                                                  \
+          if constexpr (F == kI8G16) /* lanes 0-3 hold bytes 0-15: the first scale; 4-7 the second */               \
+            sc = _mm256_permutevar8x32_ps(                                                                            \
+                _mm256_castps128_ps256(_mm_mul_ps(                                                                    \
+                    _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws + j * w.scale_row + 2 * g))),       \
+                    _mm_set1_ps(sx))),                                                                                \
+                halves);                                                                                              \
+          else                                                                                                        \
+            sc = _mm256_set1_ps(sx * ws[j * w.scale_row + g]);                                                        \
+          acc[i][j] = _mm256_fmadd_ps(p, sc, acc[i][j]);                                                              \
         }                                                                                                             \
       }                                                                                                               \
     }                                                                                                                 \
     for (int i = 0; i < MR; ++i)                                                                                      \
-      for (int j = 0; j < NR; ++j) out[i * ldo + j] = hsum8(acc[i][j]);                                               \
+      for (int j = 0; j < NR; ++j) {                                                                                  \
+        float r = hsum8(acc[i][j]);                                                                                   \
+        if constexpr (F == kQ4) r += dot_f32(ws + j * w.scale_row + G, xsum + i * G, G);                             \
+        out[i * ldo + j] = r;                                                                                         \
+      }                                                                                                               \
   }
 
-SOT_INT8_TILE(tile_avx2, "avx2,fma", dot32_avx2)
-SOT_INT8_TILE(tile_vnni, "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni", dot32_vnni)
-#undef SOT_INT8_TILE
+SOT_QUANT_TILE(tile_avx2, SOT_AVX2, dot_avx2)
+SOT_QUANT_TILE(tile_vnni, SOT_VNNI, dot_vnni)
+#undef SOT_QUANT_TILE
 
 // rows [n0, n1) of w against all M rows of x: blocks of NR weight rows (the block re-read from L1 for each row tile
-// of x), row tiles of up to MR; the last n1 - n0 % NR rows one at a time
-template <int MR, int NR, bool kVnni>
-void rows_vector(const int8_t* xq, const float* xs, int64_t M, const int8_t* wq, const float* ws, int64_t K,
-                 int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  const int64_t G = K / kGroup;
+// of x), row tiles of up to MR; the last (n1 - n0) % NR rows one at a time
+template <int MR, int NR, int F, bool kVnni>
+void rows_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t G = a.G;
   auto run = [&](auto mr, auto nr, int64_t m, int64_t n) {
     constexpr int R = decltype(mr)::value, C = decltype(nr)::value;
+    const int8_t* xq = a.q + m * a.K;
+    const uint8_t* wd = w.data + n * w.row_bytes;
+    const float* ws = w.scale + n * w.scale_row;
     if constexpr (kVnni)
-      tile_vnni<R, C>(xq + m * K, xs + m * G, wq + n * K, ws + n * G, K, out + m * ldo + n, ldo);
+      tile_vnni<R, C, F>(a, xq, a.s + m * G, a.sum + m * G, wd, ws, w, out + m * ldo + n, ldo);
     else
-      tile_avx2<R, C>(xq + m * K, xs + m * G, wq + n * K, ws + n * G, K, out + m * ldo + n, ldo);
+      tile_avx2<R, C, F>(a, xq, a.s + m * G, a.sum + m * G, wd, ws, w, out + m * ldo + n, ldo);
   };
-  auto rows_of = [&](auto nr, int64_t n) {
+  auto all_rows = [&](auto nr, int64_t n) {
     int64_t m = 0;
     for (; m + MR <= M; m += MR) run(std::integral_constant<int, MR>{}, nr, m, n);
     for (; m < M; ++m) run(std::integral_constant<int, 1>{}, nr, m, n);
   };
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) rows_of(std::integral_constant<int, NR>{}, n);
-  for (; n < n1; ++n) rows_of(std::integral_constant<int, 1>{}, n);
+  for (; n + NR <= n1; n += NR) all_rows(std::integral_constant<int, NR>{}, n);
+  for (; n < n1; ++n) all_rows(std::integral_constant<int, 1>{}, n);
 }
 #endif
 
-void rows_isa(int isa, const int8_t* xq, const float* xs, int64_t M, const int8_t* wq, const float* ws, int64_t K,
-              int64_t n0, int64_t n1, float* out, int64_t ldo) {
+template <int F>
+void rows_fmt(int isa, const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
 #if defined(SOT_X86)
   // accumulators MR * NR + NR weight vectors + x, |x| and a product in the 16 ymm registers AVX2 has (32 with
   // AVX-512's EVEX encoding)
-  if (isa == kAvx512Vnni) return rows_vector<4, 4, true>(xq, xs, M, wq, ws, K, n0, n1, out, ldo);
-  if (isa == kAvx2) return rows_vector<2, 4, false>(xq, xs, M, wq, ws, K, n0, n1, out, ldo);
+  if (isa == kAvx512Vnni) return rows_vector<4, 4, F, true>(a, M, w, n0, n1, out, ldo);
+  if (isa == kAvx2) return rows_vector<2, 4, F, false>(a, M, w, n0, n1, out, ldo);
 #endif
   (void)isa;
-  tile_scalar(xq, xs, M, wq, ws, K, n0, n1, out, ldo);
+  rows_scalar<F>(a, M, w, n0, n1, out, ldo);
 }
 
-void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* xs) {
+void rows_isa(int isa, const Act& a, int64_t M, const WeightView& wv, int64_t n0, int64_t n1, float* out,
+              int64_t ldo) {
+  const Rows w = rows_of(wv);
+  switch (fmt_of(wv)) {
+    case kQ4: return rows_fmt<kQ4>(isa, a, M, w, n0, n1, out, ldo);
+    case kI8G16: return rows_fmt<kI8G16>(isa, a, M, w, n0, n1, out, ldo);
+    default: return rows_fmt<kI8G32>(isa, a, M, w, n0, n1, out, ldo);
+  }
+}
+
+void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum) {
   const int64_t G = K / kGroup;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
@@ -179,11 +272,30 @@ void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_
       // what weights.quantize_activations_int8 computes: scale amax / 127, values round(x * (127 / amax)), half
       // to even (the default rounding mode); an all-zero group stays zero with scale 0
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      xs[m * G + g] = amax / 127.f;
-      for (int64_t k = 0; k < kGroup; ++k)
-        xq[m * K + g * kGroup + k] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, v[k] * inv))));
+      const float s = amax / 127.f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kGroup; ++k) {
+        const auto q = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, v[k] * inv))));
+        xq[m * K + g * kGroup + k] = q;
+        sum += q;
+      }
+      xs[m * G + g] = s;
+      xsum[m * G + g] = s * static_cast<float>(sum);
     }
 }
+
+// Per-thread buffers of quantized activations
+struct ActBuffers {
+  std::vector<int8_t> q;
+  std::vector<float> s, sum;
+  Act quantize(const float* x, int64_t ldx, int64_t M, int64_t K) {
+    const int64_t G = K / kGroup;
+    if (static_cast<int64_t>(q.size()) < M * K) q.resize(M * K);
+    if (static_cast<int64_t>(s.size()) < M * G) s.resize(M * G), sum.resize(M * G);
+    quantize_rows_int8(x, ldx, M, K, q.data(), s.data(), sum.data());
+    return {q.data(), s.data(), sum.data(), K, G};
+  }
+};
 
 }  // namespace
 
@@ -207,52 +319,60 @@ std::string set_int8_isa(const std::string& name) {
 void linear_int8_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M,
                       int64_t n0, int64_t n1) {
   if (n1 <= n0 || M == 0) return;
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<float> xs;
-  if (static_cast<int64_t>(xq.size()) < M * w.K) xq.resize(M * w.K);
-  if (static_cast<int64_t>(xs.size()) < M * w.G) xs.resize(M * w.G);
-  quantize_rows_int8(x, ldx, M, w.K, xq.data(), xs.data());  // a few KiB a thread: cheaper than a barrier
-  rows_isa(current_isa().load(), xq.data(), xs.data(), M, static_cast<const int8_t*>(w.data), w.scale, w.K, n0, n1,
-           out, ldo);
+  thread_local ActBuffers buf;  // a few KiB a thread: quantizing here is cheaper than a barrier
+  const Act a = buf.quantize(x, ldx, M, w.K);
+  rows_isa(current_isa().load(), a, M, w, n0, n1, out, ldo);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_int8_activations(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_activations(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) % kGroup == 0,
               "quantize_int8_activations: x [M, K] float32 CPU, K a multiple of 32");
   const auto xc = x.contiguous();
   auto q = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
   auto s = at::empty({xc.size(0), xc.size(1) / kGroup}, xc.options());
+  auto sum = at::empty_like(s);
   quantize_rows_int8(xc.data_ptr<float>(), xc.size(1), xc.size(0), xc.size(1), q.data_ptr<int8_t>(),
-                     s.data_ptr<float>());
-  return {q, s};
+                     s.data_ptr<float>(), sum.data_ptr<float>());
+  return {q, s, sum};
 }
 
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  RECORD_FUNCTION("sot_cpp::linear_int8", std::vector<c10::IValue>());
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == w.size(1),
-              "linear_int8: x [M, K] float32 CPU with w's K");
-  TORCH_CHECK(w.dim() == 2 && w.size(1) % kGroup == 0 && scale.dim() == 2 && scale.size(1) == w.size(1) / kGroup,
-              "linear_int8: int8 w [N, K] with a scale per 32 weights ([N, K / 32]), K a multiple of 32");
+namespace {
+at::Tensor run_quantized(const at::Tensor& x, const WeightView& wv) {
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  const auto wc = w.contiguous();
-  const auto sc = scale.contiguous();
-  const WeightView wv = weight_view(wc, sc);
   const int64_t M = xc.size(0), N = wv.N;
   auto out = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return out;
   // x quantized once for all threads (a prefill's rows too); the fused decode loop's threads each quantize their
   // own few rows instead (linear_int8_rows), which costs less than a barrier
-  std::vector<int8_t> xq(M * wv.K);
-  std::vector<float> xs(M * wv.G);
-  quantize_rows_int8(xc.data_ptr<float>(), xc.stride(0), M, wv.K, xq.data(), xs.data());
+  ActBuffers buf;
+  const Act a = buf.quantize(xc.data_ptr<float>(), xc.stride(0), M, wv.K);
   const int isa = current_isa().load();
   // >= ~32 KiB of weights a task
-  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / std::max<int64_t>(1, wv.K));
+  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / std::max<int64_t>(1, wv.row_bytes()));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    rows_isa(isa, xq.data(), xs.data(), M, static_cast<const int8_t*>(wv.data), wv.scale, wv.K, n0, n1,
-             out.data_ptr<float>(), N);
+    rows_isa(isa, a, M, wv, n0, n1, out.data_ptr<float>(), N);
   });
   return out;
+}
+}  // namespace
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  RECORD_FUNCTION("sot_cpp::linear_int8", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == w.size(1),
+              "linear_int8: x [M, K] float32 CPU with w's K");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) % kGroup == 0 && scale.dim() == 2 &&
+                  (scale.size(1) == w.size(1) / kGroup || scale.size(1) == w.size(1) / 16),
+              "linear_int8: int8 w [N, K] with a scale per 32 or per 16 weights ([N, K / 32] or [N, K / 16]), K a "
+              "multiple of 32");
+  return run_quantized(x, weight_view(w.contiguous(), scale.contiguous()));
+}
+
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_min) {
+  RECORD_FUNCTION("sot_cpp::linear_q4", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && w.dim() == 2 &&
+                  x.size(1) == 2 * w.size(1),
+              "linear_q4: x [M, K] float32 CPU with K twice w's bytes a row");
+  return run_quantized(x, weight_view(w.contiguous(), scale_min.contiguous()));
 }
 
 }  // namespace sot_cpu

@@ -58,11 +58,13 @@ void silu_mul_row(const float* g, const float* u, float* o, int64_t n);
 // A weight matrix as the linear kernel reads it (checked by weight_view: contiguous, a supported storage)
 struct WeightView {
   const void* data;
-  at::ScalarType dtype;
-  const float* scale;  // int8: [N, G]; else nullptr
+  at::ScalarType dtype;  // float32, bfloat16, int8, or uint8: 4-bit values, two a byte (linear_int8.cpp)
+  const float* scale;  // int8: [N, G]; 4-bit: [N, 2, G] (the scales, then the mins); else nullptr
   int64_t G, N, K;
   bool bf16_act = false;  // bfloat16 weights at bf16 precision: x rounded to bf16 too (linear_bf16.cpp)
-  bool int8_act = false;  // int8 weights (a scale per 32) at int8 precision: x quantized too (linear_int8.cpp)
+  bool int8_act = false;  // int8 or 4-bit weights at int8 precision: x quantized too (linear_int8.cpp)
+  int64_t row_bytes() const { return dtype == at::kByte ? K / 2 : K * int64_t(c10::elementSize(dtype)); }
+  int64_t scale_row() const { return dtype == at::kByte ? 2 * G : G; }  // floats of scale per weight row
 };
 WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale);
 // out[m, n] (rows ldo apart) = x[m] . w[n] for the calling thread's share `part` of `parts` of the N outputs
@@ -76,9 +78,14 @@ bool amx_ready();     // ... and the OS granted the tile state (SOT_NO_AMX=1: ne
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, bool amx);
 // linear_int8.cpp: out = x @ w^T at int8 precision for int8 w with a scale per 32 weights of a row: x quantized per
 // 32 of a row (scale amax / 127), integer dot products (AVX2 or AVX-512 VNNI, chosen at run time), float32 scales
+// int8 w may have a scale per 16 instead (GGUF's Q6_K)
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);
-std::tuple<at::Tensor, at::Tensor> quantize_int8_activations(const at::Tensor& x);  // (values int8, scales)
-// out[:, n0 : n1] at int8 precision (w.int8_act)
+// ... for 4-bit w [N, K / 2] uint8 (byte b of a 32-group: weight b in the low nibble, b + 16 in the high one) with
+// scale_min [N, 2, K / 32] float32: w = scale * nibble + min
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_min);
+// (values int8, scales, scales times the group's sum of values)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_activations(const at::Tensor& x);
+// out[:, n0 : n1] at int8 precision (w.int8_act: int8 or 4-bit w)
 void linear_int8_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M,
                       int64_t n0, int64_t n1);
 std::string int8_isa();  // the instruction set the int8 kernel runs on: "avx512vnni", "avx2" or "scalar"

@@ -16,7 +16,7 @@ from sot_engine.engine.config import ModelConfig
 from sot_engine.engine.memory import into_hugepages
 from sot_engine.kernels import Backend, reference
 from sot_engine.kernels.cascade import PrefixGroup
-from sot_engine.kernels.weights import embedding, map_tensors, store
+from sot_engine.kernels.weights import cat_rows, embedding, map_tensors, store
 
 
 @dataclass(slots=True)
@@ -101,10 +101,10 @@ class LlamaModel:
                                       w.pop(p + "post_feedforward_layernorm.weight")))
             self.layers.append((
                 w.pop(p + "input_layernorm.weight"),
-                mat(torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                mat(cat_rows([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
                 mat(w.pop(p + "self_attn.o_proj.weight")),
                 w.pop(p + "post_attention_layernorm.weight"),
-                mat(torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])),
+                mat(cat_rows([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])),
                 mat(w.pop(p + "mlp.down_proj.weight")),
             ))
         if self.norm.device.type == "cpu":  # a decode step streams them all: on 2 MiB pages (engine.memory)

@@ -203,7 +203,8 @@ def _serve(group: Group, spec: WorkerSpec) -> None:
     if device.type == "cpu":
         torch.set_num_threads(spec.threads)
     shard = Shard(group.rank, group.world, spec.vocab_head)
-    loaded = load_model(spec.model, dtype=spec.dtype, device=device, seed=spec.seed, shard=shard)
+    loaded = load_model(spec.model, dtype=spec.dtype, device=device, seed=spec.seed, shard=shard,
+                        keep_quantized=spec.weight_dtype == "gguf")
     cfg = shard_config(loaded.config, group.world)
     model = LlamaModel(cfg, loaded.weights, get_backend(spec.backend, device), spec.weight_dtype,
                        spec.matmul_precision, group=group,

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from sot_engine.kernels import BACKENDS, Backend, BackendUnavailable, reference
-from sot_engine.kernels.weights import Bf16MatmulWeight, Int8Weight, Weight
+from sot_engine.kernels.weights import Bf16MatmulWeight, Int8Weight, Q4Weight, Weight, int8_precision
 
 try:
     from sot_engine.kernels import _cpp
@@ -34,8 +34,10 @@ def _pools_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """`kernels.reference.linear`; the C++ kernel for float32 x and up to _cpp.MAX_ROWS rows, else at::linear on
     the widened weights (in C++ too)."""
-    if isinstance(w, Int8Weight) and w.int8_act:  # integer dot products, any number of rows
-        return _cpp.linear_int8(x, w.q, w.scale) if x.dtype == F32 and x.dim() == 2 else reference.linear(x, w)
+    if int8_precision(w):  # integer dot products, any number of rows
+        if x.dtype != F32 or x.dim() != 2:
+            return reference.linear(x, w)
+        return _cpp.linear_q4(x, w.q, w.scale_min) if isinstance(w, Q4Weight) else _cpp.linear_int8(x, w.q, w.scale)
     if isinstance(w, Int8Weight):
         return _cpp.linear(x, w.q, w.scale)
     if isinstance(w, Bf16MatmulWeight):  # any number of rows: on AMX prefill is compute-cheap too
@@ -127,18 +129,20 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
     nor bfloat16, or a weight storage the kernel does not read."""
     ln1, ln2, mats, scales = [], [], [], []
     bf16_act = isinstance(layers[0][1], Bf16MatmulWeight)
-    int8_act = isinstance(layers[0][1], Int8Weight) and layers[0][1].int8_act
+    int8_act = int8_precision(layers[0][1])
     for a, wqkv, wo, b, wgu, wdown in layers:
         ln1.append(a)
         ln2.append(b)
         for w in (wqkv, wo, wgu, wdown):
-            if isinstance(w, Bf16MatmulWeight) != bf16_act or (isinstance(w, Int8Weight) and w.int8_act) != int8_act:
-                return None  # one precision for the whole loop
-            if isinstance(w, Int8Weight):
+            if isinstance(w, Bf16MatmulWeight) != bf16_act or int8_precision(w) != int8_act:
+                return None  # one precision for the whole loop (int8 and 4-bit weights may mix)
+            if isinstance(w, Q4Weight):
+                q, sc = w.q, w.scale_min
+            elif isinstance(w, Int8Weight):
                 q, sc = w.q, w.scale
             else:
                 q, sc = (w.w if bf16_act else w), None
-            if q.dtype not in (F32, torch.bfloat16, torch.int8) or not q.is_contiguous():
+            if q.dtype not in (F32, torch.bfloat16, torch.int8, torch.uint8) or not q.is_contiguous():
                 return None
             mats.append(q)
             scales.append(sc)

@@ -15,16 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sot_engine.kernels.weights import Bf16MatmulWeight, Int8Weight, Weight, quantize_activations_int8
+from sot_engine.kernels.weights import (Bf16MatmulWeight, Int8Weight, Q4Weight, Weight, int8_precision,
+                                        quantize_activations_int8)
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T for any weight storage (`kernels.weights`): the weights are widened (dequantized)
     to x's dtype (at bf16 precision x is first rounded to bf16), then F.linear."""
-    if isinstance(w, Int8Weight) and w.int8_act:  # int8 precision: x quantized per 32 of a row too
+    if int8_precision(w):  # int8 precision: x quantized per 32 of a row too
         xd = Int8Weight(*quantize_activations_int8(x.reshape(-1, x.shape[-1]))).dequantize(x.dtype)
         return F.linear(xd.view(x.shape), w.dequantize(x.dtype))
-    if isinstance(w, Int8Weight):
+    if isinstance(w, (Int8Weight, Q4Weight)):
         return F.linear(x, w.dequantize(x.dtype))
     if isinstance(w, Bf16MatmulWeight):  # x rounded to bf16 too: exact products, sums in x's dtype
         return F.linear(x.to(torch.bfloat16).to(x.dtype), w.w.to(x.dtype))

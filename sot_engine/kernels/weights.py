@@ -22,6 +22,11 @@ activations per 32 values of a row too (`quantize_activations_int8`), so the gro
 (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd: csrc/cpu/linear_int8.cpp) and only the scales are float32. Widening int8
 weights to float32 makes a step of 8+ rows compute-bound on fp32 FMAs; the integer instructions do 4x the work a
 cycle, so a batch-8 step goes back to streaming the weights.
+
+`weight_dtype="gguf"` keeps a GGUF file's own quantized types instead of widening them at load time
+(`engine.loader.repack`): Q8_0 and Q5_0 become int8 weights with a scale per 32, Q6_K int8 with a scale per 16,
+and Q4_0, Q4_1 and Q4_K 4-bit weights (`Q4Weight`: a scale and a min per 32); each exactly the values the file
+holds, multiplied at int8 precision (activations quantized per 32, as llama.cpp does).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from typing import Callable
 
 import torch
 
-WEIGHT_DTYPES = ("fp32", "bf16", "int8")
+WEIGHT_DTYPES = ("fp32", "bf16", "int8", "gguf")
 MATMUL_PRECISIONS = ("fp32", "bf16", "int8")
 INT8_GROUP = 32  # weights per int8 scale
 
@@ -55,6 +60,34 @@ class Int8Weight:
 
 
 @dataclass(frozen=True, slots=True)
+class Q4Weight:
+    """4-bit weights with a float32 scale and min per 32 of a row: w[n, 32 g + i] = d[n, g] * v + m[n, g], v in 0..15
+    (GGUF's Q4_0 with m = -8 d, Q4_1, Q4_K). Byte b of group g holds v of weight b (low nibble) and of weight b + 16
+    (high nibble), Q4_0's order. Always multiplied at int8 precision (the activations quantized per 32)."""
+    q: torch.Tensor  # [N, K / 2] uint8
+    scale_min: torch.Tensor  # [N, 2, K / 32] float32: the groups' scales d, then their mins m
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.q.shape[0], 2 * self.q.shape[1]))
+
+    def nibbles(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The 4-bit values v, [N, K] uint8 in weight order."""
+        q = self.q if rows is None else self.q[rows]
+        n = q.shape[0]
+        g = q.view(n, -1, 16)
+        return torch.cat([g & 0x0F, g >> 4], dim=2).view(n, -1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights as `dtype`: d * v + m, rounded after the product and after the sum (as gguf computes them)."""
+        sm = self.scale_min if rows is None else self.scale_min[rows]
+        v = self.nibbles(rows)
+        n, k = v.shape
+        d, m = sm[:, 0, :, None].to(dtype), sm[:, 1, :, None].to(dtype)
+        return (v.view(n, -1, 32).to(dtype) * d + m).view(n, k)
+
+
+@dataclass(frozen=True, slots=True)
 class Bf16MatmulWeight:
     """bfloat16 weights at bf16 matmul precision: x @ w^T multiplies bf16(x) by w (exact float32 products) and sums
     in float32 (or the compute dtype, if wider)."""
@@ -65,7 +98,7 @@ class Bf16MatmulWeight:
         return self.w.shape
 
 
-Weight = torch.Tensor | Int8Weight | Bf16MatmulWeight
+Weight = torch.Tensor | Int8Weight | Q4Weight | Bf16MatmulWeight
 
 
 def check_weight_dtype(weight_dtype: str | None, matmul_precision: str = "fp32") -> str | None:
@@ -76,6 +109,9 @@ def check_weight_dtype(weight_dtype: str | None, matmul_precision: str = "fp32")
                          f"got {weight_dtype!r}")
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
+    if weight_dtype == "gguf" and matmul_precision != "fp32":
+        raise ValueError(f"weight_dtype='gguf' keeps the file's own types, multiplied at int8 precision; "
+                         f"leave matmul_precision at 'fp32', got {matmul_precision!r}")
     if matmul_precision != "fp32":  # bf16 / int8 precision multiplies weights stored so
         if weight_dtype not in (None, matmul_precision):
             raise ValueError(f"matmul_precision={matmul_precision!r} multiplies {matmul_precision} weights; "
@@ -95,6 +131,11 @@ def quantize_int8(w: torch.Tensor, group: int = INT8_GROUP) -> Int8Weight:
     return Int8Weight(q.view(n, k), scale)
 
 
+def int8_precision(w: Weight) -> bool:
+    """Whether x @ w^T quantizes x per 32 of a row (int8-precision int8 weights, and 4-bit ones)."""
+    return isinstance(w, Q4Weight) or (isinstance(w, Int8Weight) and w.int8_act)
+
+
 def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (K a multiple of 32) -> (int8 values [M, K], float32 scales [M, K / 32]) as the int8-precision
     matmul quantizes its activations: per 32 of a row, scale amax / 127, values round(x * (127 / amax)) half to even,
@@ -108,8 +149,13 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def store(w: torch.Tensor, weight_dtype: str | None, matmul_precision: str = "fp32") -> Weight:
-    """A [N, K] weight matrix in `weight_dtype` storage (None: as it is) for `matmul_precision`."""
+    """A [N, K] weight matrix in `weight_dtype` storage (None: as it is) for `matmul_precision`. "gguf": the loader
+    repacked the file's quantized matrices already (they pass through); a float one stays float32."""
     weight_dtype = check_weight_dtype(weight_dtype, matmul_precision)
+    if not isinstance(w, torch.Tensor):  # repacked by the loader
+        return w
+    if weight_dtype == "gguf":
+        return w.float()
     if matmul_precision == "bf16":
         return Bf16MatmulWeight(w.to(torch.bfloat16).contiguous())
     if matmul_precision == "int8":  # a row not in whole groups of 32 keeps float activations (widened weights)
@@ -123,7 +169,7 @@ def store(w: torch.Tensor, weight_dtype: str | None, matmul_precision: str = "fp
 
 def embedding(ids: torch.Tensor, table: Weight, dtype: torch.dtype) -> torch.Tensor:
     """Rows `ids` of an embedding table in any storage, as `dtype`."""
-    if isinstance(table, Int8Weight):
+    if isinstance(table, (Int8Weight, Q4Weight)):
         return table.dequantize(dtype, rows=ids)
     if isinstance(table, Bf16MatmulWeight):
         return table.w[ids].to(dtype)
@@ -137,6 +183,8 @@ def map_tensors(w: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight
         return None
     if isinstance(w, Int8Weight):
         return Int8Weight(fn(w.q), fn(w.scale), w.int8_act)
+    if isinstance(w, Q4Weight):
+        return Q4Weight(fn(w.q), fn(w.scale_min))
     if isinstance(w, Bf16MatmulWeight):
         return Bf16MatmulWeight(fn(w.w))
     return fn(w)
@@ -145,6 +193,26 @@ def map_tensors(w: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight
 def nbytes(w: Weight) -> int:
     if isinstance(w, Int8Weight):
         return w.q.nbytes + w.scale.nbytes
+    if isinstance(w, Q4Weight):
+        return w.q.nbytes + w.scale_min.nbytes
     if isinstance(w, Bf16MatmulWeight):
         return w.w.nbytes
     return w.nbytes
+
+
+def cat_rows(parts: list[Weight]) -> Weight:
+    """The matrices stacked by rows (fused q/k/v, gate/up), in their common storage. Parts of one class are joined
+    as they are (int8 scales per 32 and per 16 meet at per 16, exactly); 4-bit parts beside int8 ones (a K-quant
+    file's Q4_K q/k and Q6_K v) are re-quantized to int8 per 32, the one lossy case."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    if all(isinstance(p, Q4Weight) for p in parts):
+        return Q4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale_min for p in parts]))
+    if all(isinstance(p, Int8Weight) and p.int8_act for p in parts):
+        groups = {p.q.shape[1] // p.scale.shape[1] for p in parts}
+        scales = [p.scale if len(groups) == 1 else p.scale.repeat_interleave(p.q.shape[1] // p.scale.shape[1] // 16, 1)
+                  for p in parts]
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat(scales), int8_act=True)
+    if all(isinstance(p, (Int8Weight, Q4Weight)) and int8_precision(p) for p in parts):
+        return replace(quantize_int8(torch.cat([p.dequantize() for p in parts])), int8_act=True)
+    raise ValueError(f"cannot stack {', '.join(type(p).__name__ for p in parts)} matrices")

@@ -20,7 +20,7 @@ from sot_engine.sot.server.limits import ServerLimits
 
 MODES = ("auto", "sot", "normal")  # sot.driver.MODES; repeated so --help does not import torch
 EXPANSIONS = ("paper", "continuation")
-WEIGHT_DTYPES = ("fp32", "bf16", "int8")  # kernels.weights.WEIGHT_DTYPES, likewise
+WEIGHT_DTYPES = ("fp32", "bf16", "int8", "gguf")  # kernels.weights.WEIGHT_DTYPES, likewise
 MATMUL_PRECISIONS = ("fp32", "bf16", "int8")  # kernels.weights.MATMUL_PRECISIONS, likewise
 KV_CACHE_DTYPES = ("fp32", "bf16")  # engine.llm_engine.KV_CACHE_DTYPES, likewise
 FEATURES = ("text", "hidden", "text+hidden")  # sot.trained_router.FEATURES, likewise
@@ -36,7 +36,8 @@ def _common() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
     m.add_argument("--weights", default=None, choices=WEIGHT_DTYPES,
                    help="storage of the weight matrices, products and sums staying in --dtype (default: --dtype); "
-                        "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits")
+                        "bf16 / int8 make CPU decode ~2x / ~3x faster for slightly different logits; gguf keeps a "
+                        "GGUF file's own quantized types (4-bit, int8) on integer dot products, as llama.cpp does")
     m.add_argument("--matmul-precision", default="fp32", choices=MATMUL_PRECISIONS,
                    help="bf16: bf16 weights and the matmuls round activations to bf16 (on a CPU with AMX, SoT's "
                         "batched point expansion then costs about what one sequence does); int8: int8 weights and "

@@ -330,7 +330,8 @@ def test_rope_store_decode_attention_matches_float64(heads, kvh, d, pool):
 # ------------------------------------------------------------------------------------ fused decode layers
 def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, hidden: int = 48, ffn: int = 80):
     """A random 3-layer LlamaModel on the cpp backend (norm weights away from 1, so a skipped norm shows).
-    storage "bf16-matmul" / "int8-matmul": bf16 / int8 weights at that matmul precision."""
+    storage "bf16-matmul" / "int8-matmul": bf16 / int8 weights at that matmul precision; "gguf": the layouts a GGUF's
+    own types load into (q/k/v and gate/up 4-bit, o int8 per 32, down int8 per 16), at int8 precision."""
     from sot_engine.engine.config import ModelConfig
     from sot_engine.engine.model import LlamaModel
     cfg = ModelConfig(vocab_size=97, hidden_size=hidden, intermediate_size=ffn, num_layers=3, num_heads=heads,
@@ -348,6 +349,18 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
               p + "mlp.down_proj.weight": r(h, ffn)}
     if storage in ("bf16-matmul", "int8-matmul"):
         return LlamaModel(cfg, w, get_backend("cpp", "cpu"), None, storage.split("-")[0])
+    if storage == "gguf":
+        from dataclasses import replace
+        from sot_engine.kernels.weights import quantize_int8
+        from tests.kernels.test_quant_matmul import quantize_q4
+        for i in range(3):
+            p = f"model.layers.{i}."
+            for n in ("q", "k", "v"):
+                w[p + f"self_attn.{n}_proj.weight"] = quantize_q4(w[p + f"self_attn.{n}_proj.weight"])
+            for n in ("gate", "up"):
+                w[p + f"mlp.{n}_proj.weight"] = quantize_q4(w[p + f"mlp.{n}_proj.weight"])
+            w[p + "self_attn.o_proj.weight"] = replace(quantize_int8(w[p + "self_attn.o_proj.weight"]), int8_act=True)
+            w[p + "mlp.down_proj.weight"] = replace(quantize_int8(w[p + "mlp.down_proj.weight"], 16), int8_act=True)
     return LlamaModel(cfg, w, get_backend("cpp", "cpu"), storage)
 
 

@@ -51,7 +51,7 @@ def test_activation_quantization_is_bit_exact(m, k):
     x = torch.randn(m, k, generator=g) * torch.rand(m, k // 32, 1, generator=g).repeat_interleave(32, 2).view(m, k)
     x[0, :32] = 0  # an all-zero group: scale 0, values 0
     x[-1, -32:] = torch.arange(-16, 16) / 2  # ties of x * 127 / amax at .5 land on even integers
-    q, s = _cpp.quantize_int8_activations(x)
+    q, s, _ = _cpp.quantize_int8_activations(x)  # the scaled sums: tests/kernels/test_quant_matmul.py
     qr, sr = quantize_activations_int8(x)
     assert torch.equal(q, qr) and torch.equal(s, sr)
     assert int(q.abs().max()) <= 127 and (q.view(m, -1, 32).abs().amax(2) == 127).sum() >= m * k // 32 - 1

@@ -83,24 +83,29 @@ def named_model_path(name: str) -> Path:
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               seed: int = 0, shard: Shard | None = None) -> LoadedModel:
+               seed: int = 0, shard: Shard | None = None, keep_quantized: bool = False) -> LoadedModel:
     """`spec`: a .gguf path, an HF folder, "default" (embedded SmolLM2-135M-Instruct), a name from `NAMED_MODELS`
     ("gemma3-270m": Gemma 3 270M, the `gemma3` extra) or "random:<shape>" (a name from engine.config.SHAPES; `seed`
     picks the weights). `shard`: read only this tensor-parallel rank's slices (engine.parallel); the config returned
-    is still the whole model's."""
+    is still the whole model's. `keep_quantized`: a GGUF's quantized matrices in the integer kernels' layouts
+    (`loader.repack`, `weight_dtype="gguf"`), not widened; a ValueError for any other source."""
     shard = shard or Shard()
+    q = {"keep_quantized": keep_quantized}
     if spec == "default":
-        return load_gguf(default_model_path(), dtype=dtype, device=device, shard=shard)
+        return load_gguf(default_model_path(), dtype=dtype, device=device, shard=shard, **q)
     if spec in NAMED_MODELS:
         path = named_model_path(spec)
         log.info("%s: %s", spec, NAMED_MODELS[spec][2])
-        return load_gguf(path, dtype=dtype, device=device, shard=shard)
+        return load_gguf(path, dtype=dtype, device=device, shard=shard, **q)
+    path = Path(spec).expanduser()
+    if keep_quantized and not path.is_file():
+        raise ValueError(f"{spec}: weight_dtype='gguf' keeps a GGUF file's own quantized types; this is not a "
+                         "GGUF file (use fp32, bf16 or int8 storage)")
     if spec.startswith("random:"):
         return load_random(spec.removeprefix("random:"), dtype=dtype, device=device, seed=seed, shard=shard)
-    path = Path(spec).expanduser()
     if path.is_dir():
         return load_hf_folder(path, dtype=dtype, device=device, shard=shard)
     if path.is_file():
-        return load_gguf(path, dtype=dtype, device=device, shard=shard)  # checks the GGUF magic itself
+        return load_gguf(path, dtype=dtype, device=device, shard=shard, **q)  # checks the GGUF magic itself
     raise FileNotFoundError(f"{spec}: no such file or folder (expected a .gguf file, an HF model folder, "
                             f"'default', {', '.join(repr(n) for n in NAMED_MODELS)} or 'random:<shape>')")

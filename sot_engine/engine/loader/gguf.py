@@ -8,10 +8,12 @@ Three llama.cpp conventions are undone so the result is a plain HF state dict:
 * convert_hf_to_gguf permutes llama's q/k rows per head (interleaved RoPE pairs); we permute back to HF's
   rotate_half layout (Qwen's are not permuted: llama.cpp runs them with NEOX RoPE, HF's layout).
 Quantized tensors are dequantized by `loader.dequant` (torch for F32/F16/BF16/Q8_0/Q4_0/Q4_1, else
-`gguf.quants.dequantize`: Q5_x, K-quants, ...).
+`gguf.quants.dequantize`: Q5_x, K-quants, ...), or with `keep_quantized` the matrices are repacked as they are
+(`loader.repack`, `weight_dtype="gguf"`).
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import replace
@@ -26,8 +28,12 @@ from sot_engine.engine.chat import ChatTemplate, guess_chat_template
 from sot_engine.engine.config import ModelConfig
 from sot_engine.engine.loader.common import LoadedModel, check_weights
 from sot_engine.engine.loader.dequant import dequantize
+from sot_engine.engine.loader.repack import EXACT_TYPES, FLOAT_TYPES, repack
 from sot_engine.engine.parallel import SKIP, Shard, check_shardable, shard_spec
 from sot_engine.engine.tokenizer import Tokenizer
+from sot_engine.kernels.weights import Weight, map_tensors
+
+log = logging.getLogger(__name__)
 
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
@@ -241,8 +247,13 @@ def slice_raw(raw: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[in
     return np.ascontiguousarray(rows[:, a:b]), (shape[0], spec[2] - spec[1])
 
 
+def is_matrix(name: str) -> bool:
+    """A weight the matmuls (or the embedding lookup) read, not a norm or a bias."""
+    return name.endswith("_proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight")
+
+
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              shard: Shard = Shard()) -> LoadedModel:
+              shard: Shard = Shard(), keep_quantized: bool = False) -> LoadedModel:
     path = Path(path)
     reader = open_gguf(path)
     try:
@@ -253,7 +264,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: s
         check_shardable(config, shard.world, shard.vocab_head)
     arch = gguf_meta(reader, "general.architecture")
     permuted = arch == "llama"
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, Weight] = {}
+    requantized: set[str] = set()
     for t in reader.tensors:
         try:
             name = hf_name(t.name, arch)
@@ -265,15 +277,27 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: s
             raw, shape = t.data, tuple(reversed(t.shape.tolist()))
             if spec is not None:  # only this rank's rows or columns are ever dequantized
                 raw, shape = slice_raw(raw, t.tensor_type, shape, spec)
-            w = dequantize(raw, t.tensor_type, shape)
+            if keep_quantized and is_matrix(name) and t.tensor_type not in FLOAT_TYPES:
+                w = repack(raw, t.tensor_type, shape)
+                if t.tensor_type not in EXACT_TYPES:
+                    requantized.add(t.tensor_type.name)
+            else:
+                w = dequantize(raw, t.tensor_type, shape)
         except (NotImplementedError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: tensor {t.name} ({t.tensor_type.name}): {e}") from e
         # llama.cpp permutes llama's q/k rows (interleaved RoPE), not Qwen's (NEOX RoPE, as HF's)
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):  # per head: a shard unpermutes alone
-            w = unpermute_qk(w, config.num_heads // shard.world)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_qk(w, config.num_kv_heads // shard.world)
-        weights[name] = w.to(device=device, dtype=dtype).contiguous()
+        # per head: a shard unpermutes alone; a repacked matrix's tensors are all indexed by row first
+        heads = config.num_heads if name.endswith(("q_proj.weight", "q_proj.bias")) else \
+            config.num_kv_heads if name.endswith(("k_proj.weight", "k_proj.bias")) else 0
+        if permuted and heads:
+            w = map_tensors(w, lambda x, h=heads // shard.world: unpermute_qk(x, h).contiguous())
+        if isinstance(w, torch.Tensor):
+            weights[name] = w.to(device=device, dtype=dtype).contiguous()
+        else:  # repacked: the integer layouts stay as they are, wherever they go
+            weights[name] = map_tensors(w, lambda x: x.to(device=device).contiguous())
+    if requantized:
+        log.warning("%s: weight_dtype='gguf' has no exact layout for %s: those matrices are re-quantized as int8 "
+                    "per 32 (close to, not equal to the file's values)", path.name, ", ".join(sorted(requantized)))
     check_weights(config, weights, str(path), shard)
     tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
     name = gguf_meta(reader, "general.name") or path.stem

@@ -1,0 +1,162 @@
+"""The integer-dot-product kernels for a GGUF's own weight layouts (csrc/cpu/linear_int8.cpp): 4-bit weights with a
+scale and a min per 32 (`Q4Weight`: Q4_0, Q4_1, Q4_K) and int8 weights with a scale per 16 (Q6_K), the activations
+quantized per 32 as for int8 precision (tests/kernels/test_int8_matmul.py covers int8 per 32).
+
+Each instruction set this CPU runs (set_int8_isa forces the lower ones, so an AVX-512 machine checks AVX2 too):
+- the integer part is exact: with unit scales, zero mins and integer x holding a +-127 per group, the output is the
+  integer dot product itself (==);
+- with real scales and mins the float32 sums stay within 1e-6 of a float64 oracle's scale (the same quantized
+  values, `kernels.reference.linear` in float64);
+- the fused decode loop runs on these layouts, mixed as a K-quant file mixes them, like the model's kernel loop.
+Shapes: 1-16 rows of x, odd numbers of weight rows, 1 to 48 groups.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sot_engine.kernels import reference
+from sot_engine.kernels.weights import (Int8Weight, Q4Weight, cat_rows, quantize_activations_int8, quantize_int8)
+from tests.kernels.test_int8_matmul import isa, needs_cpp  # noqa: F401 - the fixture, per instruction set
+
+try:
+    from sot_engine.kernels import _cpp
+except ImportError:
+    _cpp = None
+
+
+def quantize_q4(w: torch.Tensor) -> Q4Weight:
+    """[N, K] -> 4-bit with a scale and min per 32 (Q4_1's asymmetric rounding: d = (max - min) / 15, m = min)."""
+    n, k = w.shape
+    g = w.float().view(n, k // 32, 32)
+    lo, hi = g.amin(2), g.amax(2)
+    d = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
+    v = torch.round((g - lo[:, :, None]) / d[:, :, None]).clamp_(0, 15).to(torch.uint8)
+    return Q4Weight((v[:, :, :16] | (v[:, :, 16:] << 4)).reshape(n, k // 2), torch.stack([d, lo], 1))
+
+
+def random_q4(n: int, k: int, g: torch.Generator) -> Q4Weight:
+    return Q4Weight(torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
+                    torch.stack([torch.rand(n, k // 32, generator=g) * 0.02, torch.randn(n, k // 32, generator=g) * 0.1], 1))
+
+
+def test_q4_layout_and_reference():
+    """Nibble order (byte b: weight b low, b + 16 high), d * v + m, and the reference's quantized x."""
+    q = torch.tensor([[0x21, 0x43] + [0] * 14])  # weights 0, 1 = 1, 3; weights 16, 17 = 2, 4
+    w = Q4Weight(q.to(torch.uint8), torch.tensor([[[0.5], [-1.0]]]))
+    v = w.nibbles()[0]
+    assert v[:2].tolist() == [1, 3] and v[16:18].tolist() == [2, 4] and v[2:16].eq(0).all()
+    assert w.dequantize()[0, [0, 1, 2, 16, 17]].tolist() == [-0.5, 0.5, -1.0, 0.0, 1.0]
+    assert w.shape == (1, 32)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=g), random_q4(5, 64, g)
+    xq, xs = quantize_activations_int8(x)
+    want = (xq.double().view(3, 2, 32) * xs.double()[:, :, None]).view(3, 64) @ w.dequantize(torch.float64).T
+    torch.testing.assert_close(reference.linear(x.double(), w), want)
+
+
+@needs_cpp
+def test_activation_sums():
+    """The third output: each group's scale times the sum of its int8 values (the 4-bit min term's factor)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 96, generator=g)
+    q, s, sums = _cpp.quantize_int8_activations(x)
+    qr, sr = quantize_activations_int8(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert torch.equal(sums, s * q.view(4, 3, 32).sum(2, dtype=torch.int32).float())
+
+
+@needs_cpp
+@pytest.mark.parametrize("m, n, k", [(1, 7, 32), (3, 13, 256), (8, 4, 1024), (16, 9, 96)])
+def test_q4_integer_part_is_exact(isa, m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    xi = torch.randint(-127, 128, (m, k), generator=g)
+    xi.view(m, -1, 32)[:, :, 0] = 127 * (1 - 2 * torch.randint(0, 2, (m, k // 32), generator=g))  # scale 1
+    w = Q4Weight(torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
+                 torch.stack([torch.ones(n, k // 32), torch.zeros(n, k // 32)], 1))
+    got = _cpp.linear_q4(xi.float(), w.q, w.scale_min)
+    assert torch.equal(got, (xi.long() @ w.nibbles().long().T).float())  # |sum| < 2^24: exact in float32
+
+
+@needs_cpp
+@pytest.mark.parametrize("m, n, k", [(1, 7, 32), (3, 13, 256), (16, 9, 96)])
+def test_int8_per16_integer_part_is_exact(isa, m, n, k):
+    """A scale per 16 weights (Q6_K): scales of 1 and 2 alternating, so each 32-group's halves are scaled apart."""
+    g = torch.Generator().manual_seed(m + n * k)
+    xi = torch.randint(-127, 128, (m, k), generator=g)
+    xi.view(m, -1, 32)[:, :, 0] = 127
+    wi = torch.randint(-32, 32, (n, k), generator=g)
+    scale = torch.tensor([1.0, 2.0]).repeat(n, k // 32)
+    got = _cpp.linear_int8(xi.float(), wi.to(torch.int8), scale)
+    want = xi.long() @ (wi * scale.repeat_interleave(16, 1).long()).T
+    assert torch.equal(got, want.float())
+
+
+@needs_cpp
+@pytest.mark.parametrize("m, n, k", [(1, 1, 32), (1, 49, 576), (2, 5, 64), (4, 17, 1536), (7, 33, 160),
+                                     (16, 8, 576)])
+def test_match_float64_on_the_quantized_values(isa, m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g) * 3
+    w4 = random_q4(n, k, g)
+    w16 = Int8Weight(torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8),
+                     torch.rand(n, k // 16, generator=g) * 0.01, int8_act=True)
+    xq, xs = quantize_activations_int8(x)
+    xa = (xq.double().view(m, -1, 32).abs() * xs.double()[:, :, None]).view(m, k)
+    for w, got in ((w4, _cpp.linear_q4(x, w4.q, w4.scale_min)), (w16, _cpp.linear_int8(x, w16.q, w16.scale))):
+        want = reference.linear(x.double(), w)
+        terms = xa @ w.dequantize(torch.float64).abs().T  # the scale of float32's rounding error
+        assert ((got.double() - want).abs() <= 1e-6 * terms + 1e-30).all()
+
+
+@needs_cpp
+def test_bad_arguments():
+    w = random_q4(4, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="scale_min"):
+        _cpp.linear_q4(torch.randn(2, 64), w.q, w.scale_min[:, :1])
+    with pytest.raises(RuntimeError, match="twice"):
+        _cpp.linear_q4(torch.randn(2, 96), w.q, w.scale_min)
+    with pytest.raises(RuntimeError, match="per 16"):
+        _cpp.linear_int8(torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 3))
+
+
+def test_cat_rows():
+    """Fused q/k/v and gate/up: one class joins as is; int8 per 32 and per 16 meet at per 16 exactly; 4-bit with int8
+    re-quantizes to int8 per 32 (close)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = random_q4(3, 64, g), random_q4(2, 64, g)
+    ab = cat_rows([a, b])
+    assert isinstance(ab, Q4Weight) and torch.equal(ab.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    c = Int8Weight(torch.randint(-127, 128, (2, 64), generator=g, dtype=torch.int8), torch.rand(2, 2), True)
+    d = Int8Weight(torch.randint(-32, 32, (3, 64), generator=g, dtype=torch.int8), torch.rand(3, 4), True)
+    cd = cat_rows([c, d])
+    assert cd.scale.shape == (5, 4) and torch.equal(cd.dequantize(), torch.cat([c.dequantize(), d.dequantize()]))
+    mixed = cat_rows([a, d])
+    want = torch.cat([a.dequantize(), d.dequantize()])
+    assert isinstance(mixed, Int8Weight) and mixed.int8_act and mixed.scale.shape == (6, 2)
+    assert (mixed.dequantize() - want).abs().max() <= want.abs().max() / 127
+    assert torch.equal(cat_rows([torch.ones(1, 4), torch.zeros(2, 4)]), torch.tensor([[1.0] * 4] + [[0.0] * 4] * 2))
+    with pytest.raises(ValueError, match="cannot stack"):
+        cat_rows([a, quantize_int8(torch.randn(2, 64))])  # an int8 matrix with float activations
+
+
+@needs_cpp
+@pytest.mark.parametrize("lens", [[5], [1, 7, 40, 3, 9, 2, 11, 20]])
+def test_decode_layers_on_gguf_layouts_match_the_layer_loop(lens):
+    """4-bit and int8 (per 32 and per 16) matrices mixed in one model: the fused decode loop multiplies them like the
+    model's Python loop over `cpp.linear`, and both stay close to the float64 reference on the same weights."""
+    from dataclasses import replace
+    from tests.kernels.test_cpp_cpu import decode_step_inputs, random_model
+    heads, kvh, d = 4, 2, 16
+    model = random_model(heads, kvh, d, "gguf", seed=5, hidden=64, ffn=96)
+    kinds = {type(w).__name__ + ("16" if isinstance(w, Int8Weight) and w.scale.shape[1] * 16 == w.q.shape[1] else "")
+             for layer in model.layers for w in (layer[1], layer[2], layer[4], layer[5])}
+    assert kinds == {"Q4Weight", "Int8Weight", "Int8Weight16"}
+    kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=6)
+    kv_loop = [(k.clone(), v.clone()) for k, v in kv]
+    assert model._decode_layers(kv) is not None
+    got = model.forward(ids, pos, meta, kv)
+    model.backend = replace(model.backend, decode_layers=None)
+    want = model.forward(ids, pos, meta, kv_loop)
+    # the same quantized products; a rounding flip of one activation's int8 value moves a layer by one step
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
