@@ -86,7 +86,7 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
       TORCH_CHECK(!bf16_act || w[i].dtype == at::kBFloat16, "DecodeLayers: bf16 precision needs bfloat16 matrices");
       w[i].bf16_act = bf16_act;
       // 4-bit matrices are at int8 precision always, int8 ones when int8_act (any mix: the GGUF's own types)
-      TORCH_CHECK(!int8_act || w[i].dtype == at::kByte ||
+      TORCH_CHECK(!int8_act || w[i].dtype == at::kByte || w[i].packed ||
                       (w[i].dtype == at::kChar && w[i].K % 32 == 0 && (w[i].K == 32 * w[i].G || w[i].K == 16 * w[i].G)),
                   "DecodeLayers: int8 precision needs int8 matrices with a scale per 32 (or 16) weights, or 4-bit ones");
       w[i].int8_act = w[i].int8_act || int8_act;
@@ -94,6 +94,7 @@ DecodeLayers::DecodeLayers(std::vector<at::Tensor> ln1, std::vector<at::Tensor> 
       if (scales[4 * l + i]) keep_.push_back(*scales[4 * l + i]);
     }
     if (l == 0) F_ = w[2].N / 2;
+    TORCH_CHECK(F_ % w[2].row_unit() == 0, "DecodeLayers: packed gate/up matrices need a multiple of 8 rows each");
     TORCH_CHECK(w[0].K == hidden_ && w[0].N == (H_ + 2 * KVH_) * D_ && w[1].K == H_ * D_ && w[1].N == hidden_ &&
                     w[2].K == hidden_ && w[2].N == 2 * F_ && w[3].K == F_ && w[3].N == hidden_,
                 "DecodeLayers: layer ", l, ": matrix shapes do not fit the model");

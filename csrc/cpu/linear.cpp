@@ -182,10 +182,22 @@ bool is_storage(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16
 }  // namespace
 
 WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(w.dim() == 2 && (is_storage(w.scalar_type()) || w.scalar_type() == at::kByte) && w.device().is_cpu() &&
-                  w.is_contiguous(),
-              "linear: w [N, K] contiguous float32 / bfloat16 / int8 (or uint8: 4-bit pairs) on CPU");
   const bool q4 = w.scalar_type() == at::kByte;
+  if (w.dim() == 3) {  // packed: [N / 8, K / 32, 8 * B] with scale [N / 8, K / 32, S, 8]
+    TORCH_CHECK((q4 || w.scalar_type() == at::kChar) && w.device().is_cpu() && w.is_contiguous() &&
+                    w.size(2) == (q4 ? 128 : 256) && scale.has_value() && scale->scalar_type() == at::kFloat &&
+                    scale->dim() == 4 && scale->size(0) == w.size(0) && scale->size(1) == w.size(1) &&
+                    scale->size(3) == 8 && (scale->size(2) == 2 || (!q4 && scale->size(2) == 4)) &&
+                    scale->is_contiguous() && scale->device().is_cpu(),
+                "linear: packed weights [N / 8, K / 32, 256 int8 or 128 uint8] need scale [N / 8, K / 32, S, 8] "
+                "float32 (S = 2, or 4 for int8 with a scale per 16)");
+    WeightView v{w.data_ptr(), w.scalar_type(), scale->data_ptr<float>(), w.size(1), 8 * w.size(0), 32 * w.size(1)};
+    v.packed = v.int8_act = true;
+    v.S = scale->size(2);
+    return v;
+  }
+  TORCH_CHECK(w.dim() == 2 && (is_storage(w.scalar_type()) || q4) && w.device().is_cpu() && w.is_contiguous(),
+              "linear: w [N, K] contiguous float32 / bfloat16 / int8 (or uint8: 4-bit pairs) on CPU");
   TORCH_CHECK(scale.has_value() == (q4 || w.scalar_type() == at::kChar),
               "linear: int8 and 4-bit weights need a scale, others none");
   if (q4) {
@@ -212,8 +224,8 @@ void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, i
     const auto [n0, n1] = share(w.N, part, parts, 32);
     return linear_bf16_rows(x, ldx, w, out, ldo, M, n0, n1, true);
   }
-  if (w.int8_act) {  // in blocks of the int8 kernel's 4 weight rows
-    const auto [n0, n1] = share(w.N, part, parts, 4);
+  if (w.int8_act) {  // in blocks of the int8 kernel's 4 weight rows (a packed block's 8)
+    const auto [n0, n1] = share(w.N, part, parts, w.packed ? 8 : 4);
     return linear_int8_rows(x, ldx, w, out, ldo, M, n0, n1);
   }
   dispatch_view(x, ldx, w, out, ldo, M, part, parts);

@@ -18,6 +18,15 @@
 // A 4-bit group is 16 bytes, the low nibbles weights 0-15 and the high ones 16-31 (GGUF's Q4_0 / Q4_1 order), so one
 // 128-bit load, a shift and two masks give the 32 weights in order.
 //
+// Packed weights (kernels.weights.PackedWeight; the cpp backend packs every int8-precision matrix of 16k rows): blocks of
+// 8 rows interleaved 4 bytes at a time, so that one 32-byte vector holds 4 weights of each of 8 rows and one
+// instruction against x's 4 bytes broadcast adds them into 8 int32 lanes, one per row. A group's 8 rows then end in
+// one vector: one conversion and one multiply-add by the 8 rows' scales for 256 products, where the row-major tiles
+// above spend a conversion and a multiply-add on each row's 32. What a decode step of several rows is bound by.
+// VNNI multiplies int8 weights as (x + 128) . w (x's bytes xor 0x80: unsigned) minus 128 times the group's weight sum,
+// stored beside the scales; AVX2 keeps the sign trick. 4-bit values sum as int16 across a group on AVX2 (8 pairs of
+// at most 2 * 15 * 127 stay below 2^15).
+//
 // The instruction set is picked at run time (int8_isa): the variants are compiled with target attributes, so one
 // build runs on an AVX2-only CPU and uses VNNI where the CPU has it; SOT_CPU_ISA=avx2|scalar, or set_int8_isa,
 // forces a lower one (tests run every variant on one machine).
@@ -47,7 +56,7 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512vnni"};
 
 // The weight layouts; a kernel is compiled for each
-enum Fmt : int { kI8G32 = 0, kI8G16 = 1, kQ4 = 2 };
+enum Fmt : int { kI8G32 = 0, kI8G16 = 1, kQ4 = 2, kP8 = 3, kP8H = 4, kP4 = 5 };  // kP*: packed
 
 int detect_isa() {
 #if defined(SOT_X86)
@@ -78,6 +87,7 @@ struct Act {
   const float* s;
   const float* sum;
   int64_t K, G;
+  const uint8_t* u;  // q xor 0x80: x + 128 as unsigned bytes (VNNI's operand against signed weights)
 };
 
 // A run of weight rows: row n's values at data + n * row_bytes, its float32 scales at scale + n * scale_row
@@ -88,7 +98,10 @@ struct Rows {
   int64_t row_bytes, scale_row;
 };
 
-Fmt fmt_of(const WeightView& w) { return w.dtype == at::kByte ? kQ4 : (w.G * kGroup == w.K ? kI8G32 : kI8G16); }
+Fmt fmt_of(const WeightView& w) {
+  if (w.packed) return w.dtype == at::kByte ? kP4 : (w.S == 4 ? kP8H : kP8);
+  return w.dtype == at::kByte ? kQ4 : (w.G * kGroup == w.K ? kI8G32 : kI8G16);
+}
 
 Rows rows_of(const WeightView& w) {
   return {static_cast<const uint8_t*>(w.data), w.scale, w.row_bytes(), w.scale_row()};
@@ -240,22 +253,165 @@ void rows_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1,
 }
 #endif
 
+
+// ---------------------------------------------------------------- packed blocks of 8 rows
+
+// weight k of row r of group g in a packed block (q: the block's bytes, 8 * B a group)
+template <int F>
+inline int32_t packed_weight(const uint8_t* q, int64_t g, int r, int k) {
+  if constexpr (F == kP4) {
+    const uint8_t b = q[g * 128 + ((k % 16) / 4) * 32 + r * 4 + k % 4];
+    return k < 16 ? (b & 0x0F) : (b >> 4);
+  } else {
+    return static_cast<int8_t>(q[g * 256 + (k / 4) * 32 + r * 4 + k % 4]);
+  }
+}
+
+template <int F>
+void packed_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t G = a.G, S = F == kP8H ? 4 : 2;
+  for (int64_t b = n0 / 8; b < n1 / 8; ++b) {
+    const uint8_t* q = w.data + b * 8 * w.row_bytes;
+    const float* sc = w.scale + b * 8 * w.scale_row;  // [G, S, 8]
+    for (int64_t m = 0; m < M; ++m)
+      for (int r = 0; r < 8; ++r) {
+        float acc = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t s0 = 0, s1 = 0;
+          for (int k = 0; k < kGroup; ++k)
+            (k < 16 ? s0 : s1) += int32_t(a.q[m * a.K + g * kGroup + k]) * packed_weight<F>(q, g, r, k);
+          const float sx = a.s[m * G + g], *sg = sc + g * S * 8;
+          if constexpr (F == kP8H)
+            acc += sx * sg[r] * static_cast<float>(s0) + sx * sg[8 + r] * static_cast<float>(s1);
+          else
+            acc += sx * sg[r] * static_cast<float>(s0 + s1);
+          if constexpr (F == kP4) acc += sg[8 + r] * a.sum[m * G + g];
+        }
+        out[m * ldo + b * 8 + r] = acc;
+      }
+  }
+}
+
+#if defined(SOT_X86)
+// MR rows of x against one packed block of 8 weight rows: 8 outputs a row, stored as one vector
+#define SOT_PACKED_TILE(NAME, TARGET, VNNI)                                                                            \
+  template <int MR, int F>                                                                                            \
+  __attribute__((target(TARGET))) void NAME(const Act& a, int64_t m0, const uint8_t* q, const float* sc, float* out,  \
+                                            int64_t ldo) {                                                            \
+    constexpr int S = F == kP8H ? 4 : 2;                                                                              \
+    const int64_t G = a.G, K = a.K;                                                                                   \
+    __m256 acc[MR];                                                                                                   \
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();                                                        \
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
+    for (int64_t g = 0; g < G; ++g) {                                                                                 \
+      __m256i wv[8];                                                                                                  \
+      if constexpr (F == kP4) {                                                                                       \
+        const uint8_t* p = q + g * 128;                                                                               \
+        _mm_prefetch(reinterpret_cast<const char*>(p) + 1024, _MM_HINT_T0);                                           \
+        for (int c = 0; c < 4; ++c) {                                                                                 \
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));                          \
+          wv[c] = _mm256_and_si256(v, low4);                                                                          \
+          wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                                                \
+        }                                                                                                             \
+      } else {                                                                                                        \
+        const uint8_t* p = q + g * 256;                                                                               \
+        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);                                           \
+        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048 + 64, _MM_HINT_T0);                                      \
+        for (int c = 0; c < 8; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));         \
+      }                                                                                                               \
+      const float* sg = sc + g * S * 8;                                                                               \
+      const __m256 d0 = _mm256_loadu_ps(sg), d1 = _mm256_loadu_ps(sg + 8);                                            \
+      __m256i corr0 = _mm256_setzero_si256(), corr1 = _mm256_setzero_si256();                                         \
+      if constexpr (VNNI && F != kP4) { /* 128 * the (half-)group's weight sums */                                   \
+        corr0 = _mm256_slli_epi32(_mm256_cvtps_epi32(_mm256_loadu_ps(sg + (F == kP8H ? 16 : 8))), 7);                 \
+        if constexpr (F == kP8H) corr1 = _mm256_slli_epi32(_mm256_cvtps_epi32(_mm256_loadu_ps(sg + 24)), 7);         \
+      }                                                                                                               \
+      /* c outer, rows inner: MR independent chains of multiply-adds (one row's 8 would wait on each other) */    \
+      __m256i s0[MR], s1[MR];                                                                                         \
+      for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm256_setzero_si256();                                            \
+      const int8_t* xg = (VNNI && F != kP4 ? reinterpret_cast<const int8_t*>(a.u) : a.q) + m0 * K + g * kGroup;       \
+      for (int c = 0; c < 8; ++c)                                                                                     \
+        for (int i = 0; i < MR; ++i) {                                                                                \
+          int32_t word;                                                                                               \
+          std::memcpy(&word, xg + i * K + 4 * c, 4);                                                                  \
+          const __m256i xb = _mm256_set1_epi32(word);                                                                 \
+          __m256i& s = (F == kP8H && c >= 4) ? s1[i] : s0[i];                                                         \
+          if constexpr (VNNI) {                                                                                       \
+            s = F == kP4 ? _mm256_dpbusd_epi32(s, wv[c], xb) : _mm256_dpbusd_epi32(s, xb, wv[c]);                     \
+          } else if constexpr (F == kP4) { /* int16 sums: 8 pairs of at most 2 * 15 * 127 */                         \
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], xb));                                                 \
+          } else {                                                                                                    \
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(                                                                \
+                _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(wv[c], xb)), ones));                  \
+          }                                                                                                           \
+        }                                                                                                             \
+      for (int i = 0; i < MR; ++i) {                                                                                  \
+        __m256i t0 = s0[i], t1 = s1[i];                                                                               \
+        if constexpr (!VNNI && F == kP4) t0 = _mm256_madd_epi16(t0, ones);                                            \
+        if constexpr (VNNI && F != kP4) {                                                                             \
+          t0 = _mm256_sub_epi32(t0, corr0);                                                                           \
+          if constexpr (F == kP8H) t1 = _mm256_sub_epi32(t1, corr1);                                                  \
+        }                                                                                                             \
+        const __m256 sx = _mm256_set1_ps(a.s[(m0 + i) * G + g]);                                                     \
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d0, sx), acc[i]);                              \
+        if constexpr (F == kP8H) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(d1, sx), acc[i]);     \
+        if constexpr (F == kP4) acc[i] = _mm256_fmadd_ps(d1, _mm256_set1_ps(a.sum[(m0 + i) * G + g]), acc[i]);        \
+      }                                                                                                               \
+    }                                                                                                                 \
+    for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + i * ldo, acc[i]);                                             \
+  }
+
+SOT_PACKED_TILE(packed_avx2, SOT_AVX2, false)
+SOT_PACKED_TILE(packed_vnni, SOT_VNNI, true)
+#undef SOT_PACKED_TILE
+
+template <int MR, int F, bool kVnni>
+void packed_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  for (int64_t b = n0 / 8; b < n1 / 8; ++b) {
+    const uint8_t* q = w.data + b * 8 * w.row_bytes;
+    const float* sc = w.scale + b * 8 * w.scale_row;
+    int64_t m = 0;
+    auto run = [&](auto mr) {
+      constexpr int R = decltype(mr)::value;
+      if constexpr (kVnni)
+        packed_vnni<R, F>(a, m, q, sc, out + m * ldo + b * 8, ldo);
+      else
+        packed_avx2<R, F>(a, m, q, sc, out + m * ldo + b * 8, ldo);
+    };
+    for (; m + MR <= M; m += MR) run(std::integral_constant<int, MR>{});
+    for (; m < M; ++m) run(std::integral_constant<int, 1>{});
+  }
+}
+#endif
+
 template <int F>
 void rows_fmt(int isa, const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  if constexpr (F >= kP8) {  // packed: 8 weight vectors a group, MR accumulators
 #if defined(SOT_X86)
-  // accumulators MR * NR + NR weight vectors + x, |x| and a product in the 16 ymm registers AVX2 has (32 with
-  // AVX-512's EVEX encoding)
-  if (isa == kAvx512Vnni) return rows_vector<4, 4, F, true>(a, M, w, n0, n1, out, ldo);
-  if (isa == kAvx2) return rows_vector<2, 4, F, false>(a, M, w, n0, n1, out, ldo);
+    if (isa == kAvx512Vnni) return packed_vector<4, F, true>(a, M, w, n0, n1, out, ldo);
+    if (isa == kAvx2) return packed_vector<2, F, false>(a, M, w, n0, n1, out, ldo);
 #endif
-  (void)isa;
-  rows_scalar<F>(a, M, w, n0, n1, out, ldo);
+    (void)isa;
+    return packed_scalar<F>(a, M, w, n0, n1, out, ldo);
+  } else {
+#if defined(SOT_X86)
+    // accumulators MR * NR + NR weight vectors + x, |x| and a product in the 16 ymm registers AVX2 has (32 with
+    // AVX-512's EVEX encoding)
+    if (isa == kAvx512Vnni) return rows_vector<4, 4, F, true>(a, M, w, n0, n1, out, ldo);
+    if (isa == kAvx2) return rows_vector<2, 4, F, false>(a, M, w, n0, n1, out, ldo);
+#endif
+    (void)isa;
+    rows_scalar<F>(a, M, w, n0, n1, out, ldo);
+  }
 }
 
 void rows_isa(int isa, const Act& a, int64_t M, const WeightView& wv, int64_t n0, int64_t n1, float* out,
               int64_t ldo) {
   const Rows w = rows_of(wv);
   switch (fmt_of(wv)) {
+    case kP4: return rows_fmt<kP4>(isa, a, M, w, n0, n1, out, ldo);
+    case kP8: return rows_fmt<kP8>(isa, a, M, w, n0, n1, out, ldo);
+    case kP8H: return rows_fmt<kP8H>(isa, a, M, w, n0, n1, out, ldo);
     case kQ4: return rows_fmt<kQ4>(isa, a, M, w, n0, n1, out, ldo);
     case kI8G16: return rows_fmt<kI8G16>(isa, a, M, w, n0, n1, out, ldo);
     default: return rows_fmt<kI8G32>(isa, a, M, w, n0, n1, out, ldo);
@@ -287,13 +443,15 @@ void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_
 // Per-thread buffers of quantized activations
 struct ActBuffers {
   std::vector<int8_t> q;
+  std::vector<uint8_t> u;
   std::vector<float> s, sum;
   Act quantize(const float* x, int64_t ldx, int64_t M, int64_t K) {
     const int64_t G = K / kGroup;
-    if (static_cast<int64_t>(q.size()) < M * K) q.resize(M * K);
+    if (static_cast<int64_t>(q.size()) < M * K) q.resize(M * K), u.resize(M * K);
     if (static_cast<int64_t>(s.size()) < M * G) s.resize(M * G), sum.resize(M * G);
     quantize_rows_int8(x, ldx, M, K, q.data(), s.data(), sum.data());
-    return {q.data(), s.data(), sum.data(), K, G};
+    for (int64_t i = 0; i < M * K; ++i) u[i] = static_cast<uint8_t>(q[i]) ^ 0x80;
+    return {q.data(), s.data(), sum.data(), K, G, u.data()};
   }
 };
 
@@ -348,9 +506,10 @@ at::Tensor run_quantized(const at::Tensor& x, const WeightView& wv) {
   const Act a = buf.quantize(xc.data_ptr<float>(), xc.stride(0), M, wv.K);
   const int isa = current_isa().load();
   // >= ~32 KiB of weights a task
-  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / std::max<int64_t>(1, wv.row_bytes()));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    rows_isa(isa, a, M, wv, n0, n1, out.data_ptr<float>(), N);
+  const int64_t unit = wv.row_unit();  // a packed block's 8 rows go to one thread
+  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / std::max<int64_t>(1, wv.row_bytes() * unit));
+  at::parallel_for(0, N / unit, grain, [&](int64_t b0, int64_t b1) {
+    rows_isa(isa, a, M, wv, b0 * unit, b1 * unit, out.data_ptr<float>(), N);
   });
   return out;
 }
@@ -358,20 +517,23 @@ at::Tensor run_quantized(const at::Tensor& x, const WeightView& wv) {
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   RECORD_FUNCTION("sot_cpp::linear_int8", std::vector<c10::IValue>());
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == w.size(1),
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  x.size(1) == (w.dim() == 3 ? 32 * w.size(1) : w.size(1)),
               "linear_int8: x [M, K] float32 CPU with w's K");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) % kGroup == 0 && scale.dim() == 2 &&
-                  (scale.size(1) == w.size(1) / kGroup || scale.size(1) == w.size(1) / 16),
+  TORCH_CHECK(w.scalar_type() == at::kChar &&
+                  ((w.dim() == 2 && w.size(1) % kGroup == 0 && scale.dim() == 2 &&
+                    (scale.size(1) == w.size(1) / kGroup || scale.size(1) == w.size(1) / 16)) ||
+                   (w.dim() == 3 && x.size(1) == 32 * w.size(1))),
               "linear_int8: int8 w [N, K] with a scale per 32 or per 16 weights ([N, K / 32] or [N, K / 16]), K a "
-              "multiple of 32");
+              "multiple of 32 (or packed: [N / 8, K / 32, 256])");
   return run_quantized(x, weight_view(w.contiguous(), scale.contiguous()));
 }
 
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_min) {
   RECORD_FUNCTION("sot_cpp::linear_q4", std::vector<c10::IValue>());
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && w.dim() == 2 &&
-                  x.size(1) == 2 * w.size(1),
-              "linear_q4: x [M, K] float32 CPU with K twice w's bytes a row");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  ((w.dim() == 2 && x.size(1) == 2 * w.size(1)) || (w.dim() == 3 && x.size(1) == 32 * w.size(1))),
+              "linear_q4: x [M, K] float32 CPU with K twice w's bytes a row (or packed: [N / 8, K / 32, 128])");
   return run_quantized(x, weight_view(w.contiguous(), scale_min.contiguous()));
 }
 

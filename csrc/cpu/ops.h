@@ -63,8 +63,14 @@ struct WeightView {
   int64_t G, N, K;
   bool bf16_act = false;  // bfloat16 weights at bf16 precision: x rounded to bf16 too (linear_bf16.cpp)
   bool int8_act = false;  // int8 or 4-bit weights at int8 precision: x quantized too (linear_int8.cpp)
+  // packed (int8 precision only): blocks of 8 rows interleaved 4 bytes at a time, data [N / 8, K / 32, 8 * 32 (int8)
+  // or 8 * 16 (4-bit) bytes], scale [N / 8, K / 32, S, 8] (linear_int8.cpp); G is then K / 32
+  bool packed = false;
+  int64_t S = 1;
   int64_t row_bytes() const { return dtype == at::kByte ? K / 2 : K * int64_t(c10::elementSize(dtype)); }
-  int64_t scale_row() const { return dtype == at::kByte ? 2 * G : G; }  // floats of scale per weight row
+  // floats of scale per weight row (a packed block's 8 rows at 8 times it)
+  int64_t scale_row() const { return packed ? S * G : (dtype == at::kByte ? 2 * G : G); }
+  int64_t row_unit() const { return packed ? 8 : 1; }  // a row range must start and end on a multiple of it
 };
 WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale);
 // out[m, n] (rows ldo apart) = x[m] . w[n] for the calling thread's share `part` of `parts` of the N outputs

@@ -107,6 +107,12 @@ class LlamaModel:
                 mat(cat_rows([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])),
                 mat(w.pop(p + "mlp.down_proj.weight")),
             ))
+        if backend.pack_weight is not None:  # the backend's own layout (the cpp backend: int8 precision's packed blocks)
+            packed: dict[int, object] = {}  # by id: a tied lm_head stays the embedding
+            repack = lambda m: packed.setdefault(id(m), backend.pack_weight(m)) if m is not None else None  # noqa
+            self.embed, self.lm_head = repack(self.embed), repack(self.lm_head)
+            self.layers = [tuple(repack(m) if i in (1, 2, 4, 5) else m for i, m in enumerate(layer))
+                           for layer in self.layers]
         if self.norm.device.type == "cpu":  # a decode step streams them all: on 2 MiB pages (engine.memory)
             flat = [self.norm, self.embed, self.lm_head, *(m for layer in self.layers for m in layer)]
             del self.embed, self.lm_head, self.layers  # so that each original goes once copied

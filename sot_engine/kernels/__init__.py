@@ -31,6 +31,9 @@ class Backend:
     cascade_decode_attention: Callable | None = None
     # weight matmul `linear(x [M, K], w) -> [M, N]` for w in any `kernels.weights` storage; None: the reference
     linear: Callable | None = None
+    # `pack_weight(w) -> w'`: a weight matrix in the layout this backend's `linear` reads fastest (the same values;
+    # `kernels.weights.pack`), applied once when the model is built; None: as stored
+    pack_weight: Callable | None = None
     # SwiGLU activation `silu_mul(x [T, 2F]) -> [T, F]`; None: the reference
     silu_mul: Callable | None = None
     # the decode half of a layer's attention in one call, signature of `kernels.cpp.rope_store_decode_attention`

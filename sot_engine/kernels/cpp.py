@@ -13,7 +13,8 @@ from dataclasses import replace
 import torch
 
 from sot_engine.kernels import BACKENDS, Backend, BackendUnavailable, reference
-from sot_engine.kernels.weights import Bf16MatmulWeight, Int8Weight, Q4Weight, Weight, int8_precision
+from sot_engine.kernels.weights import (Bf16MatmulWeight, Int8Weight, PackedWeight, Q4Weight, Weight, int8_precision,
+                                        pack)
 
 try:
     from sot_engine.kernels import _cpp
@@ -37,6 +38,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     if int8_precision(w):  # integer dot products, any number of rows
         if x.dtype != F32 or x.dim() != 2:
             return reference.linear(x, w)
+        if isinstance(w, PackedWeight):
+            return (_cpp.linear_q4 if w.q.dtype == torch.uint8 else _cpp.linear_int8)(x, w.q, w.scale)
         return _cpp.linear_q4(x, w.q, w.scale_min) if isinstance(w, Q4Weight) else _cpp.linear_int8(x, w.q, w.scale)
     if isinstance(w, Int8Weight):
         return _cpp.linear(x, w.q, w.scale)
@@ -136,7 +139,9 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
         for w in (wqkv, wo, wgu, wdown):
             if isinstance(w, Bf16MatmulWeight) != bf16_act or int8_precision(w) != int8_act:
                 return None  # one precision for the whole loop (int8 and 4-bit weights may mix)
-            if isinstance(w, Q4Weight):
+            if isinstance(w, PackedWeight):
+                q, sc = w.q, w.scale
+            elif isinstance(w, Q4Weight):
                 q, sc = w.q, w.scale_min
             elif isinstance(w, Int8Weight):
                 q, sc = w.q, w.scale
@@ -156,7 +161,8 @@ def decode_layers(layers: list[tuple], norm: torch.Tensor, kv_cache: list[tuple[
 
 def cpp_backend() -> Backend:
     """The torch backend with the C++ kernels swapped in (each falls back to the reference outside float32)."""
-    return replace(BACKENDS["torch"]("cpu"), name="cpp", linear=linear, silu_mul=silu_mul, rms_norm=rms_norm,
+    return replace(BACKENDS["torch"]("cpu"), name="cpp", linear=linear, pack_weight=pack, silu_mul=silu_mul,
+                   rms_norm=rms_norm,
                    add_rms_norm=add_rms_norm, apply_rope=apply_rope, store_kv=store_kv,
                    paged_decode_attention=paged_decode_attention,
                    rope_store_decode_attention=rope_store_decode_attention, decode_layers=decode_layers)

@@ -88,6 +88,65 @@ class Q4Weight:
 
 
 @dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """An int8-precision matrix (Int8Weight with int8_act, or Q4Weight) in the integer kernel's packed layout: blocks
+    of 8 rows interleaved 4 bytes at a time, so one 32-byte vector holds 4 weights of each of 8 rows and one
+    instruction against 4 bytes of x adds into 8 lanes, one per row (csrc/cpu/linear_int8.cpp). Built by the cpp
+    backend (`pack`); `unpack` gives the row-major weight back, bit for bit."""
+    q: torch.Tensor  # [N / 8, K / 32, 256] int8 (chunk c of 32 bytes: bytes 4c..4c+3 of rows 0..7), or
+    #                 [N / 8, K / 32, 128] uint8 (4-bit; chunk p: weights 4p..4p+3 low, 16+4p.. high, of rows 0..7)
+    scale: torch.Tensor  # [N / 8, K / 32, S, 8] float32: (scale, weight sum) per 32; (two scales, two sums) per 16;
+    #                      (scale, min) for 4-bit
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((8 * self.q.shape[0], 32 * self.q.shape[1]))
+
+    def unpack(self, blocks: torch.Tensor | None = None) -> "Int8Weight | Q4Weight":
+        """The row-major weight (of the 8-row `blocks` only, if given)."""
+        q, sc = (self.q, self.scale) if blocks is None else (self.q[blocks], self.scale[blocks])
+        b, g = q.shape[:2]
+        if q.dtype == torch.uint8:  # [b, g, p, r, j] -> values [b, r, g, 32]
+            byte = q.view(b, g, 4, 8, 4).permute(0, 3, 1, 2, 4)
+            v = torch.cat([byte & 0x0F, byte >> 4], dim=3).reshape(b, 8, g, 32)
+            return Q4Weight((v[..., :16] | (v[..., 16:] << 4)).reshape(8 * b, g * 16),
+                            sc.permute(0, 3, 2, 1).reshape(8 * b, 2, g))
+        w = q.view(b, g, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(8 * b, g * 32)  # [b, g, c, r, j] -> [b, r, g, c, j]
+        halves = sc.shape[2] // 2
+        return Int8Weight(w, sc[:, :, :halves].permute(0, 3, 1, 2).reshape(8 * b, g * halves), int8_act=True)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None:
+            return self.unpack().dequantize(dtype)
+        blocks, at = torch.unique(rows // 8, return_inverse=True)  # only the blocks the rows are in
+        return self.unpack(blocks).dequantize(dtype, rows=at * 8 + rows % 8)
+
+
+def packable(w: "Weight") -> bool:
+    """An int8-precision matrix whose rows come in whole 16s (so a fused gate/up splits between blocks)."""
+    return isinstance(w, (Int8Weight, Q4Weight)) and int8_precision(w) and w.shape[0] % 16 == 0 \
+        and w.shape[1] % 32 == 0
+
+
+def pack(w: "Weight") -> "Weight":
+    """The packed layout of an int8-precision Int8Weight or Q4Weight (see PackedWeight); anything else as it is."""
+    if not packable(w):
+        return w
+    n, k = w.shape
+    b, g = n // 8, k // 32
+    if isinstance(w, Q4Weight):
+        v = w.nibbles().view(b, 8, g, 32)
+        byte = v[..., :16] | (v[..., 16:] << 4)  # [b, r, g, 16]: weights j and 16 + j of chunk p = j // 4
+        q = byte.view(b, 8, g, 4, 4).permute(0, 2, 3, 1, 4).reshape(b, g, 128)
+        return PackedWeight(q.contiguous(), w.scale_min.view(b, 8, 2, g).permute(0, 3, 2, 1).contiguous())
+    q = w.q.view(b, 8, g, 8, 4).permute(0, 2, 3, 1, 4).reshape(b, g, 256)
+    halves = w.scale.shape[1] // g  # 1: a scale per 32, 2: per 16
+    scale = w.scale.view(b, 8, g, halves).permute(0, 2, 3, 1)
+    sums = w.q.view(b, 8, g, halves, 32 // halves).sum(-1, dtype=torch.int32).float().permute(0, 2, 3, 1)
+    return PackedWeight(q.contiguous(), torch.cat([scale, sums], dim=2).contiguous())
+
+
+@dataclass(frozen=True, slots=True)
 class Bf16MatmulWeight:
     """bfloat16 weights at bf16 matmul precision: x @ w^T multiplies bf16(x) by w (exact float32 products) and sums
     in float32 (or the compute dtype, if wider)."""
@@ -98,7 +157,7 @@ class Bf16MatmulWeight:
         return self.w.shape
 
 
-Weight = torch.Tensor | Int8Weight | Q4Weight | Bf16MatmulWeight
+Weight = torch.Tensor | Int8Weight | Q4Weight | PackedWeight | Bf16MatmulWeight
 
 
 def check_weight_dtype(weight_dtype: str | None, matmul_precision: str = "fp32") -> str | None:
@@ -133,7 +192,7 @@ def quantize_int8(w: torch.Tensor, group: int = INT8_GROUP) -> Int8Weight:
 
 def int8_precision(w: Weight) -> bool:
     """Whether x @ w^T quantizes x per 32 of a row (int8-precision int8 weights, and 4-bit ones)."""
-    return isinstance(w, Q4Weight) or (isinstance(w, Int8Weight) and w.int8_act)
+    return isinstance(w, (Q4Weight, PackedWeight)) or (isinstance(w, Int8Weight) and w.int8_act)
 
 
 def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +228,7 @@ def store(w: torch.Tensor, weight_dtype: str | None, matmul_precision: str = "fp
 
 def embedding(ids: torch.Tensor, table: Weight, dtype: torch.dtype) -> torch.Tensor:
     """Rows `ids` of an embedding table in any storage, as `dtype`."""
-    if isinstance(table, (Int8Weight, Q4Weight)):
+    if isinstance(table, (Int8Weight, Q4Weight, PackedWeight)):
         return table.dequantize(dtype, rows=ids)
     if isinstance(table, Bf16MatmulWeight):
         return table.w[ids].to(dtype)
@@ -185,6 +244,8 @@ def map_tensors(w: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight
         return Int8Weight(fn(w.q), fn(w.scale), w.int8_act)
     if isinstance(w, Q4Weight):
         return Q4Weight(fn(w.q), fn(w.scale_min))
+    if isinstance(w, PackedWeight):
+        return PackedWeight(fn(w.q), fn(w.scale))
     if isinstance(w, Bf16MatmulWeight):
         return Bf16MatmulWeight(fn(w.w))
     return fn(w)
@@ -195,6 +256,8 @@ def nbytes(w: Weight) -> int:
         return w.q.nbytes + w.scale.nbytes
     if isinstance(w, Q4Weight):
         return w.q.nbytes + w.scale_min.nbytes
+    if isinstance(w, PackedWeight):
+        return w.q.nbytes + w.scale.nbytes
     if isinstance(w, Bf16MatmulWeight):
         return w.w.nbytes
     return w.nbytes

@@ -328,10 +328,12 @@ def test_rope_store_decode_attention_matches_float64(heads, kvh, d, pool):
 
 
 # ------------------------------------------------------------------------------------ fused decode layers
-def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, hidden: int = 48, ffn: int = 80):
+def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, hidden: int = 48, ffn: int = 80,
+                 pack: bool = True):
     """A random 3-layer LlamaModel on the cpp backend (norm weights away from 1, so a skipped norm shows).
     storage "bf16-matmul" / "int8-matmul": bf16 / int8 weights at that matmul precision; "gguf": the layouts a GGUF's
-    own types load into (q/k/v and gate/up 4-bit, o int8 per 32, down int8 per 16), at int8 precision."""
+    own types load into (q/k/v and gate/up 4-bit, o int8 per 32, down int8 per 16), at int8 precision. `pack`: the
+    cpp backend packs int8-precision matrices (kernels.weights.pack); False keeps them row-major."""
     from sot_engine.engine.config import ModelConfig
     from sot_engine.engine.model import LlamaModel
     cfg = ModelConfig(vocab_size=97, hidden_size=hidden, intermediate_size=ffn, num_layers=3, num_heads=heads,
@@ -347,10 +349,10 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
               p + "self_attn.v_proj.weight": r(kvh * d, h), p + "self_attn.o_proj.weight": r(h, heads * d),
               p + "mlp.gate_proj.weight": r(ffn, h), p + "mlp.up_proj.weight": r(ffn, h),
               p + "mlp.down_proj.weight": r(h, ffn)}
+    backend = get_backend("cpp", "cpu") if pack else replace(get_backend("cpp", "cpu"), pack_weight=None)
     if storage in ("bf16-matmul", "int8-matmul"):
-        return LlamaModel(cfg, w, get_backend("cpp", "cpu"), None, storage.split("-")[0])
+        return LlamaModel(cfg, w, backend, None, storage.split("-")[0])
     if storage == "gguf":
-        from dataclasses import replace
         from sot_engine.kernels.weights import quantize_int8
         from tests.kernels.test_quant_matmul import quantize_q4
         for i in range(3):
@@ -361,7 +363,7 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
                 w[p + f"mlp.{n}_proj.weight"] = quantize_q4(w[p + f"mlp.{n}_proj.weight"])
             w[p + "self_attn.o_proj.weight"] = replace(quantize_int8(w[p + "self_attn.o_proj.weight"]), int8_act=True)
             w[p + "mlp.down_proj.weight"] = replace(quantize_int8(w[p + "mlp.down_proj.weight"], 16), int8_act=True)
-    return LlamaModel(cfg, w, get_backend("cpp", "cpu"), storage)
+    return LlamaModel(cfg, w, backend, storage)
 
 
 def decode_step_inputs(lens: list[int], kvh: int, d: int, seed: int, pool: torch.dtype = torch.float32, bs: int = 4):

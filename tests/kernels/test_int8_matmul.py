@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sot_engine.kernels import reference
-from sot_engine.kernels.weights import Int8Weight, quantize_activations_int8, quantize_int8, store
+from sot_engine.kernels.weights import Int8Weight, int8_precision, quantize_activations_int8, quantize_int8, store
 
 try:
     from sot_engine.kernels import _cpp
@@ -123,7 +123,7 @@ def test_decode_layers_at_int8_precision_match_the_layer_loop(lens):
     from tests.kernels.test_cpp_cpu import decode_step_inputs, random_model
     heads, kvh, d = 4, 2, 16
     model = random_model(heads, kvh, d, "int8-matmul", seed=2, hidden=64, ffn=96)
-    assert all(w.int8_act for layer in model.layers for w in layer[1:3] + layer[4:6])
+    assert all(int8_precision(w) for layer in model.layers for w in layer[1:3] + layer[4:6])
     kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=3)
     kv_loop = [(k.clone(), v.clone()) for k, v in kv]
     assert model._decode_layers(kv) is not None

@@ -8,7 +8,9 @@ Each instruction set this CPU runs (set_int8_isa forces the lower ones, so an AV
 - with real scales and mins the float32 sums stay within 1e-6 of a float64 oracle's scale (the same quantized
   values, `kernels.reference.linear` in float64);
 - the fused decode loop runs on these layouts, mixed as a K-quant file mixes them, like the model's kernel loop.
-Shapes: 1-16 rows of x, odd numbers of weight rows, 1 to 48 groups.
+- the packed layout (blocks of 8 rows interleaved, `weights.pack`) unpacks to the same weights bit for bit, and its
+  kernels meet the same two bounds.
+Shapes: 1-16 rows of x, odd numbers of weight rows (packed: multiples of 16), 1 to 48 groups.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import pytest
 import torch
 
 from sot_engine.kernels import reference
-from sot_engine.kernels.weights import (Int8Weight, Q4Weight, cat_rows, quantize_activations_int8, quantize_int8)
+from sot_engine.kernels.weights import (Int8Weight, PackedWeight, Q4Weight, cat_rows, pack, quantize_activations_int8,
+                                        quantize_int8)
 from tests.kernels.test_int8_matmul import isa, needs_cpp  # noqa: F401 - the fixture, per instruction set
 
 try:
@@ -109,6 +112,56 @@ def test_match_float64_on_the_quantized_values(isa, m, n, k):
         assert ((got.double() - want).abs() <= 1e-6 * terms + 1e-30).all()
 
 
+def random_int8(n: int, k: int, g: torch.Generator, per16: bool = False) -> Int8Weight:
+    lim = 32 if per16 else 128
+    return Int8Weight(torch.randint(-lim + 1, lim, (n, k), generator=g, dtype=torch.int8),
+                      torch.rand(n, k // (16 if per16 else 32), generator=g) * 0.01, int8_act=True)
+
+
+@pytest.mark.parametrize("kind", ["q4", "int8", "int8/16"])
+def test_pack_round_trip(kind):
+    g = torch.Generator().manual_seed(7)
+    w = random_q4(48, 96, g) if kind == "q4" else random_int8(48, 96, g, per16=kind == "int8/16")
+    p = pack(w)
+    assert isinstance(p, PackedWeight) and p.shape == w.shape and p.q.shape[:2] == (6, 3)
+    u = p.unpack()
+    assert type(u) is type(w) and all(torch.equal(a, b) for a, b in zip(
+        (u.q, u.scale_min if kind == "q4" else u.scale), (w.q, w.scale_min if kind == "q4" else w.scale)))
+    rows = torch.tensor([47, 0, 9, 9, 31])
+    assert torch.equal(p.dequantize(rows=rows), w.dequantize(rows=rows))
+    if kind != "q4":  # the weight sums VNNI's offset trick subtracts
+        sums = p.scale[:, :, p.scale.shape[2] // 2:].permute(0, 3, 1, 2).reshape(48, -1)
+        assert torch.equal(sums, w.q.view(48, sums.shape[1], -1).sum(2).float())
+    # not packed: rows not in 16s, float activations, other storage
+    for other in (random_q4(24, 96, g), quantize_int8(torch.randn(16, 64)), torch.randn(16, 64)):
+        assert pack(other) is other
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["q4", "int8", "int8/16"])
+@pytest.mark.parametrize("m, n, k", [(1, 16, 32), (3, 48, 256), (8, 32, 576), (16, 16, 96)])
+def test_packed_kernels(isa, kind, m, n, k):
+    """Unit scales first (the integer part, ==), then real ones against the float64 oracle."""
+    g = torch.Generator().manual_seed(m * n + k)
+    xi = torch.randint(-127, 128, (m, k), generator=g)
+    xi.view(m, -1, 32)[:, :, 0] = 127
+    w = random_q4(n, k, g) if kind == "q4" else random_int8(n, k, g, per16=kind == "int8/16")
+    run = lambda x, p: (_cpp.linear_q4 if kind == "q4" else _cpp.linear_int8)(x, p.q, p.scale)  # noqa: E731
+    if kind == "q4":
+        unit = Q4Weight(w.q, torch.stack([torch.ones(n, k // 32), torch.zeros(n, k // 32)], 1))
+        ints = unit.nibbles().long()
+    else:
+        unit = Int8Weight(w.q, torch.ones_like(w.scale), int8_act=True)
+        ints = w.q.long()
+    assert torch.equal(run(xi.float(), pack(unit)), (xi.long() @ ints.T).float())
+    x = torch.randn(m, k, generator=g) * 3
+    got, want = run(x, pack(w)), reference.linear(x.double(), w)
+    xq, xs = quantize_activations_int8(x)
+    terms = (xq.double().view(m, -1, 32).abs() * xs.double()[:, :, None]).view(m, k) @ \
+        w.dequantize(torch.float64).abs().T
+    assert ((got.double() - want).abs() <= 1e-6 * terms + 1e-30).all()
+
+
 @needs_cpp
 def test_bad_arguments():
     w = random_q4(4, 64, torch.Generator().manual_seed(0))
@@ -141,17 +194,21 @@ def test_cat_rows():
 
 
 @needs_cpp
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("lens", [[5], [1, 7, 40, 3, 9, 2, 11, 20]])
-def test_decode_layers_on_gguf_layouts_match_the_layer_loop(lens):
-    """4-bit and int8 (per 32 and per 16) matrices mixed in one model: the fused decode loop multiplies them like the
-    model's Python loop over `cpp.linear`, and both stay close to the float64 reference on the same weights."""
+def test_decode_layers_on_gguf_layouts_match_the_layer_loop(lens, packed):
+    """4-bit and int8 (per 32 and per 16) matrices mixed in one model, packed by the cpp backend or row-major: the
+    fused decode loop multiplies them like the model's Python loop over `cpp.linear`."""
     from dataclasses import replace
     from tests.kernels.test_cpp_cpu import decode_step_inputs, random_model
     heads, kvh, d = 4, 2, 16
-    model = random_model(heads, kvh, d, "gguf", seed=5, hidden=64, ffn=96)
+    model = random_model(heads, kvh, d, "gguf", seed=5, hidden=64, ffn=96, pack=packed)
+    mats = [w.unpack() if isinstance(w, PackedWeight) else w
+            for layer in model.layers for w in (layer[1], layer[2], layer[4], layer[5])]
     kinds = {type(w).__name__ + ("16" if isinstance(w, Int8Weight) and w.scale.shape[1] * 16 == w.q.shape[1] else "")
-             for layer in model.layers for w in (layer[1], layer[2], layer[4], layer[5])}
+             for w in mats}
     assert kinds == {"Q4Weight", "Int8Weight", "Int8Weight16"}
+    assert all(isinstance(w, PackedWeight) == packed for layer in model.layers for w in layer[1:3] + layer[4:6])
     kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=6)
     kv_loop = [(k.clone(), v.clone()) for k, v in kv]
     assert model._decode_layers(kv) is not None
