@@ -293,6 +293,17 @@ void packed_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
 }
 
 #if defined(SOT_X86)
+// Software prefetch this far ahead of the packed weights' read position (every line of them and of their scales):
+// at 8 rows a block is compute-bound, and without it the DRAM reads wait instead of overlapping the multiplies
+#ifndef SOT_PACKED_AHEAD
+#define SOT_PACKED_AHEAD 4096
+#endif
+#ifndef SOT_PACKED_HINT
+#define SOT_PACKED_HINT _MM_HINT_T0
+#endif
+constexpr int kPackedAhead = SOT_PACKED_AHEAD;
+constexpr auto kHint = SOT_PACKED_HINT;
+
 // MR rows of x against one packed block of 8 weight rows: 8 outputs a row, stored as one vector
 #define SOT_PACKED_TILE(NAME, TARGET, VNNI)                                                                            \
   template <int MR, int F>                                                                                            \
@@ -307,7 +318,7 @@ void packed_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
       __m256i wv[8];                                                                                                  \
       if constexpr (F == kP4) {                                                                                       \
         const uint8_t* p = q + g * 128;                                                                               \
-        _mm_prefetch(reinterpret_cast<const char*>(p) + 1024, _MM_HINT_T0);                                           \
+        for (int l = 0; l < 128; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPackedAhead + l, kHint);   \
         for (int c = 0; c < 4; ++c) {                                                                                 \
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));                          \
           wv[c] = _mm256_and_si256(v, low4);                                                                          \
@@ -315,11 +326,12 @@ void packed_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
         }                                                                                                             \
       } else {                                                                                                        \
         const uint8_t* p = q + g * 256;                                                                               \
-        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);                                           \
-        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048 + 64, _MM_HINT_T0);                                      \
+        for (int l = 0; l < 256; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPackedAhead + l, kHint);   \
         for (int c = 0; c < 8; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));         \
       }                                                                                                               \
       const float* sg = sc + g * S * 8;                                                                               \
+      _mm_prefetch(reinterpret_cast<const char*>(sg) + kPackedAhead / 2, kHint);                                      \
+      if constexpr (S == 4) _mm_prefetch(reinterpret_cast<const char*>(sg) + kPackedAhead / 2 + 64, kHint);           \
       const __m256 d0 = _mm256_loadu_ps(sg), d1 = _mm256_loadu_ps(sg + 8);                                            \
       __m256i corr0 = _mm256_setzero_si256(), corr1 = _mm256_setzero_si256();                                         \
       if constexpr (VNNI && F != kP4) { /* 128 * the (half-)group's weight sums */                                   \
@@ -378,8 +390,13 @@ void packed_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
       else
         packed_avx2<R, F>(a, m, q, sc, out + m * ldo + b * 8, ldo);
     };
+    // tiles of MR rows, then one of each smaller power of two: 1-row tiles would each re-read the block
     for (; m + MR <= M; m += MR) run(std::integral_constant<int, MR>{});
-    for (; m < M; ++m) run(std::integral_constant<int, 1>{});
+    if constexpr (MR > 4)
+      if (m + 4 <= M) run(std::integral_constant<int, 4>{}), m += 4;
+    if constexpr (MR > 2)
+      if (m + 2 <= M) run(std::integral_constant<int, 2>{}), m += 2;
+    if (m < M) run(std::integral_constant<int, 1>{});
   }
 }
 #endif
@@ -388,8 +405,8 @@ template <int F>
 void rows_fmt(int isa, const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   if constexpr (F >= kP8) {  // packed: 8 weight vectors a group, MR accumulators
 #if defined(SOT_X86)
-    if (isa == kAvx512Vnni) return packed_vector<4, F, true>(a, M, w, n0, n1, out, ldo);
-    if (isa == kAvx2) return packed_vector<2, F, false>(a, M, w, n0, n1, out, ldo);
+    if (isa == kAvx512Vnni) return packed_vector<8, F, true>(a, M, w, n0, n1, out, ldo);
+    if (isa == kAvx2) return packed_vector<4, F, false>(a, M, w, n0, n1, out, ldo);
 #endif
     (void)isa;
     return packed_scalar<F>(a, M, w, n0, n1, out, ldo);
