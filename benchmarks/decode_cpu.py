@@ -15,7 +15,7 @@ decode layer loop its matmul phases (each up to the barrier that ends it), which
 "+kv-bf16": a bf16 K/V pool (`kv_cache_dtype="bf16"`).
 "Outside matmuls" is the share of the step spent in everything else (attention, norms, Python, sampling,
 scheduling). Each row records the instruction set the integer kernels ran on (`isa`).
-`--llama-cpp` adds llama.cpp on the same file and prompt ids (`benchmarks.llamacpp`, the `llamacpp` extra): a step is
+`--llama-cpp` adds llama.cpp on the same file and prompt ids (`sot_engine.sot.llamacpp`, the `llamacpp` extra): a step is
 one `llama_decode` of B tokens, one per parallel sequence, plus the argmaxes. Transformers (fp32 only):
 `generate` on the same left-padded batch, (time for prefill + N tokens - time for prefill + 1 token)
 / (N - 1).
@@ -157,7 +157,7 @@ def main() -> None:
     best: dict[tuple[int, int], dict] = {}
     lc, lc_ids, lc_best = None, [], {}
     if args.llama_cpp and not args.quick:
-        from benchmarks import llamacpp
+        from sot_engine.sot import llamacpp
         from sot_engine.engine.loader import default_model_path
         if not llamacpp.available():
             ap.error("--llama-cpp needs llama-cpp-python: pip install 'sot-engine[llamacpp]'")

@@ -9,7 +9,7 @@ float32 activations: the reference), for our narrow storages and for llama.cpp o
     python -m benchmarks.quant_accuracy --no-llama-cpp
 
 Ours decodes all prompts as one batch (the fused decode loop); llama.cpp as parallel sequences of one batch
-(`benchmarks.llamacpp`, the `llamacpp` extra). Results: benchmarks/results/cpu/quant_accuracy.json.
+(`sot_engine.sot.llamacpp`, the `llamacpp` extra). Results: benchmarks/results/cpu/quant_accuracy.json.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.common import write_result
 from benchmarks.decode_cpu import QUESTIONS
-from benchmarks import llamacpp
+from sot_engine.sot import llamacpp
 from sot_engine.engine import LLM, SamplingParams
 from sot_engine.engine.loader import default_model_path
 from tests.conftest import prompt_logits

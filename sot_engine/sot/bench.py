@@ -104,6 +104,10 @@ def summarize(rows: list[dict]) -> dict:
                "sot_latency": s, "speedup": n / s,
                "normal_tokens": statistics.fmean(r["normal_tokens"] for r in rs),
                "sot_tokens": statistics.fmean(r["sot_tokens"] for r in rs)}
+        if all("llama_cpp_latency" in r for r in rs):  # --against llama.cpp
+            lc = statistics.fmean(r["llama_cpp_latency"] for r in rs)
+            out.update(llama_cpp_latency=lc, speedup_vs_llama_cpp=lc / s,
+                       llama_cpp_tokens=statistics.fmean(r["llama_cpp_tokens"] for r in rs))
         if all("empty_points" in r for r in rs):  # a real run's records (a replay has lengths only)
             out.update(fallbacks=sum(fell_back(r) for r in rs),
                        points_per_skeleton=statistics.fmean(r["num_points"] for r in ran) if ran else 0.0,
@@ -125,13 +129,16 @@ def table(summary: dict) -> str:
     """Markdown, a row per category; "fell back" (SoT tried, normal answer), points per skeleton and empty points
     where the summary has them."""
     quality = all("fallbacks" in a for a in summary.values())
+    lc = all("llama_cpp_latency" in a for a in summary.values())
     extra = " fell back | points | empty points |" if quality else ""
-    lines = [f"| category | n | SoT used |{extra} normal s | SoT/auto s | speed-up | normal tokens | SoT tokens |",
-             "|---|---:|---:|" + "---:|" * (3 * quality) + "---:|---:|---:|---:|---:|"]
+    lc_head = " llama.cpp normal s | SoT vs llama.cpp |" if lc else ""
+    lines = [f"| category | n | SoT used |{extra} normal s | SoT/auto s | speed-up |{lc_head} normal tokens | SoT tokens |",
+             "|---|---:|---:|" + "---:|" * (3 * quality + 2 * lc) + "---:|---:|---:|---:|---:|"]
     for c, a in summary.items():
         q = f" {a['fallbacks']} | {a['points_per_skeleton']:.1f} | {a['empty_points']} |" if quality else ""
+        vs = f" {a['llama_cpp_latency']:.1f} | {a['speedup_vs_llama_cpp']:.2f}x |" if lc else ""
         lines.append(f"| {c} | {a['n']} | {a['sot_used']} |{q} {a['normal_latency']:.1f} | {a['sot_latency']:.1f} "
-                     f"| {a['speedup']:.2f}x | {a['normal_tokens']:.0f} | {a['sot_tokens']:.0f} |")
+                     f"| {a['speedup']:.2f}x |{vs} {a['normal_tokens']:.0f} | {a['sot_tokens']:.0f} |")
     return "\n".join(lines)
 
 
@@ -156,9 +163,11 @@ def _commit() -> str | None:
 def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
               categories: list[str] | None = None, mode: str = "auto", name: str | None = None,
               out_dir: Path | None = None, ids: list[int] | None = None, log=print,
-              on_row: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
+              on_row: Callable[[dict], None] | None = None,
+              baseline: Callable[[str], dict] | None = None) -> tuple[Path, dict]:
     """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary.
-    `ids`: only these question ids, in this order; `on_row`: called with each question's record once written."""
+    `ids`: only these question ids, in this order; `on_row`: called with each question's record once written;
+    `baseline`: another engine's normal decoding (`question -> {seconds, tokens, ...}`, llama.cpp's), timed too."""
     qs = load_dataset(dataset)
     if ids is not None:
         by_id = {q.id: q for q in qs}
@@ -190,6 +199,10 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
             row = _row(q, normal, ans, {"normal": _delta(c0, c1), "sot": _delta(c1, c2)})
             # CPU seconds of this process: on a shared CPU, steadier than wall time for comparing runs
             row["cpu_time"] = {"normal": p1 - p0, "sot": p2 - p1}
+            if baseline is not None:
+                b = baseline(q.text)
+                row |= {"llama_cpp_latency": b["seconds"], "llama_cpp_tokens": b["tokens"],
+                        "speedup_vs_llama_cpp": b["seconds"] / row["sot_latency"]}
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()

@@ -24,6 +24,7 @@ WEIGHT_DTYPES = ("fp32", "bf16", "int8", "gguf")  # kernels.weights.WEIGHT_DTYPE
 MATMUL_PRECISIONS = ("fp32", "bf16", "int8")  # kernels.weights.MATMUL_PRECISIONS, likewise
 KV_CACHE_DTYPES = ("fp32", "bf16")  # engine.llm_engine.KV_CACHE_DTYPES, likewise
 FEATURES = ("text", "hidden", "text+hidden")  # sot.trained_router.FEATURES, likewise
+AGAINST = ("engine", "llama.cpp")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -80,12 +81,18 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", parents=[common], help="normal decoding vs SoT on one question")
     c.add_argument("question")
     c.add_argument("--json", action="store_true", help="print both answers as one JSON object")
+    c.add_argument("--against", choices=AGAINST, default="engine",
+                   help="whose normal decoding SoT races: this engine's (default), or llama.cpp's on the same GGUF "
+                        "file, greedy, with the same token cap (the llamacpp extra)")
     b = sub.add_parser("bench", parents=[common], help="normal vs SoT over a question set")
     b.add_argument("--dataset", default="vicuna80", help='"vicuna80" or a JSONL file (text, category)')
     b.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")
     b.add_argument("--categories", nargs="+", default=None, help="only these categories")
     b.add_argument("--out", default=None, help="output folder (default: $SOT_BENCH_RESULTS, else benchmarks/results when run from a checkout, else ./sot-bench-results; then /<device>)")
     b.add_argument("--name", default=None, help="file name stem (default: sot_<dataset>_<mode>_<expansion>)")
+    b.add_argument("--against", choices=AGAINST, default="engine",
+                   help="llama.cpp: also time llama.cpp's normal decoding of each question on the same GGUF file "
+                        "(greedy, the same token cap; the llamacpp extra) and report SoT against it per category")
     v = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
@@ -182,25 +189,56 @@ def ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def llama_cpp_normal(args: argparse.Namespace, sot):
+    """`question -> {seconds, tokens, text}`: llama.cpp's normal greedy decoding of the question on the model's GGUF
+    file, the engine's prompt ids (its chat template) and normal token cap; None unless --against llama.cpp."""
+    if args.against != "llama.cpp":
+        return None
+    import torch
+    from sot_engine.engine.loader import gguf_file
+    from sot_engine.sot.llamacpp import LlamaCpp, require
+    require()  # before anything is timed
+    lc = LlamaCpp(gguf_file(args.model), torch.get_num_threads())
+    eng, cap = sot.llm.engine, sot.config.normal_max_tokens
+
+    def run(question: str) -> dict:
+        ids = eng.encode([{"role": "user", "content": question}])
+        toks, seconds = lc.generate(ids, cap, set(eng.eos_ids))
+        return {"seconds": seconds, "tokens": len(toks), "text": eng.tokenizer.decode(
+            [t for t in toks if t not in eng.eos_ids]).strip()}
+    return run
+
+
 def compare(args: argparse.Namespace) -> int:
     from sot_engine.sot.view import summary_line
     q = _check_question(args.question)
     sot = build(args)
+    baseline = llama_cpp_normal(args, sot)
     print("normal decoding ...", file=sys.stderr, flush=True)
     normal = sot.answer(q, mode="normal")
+    lc = None
+    if baseline is not None:
+        print("llama.cpp normal decoding ...", file=sys.stderr, flush=True)
+        lc = baseline(q)
     print(f"SoT ({args.mode}) ...", file=sys.stderr, flush=True)
     ans = sot.answer(q, mode=args.mode)
     speedup = normal.timings.total / ans.timings.total
     if args.json:
-        print(json.dumps({"question": q, "normal": normal.to_dict(), "sot": ans.to_dict(), "speedup": speedup}))
+        extra = {"llama_cpp": lc, "speedup_vs_llama_cpp": lc["seconds"] / ans.timings.total} if lc else {}
+        print(json.dumps({"question": q, "normal": normal.to_dict(), "sot": ans.to_dict(), "speedup": speedup,
+                          **extra}))
         return 0
+    if lc is not None:
+        print(f"== llama.cpp normal decoding: {lc['seconds']:.2f} s, {lc['tokens']} tokens ==")
+        print(lc["text"] + "\n")
     for title, a in (("normal decoding", normal), (f"SoT ({args.mode})", ans)):
         print(f"== {title}: {a.mode}, {a.timings.total:.2f} s, {a.tokens.output} tokens ==")
         print(a.text)
         print(summary_line(a) + "\n")
     print(f"normal {normal.timings.total:.2f} s, {normal.tokens.output} tokens | "
           f"SoT {ans.timings.total:.2f} s, {ans.tokens.output} tokens ({ans.mode}: {ans.reason}) | "
-          f"speed-up {speedup:.2f}x")
+          f"speed-up {speedup:.2f}x" + (f" | llama.cpp normal {lc['seconds']:.2f} s: SoT "
+                                         f"{lc['seconds'] / ans.timings.total:.2f}x sooner" if lc else ""))
     return 0
 
 
@@ -211,7 +249,8 @@ def bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     sot = build(args, enable_prefix_caching=False)  # each question costs what it costs alone (as the paper measures)
     path, _ = run_bench(sot, args.dataset, limit=args.limit, categories=args.categories, mode=args.mode,
-                        name=args.name, out_dir=Path(args.out) if args.out else None)
+                        name=args.name, out_dir=Path(args.out) if args.out else None,
+                        baseline=llama_cpp_normal(args, sot))
     print(f"wrote {path.with_suffix('.jsonl')} (one line per question) and {path} (summary)")
     return 0
 
@@ -267,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"ask": ask, "compare": compare, "bench": bench, "serve": serve,
                 "train-router": train_router}[args.cmd](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional extra not installed
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -191,3 +191,31 @@ def test_train_router_then_ask_with_it(capsys, model, tmp_path):
     assert rc == 2 and "router parameter file not found" in err
     rc, _, err = run(capsys, "train-router", "--labels", str(tmp_path / "none.csv"), "--out", str(out))
     assert rc == 2 and "none.csv" in err
+
+
+def test_against_llama_cpp_needs_the_extra_and_a_gguf(capsys, model, monkeypatch):
+    """--against llama.cpp: a clear error, before anything is timed, without llama-cpp-python or without a GGUF."""
+    from sot_engine.sot import llamacpp
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    rc, out, err = run(capsys, "compare", "How do plants grow?", "--against", "llama.cpp", *model)
+    assert rc == 2 and "llama.cpp is not installed: pip install 'sot-engine[llamacpp]'" in err
+    assert "normal decoding ..." not in err
+    monkeypatch.setattr(llamacpp, "available", lambda: True)
+    monkeypatch.setattr(llamacpp, "require", lambda: None)
+    rc, _, err = run(capsys, "bench", "--dataset", "vicuna80", "--against", "llama.cpp", *model)
+    assert rc == 2 and "not a GGUF file" in err
+
+
+def test_bench_table_against_llama_cpp():
+    from sot_engine.sot.bench import summarize, table
+    rows = [{"category": c, "mode": m, "normal_latency": n, "sot_latency": s, "normal_tokens": 10, "sot_tokens": 12,
+             "llama_cpp_latency": lc, "llama_cpp_tokens": 9, "speedup_vs_llama_cpp": lc / s}
+            for c, m, n, s, lc in (("generic", "sot", 2.0, 1.0, 3.0), ("generic", "normal", 2.0, 2.0, 1.0),
+                                   ("math", "normal", 1.0, 1.0, 2.0))]
+    summary = summarize(rows)
+    assert summary["generic"]["llama_cpp_latency"] == 2.0 and summary["generic"]["speedup_vs_llama_cpp"] == 2.0 / 1.5
+    assert summary["all"]["speedup_vs_llama_cpp"] == pytest.approx(2.0 / (4 / 3))
+    lines = table(summary).splitlines()
+    assert "| llama.cpp normal s | SoT vs llama.cpp |" in lines[0] and lines[1].count("|") == lines[0].count("|")
+    assert "| 2.0 | 1.33x |" in lines[2]
+    assert "llama.cpp" not in table(summarize([{k: v for k, v in r.items() if "llama" not in k} for r in rows]))

@@ -82,6 +82,22 @@ def named_model_path(name: str) -> Path:
         raise FileNotFoundError(f"{hint}: {e}") from e
 
 
+def gguf_file(spec: str) -> Path:
+    """The GGUF file a model spec names ("default", a name from NAMED_MODELS, a .gguf path); ValueError for any other
+    (an HF folder, random weights): what llama.cpp can run beside the engine."""
+    if spec == "default":
+        return default_model_path()
+    if spec in NAMED_MODELS:
+        return named_model_path(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return path
+    raise ValueError(f"{spec}: not a GGUF file (llama.cpp runs 'default', "
+                     f"{', '.join(repr(n) for n in NAMED_MODELS)} or a .gguf path)")
+
+
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0, shard: Shard | None = None, keep_quantized: bool = False) -> LoadedModel:
     """`spec`: a .gguf path, an HF folder, "default" (embedded SmolLM2-135M-Instruct), a name from `NAMED_MODELS`

@@ -1,5 +1,6 @@
-"""llama.cpp (through llama-cpp-python, the `llamacpp` extra: benchmarks only) on the same GGUF file: the reference
-point for CPU decode speed and for what the file's quantization costs in accuracy.
+"""llama.cpp (through llama-cpp-python, the optional `llamacpp` extra) on the same GGUF file: the reference point for
+CPU decode speed (`benchmarks.decode_cpu --llama-cpp`), for what the file's quantization costs in accuracy
+(`benchmarks.quant_accuracy`), and the normal decoding SoT races (`sot compare/bench --against llama.cpp`).
 
 `LlamaCpp(path, threads)` holds one llama.cpp context with up to `n_seq` parallel sequences (its own batching:
 one `llama_decode` of B tokens, one per sequence, is a batch-B decode step). Prompts are token ids, so both
@@ -15,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 
+INSTALL = "pip install 'sot-engine[llamacpp]' (llama-cpp-python; it builds llama.cpp: minutes, cmake and a compiler)"
+
+
 def available() -> bool:
     try:
         import llama_cpp  # noqa: F401
@@ -23,8 +27,15 @@ def available() -> bool:
     return True
 
 
+def require() -> None:
+    """ImportError naming the install command where llama-cpp-python is missing."""
+    if not available():
+        raise ImportError(f"llama.cpp is not installed: {INSTALL}")
+
+
 class LlamaCpp:
     def __init__(self, path: str | Path, threads: int, n_ctx: int = 4096, n_seq: int = 16) -> None:
+        require()
         import llama_cpp as L
         self.L = L
         L.llama_backend_init()
@@ -37,6 +48,7 @@ class LlamaCpp:
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, n_seq
         cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified = True  # one pool for all sequences (else each gets n_ctx / n_seq cells: 256)
         self.ctx = L.llama_init_from_model(self.model, cp)
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.n_seq = n_seq
@@ -75,6 +87,19 @@ class LlamaCpp:
                 self._decode([(t, a + j, s, a + j == len(ids) - 1) for j, t in enumerate(chunk)])
             out.append(self.logits(-1))
         return out
+
+    def generate(self, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> tuple[list[int], float]:
+        """Normal greedy decoding of one prompt (batch 1), as the engine's normal mode decodes: up to max_tokens,
+        ending at (and keeping) a stop token. The tokens, and the seconds from the prefill's start to the last."""
+        t0 = time.perf_counter()
+        tok = int(np.argmax(self.prefill([prompt])[0]))
+        out, pos = [tok], len(prompt)
+        while len(out) < max_tokens and tok not in stop_ids:
+            self._decode([(tok, pos, 0, True)])
+            tok = int(np.argmax(self.logits(0)))
+            out.append(tok)
+            pos += 1
+        return out, time.perf_counter() - t0
 
     def greedy(self, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[float]]:
         """Greedy tokens of every prompt, decoded together (a batch of len(prompts) per step), and each step's
