@@ -129,7 +129,9 @@ def sot_comparison_table(paths: list[Path]) -> str:
         cfg, sm = d["config"], d["summary"]
         suited, allq = sm.get("SoT-suited"), sm["all"]
         ran = sm.get("where SoT ran", allq)
-        prec = "bf16 matmul + bf16 KV" if d.get("matmul_precision") == "bf16" else "fp32"
+        prec = "bf16 matmul + bf16 KV" if d.get("matmul_precision") == "bf16" else \
+            {"gguf": "the file's Q4_1 / Q8_0 (gguf)", "int8": "int8 weights", "bf16": "bf16 weights"}.get(
+                d.get("weights") or "", "int8 matmul" if d.get("matmul_precision") == "int8" else "fp32")
         grammar = cfg.get("constrained_skeleton", False)
         hold, cap = cfg.get("point_min_words", 0), cfg.get("point_max_sentences", 0)
         sk = ("grammar" if grammar else "free") + (f", {hold}-word first sentence held" if hold else ", free") \
@@ -332,7 +334,7 @@ def render() -> str:
         parts.append(sot_comparison_table(runs))
     # the per-category tables of the newest runs with the grammar (and of the continuation run)
     latest = [p for p in runs if json.loads(p.read_text())["config"].get("constrained_skeleton")]
-    parts += [sot_table(p) for p in latest[-2:]]
+    parts += [sot_table(p) for p in latest[-3:]]
     parts += [sot_table(p) for p in sorted((common.RESULTS / "cpu").glob("sot_vicuna80_auto_continuation*.json"))]
     if (common.RESULTS / "router_agreement.json").exists():
         parts.append(router_table(common.RESULTS / "router_agreement.json"))
