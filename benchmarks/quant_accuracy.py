@@ -7,6 +7,7 @@ float32 activations: the reference), for our narrow storages and for llama.cpp o
 
     python -m benchmarks.quant_accuracy              # decode_cpu's 8 questions, 64 tokens
     python -m benchmarks.quant_accuracy --no-llama-cpp
+    python -m benchmarks.quant_accuracy --quick      # 2 prompts, 8 tokens, gguf only, no llama.cpp (a smoke run)
 
 Ours decodes all prompts as one batch (the fused decode loop); llama.cpp as parallel sequences of one batch
 (`sot_engine.sot.llamacpp`, the `llamacpp` extra). Results: benchmarks/results/cpu/quant_accuracy.json.
@@ -40,8 +41,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--variants", default="gguf,int8-matmul")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2 prompts, 8 tokens, gguf only, no llama.cpp")
     args = ap.parse_args()
-    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    questions = QUESTIONS[:2] if args.quick else QUESTIONS
+    if args.quick:
+        args.tokens, args.variants, args.no_llama_cpp = 8, "gguf", True
+    chats = [[{"role": "user", "content": q}] for q in questions]
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     ref = LLM("default", device="cpu", dtype=torch.float32)
     ids = [ref.engine.encode(c) for c in chats]
@@ -72,9 +77,9 @@ def main() -> None:
             tokens, _ = lc.greedy(ids, args.tokens)
             record("llama.cpp", logits, tokens, llama_cpp=lc.version, system_info=lc.system_info)
             lc.close()
-    print("wrote", write_result("quant_accuracy", torch.device("cpu"), {
+    print("wrote", write_result("quant_accuracy_quick" if args.quick else "quant_accuracy", torch.device("cpu"), {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF; reference: its values widened to float32)",
-        "tokens": args.tokens, "prompts": QUESTIONS, "rows": rows}))
+        "tokens": args.tokens, "prompts": questions, "rows": rows}))
 
 
 if __name__ == "__main__":

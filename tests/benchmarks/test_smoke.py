@@ -38,6 +38,19 @@ def test_decode_cpu_quick(tmp_path):
 
 
 @requires_smollm2
+def test_quant_accuracy_quick(tmp_path):
+    env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.quant_accuracy", "--quick"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "cpu" / "quant_accuracy_quick.json").read_text())
+    (row,) = d["rows"]
+    assert row["variant"] == "gguf" and len(row["logit_diff_per_prompt"]) == 2 and d["tokens"] == 8
+    assert 0 < row["max_logit_diff"] < 5 and all(0 <= a <= 8 for a in row["greedy_first_difference"])
+    assert 0 <= row["greedy_same_fraction"] <= 1
+
+
+@requires_smollm2
 def test_startup_quick(tmp_path):
     env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--quick"], cwd=ROOT, env=env,
