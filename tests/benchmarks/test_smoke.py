@@ -14,17 +14,22 @@ from tests.conftest import requires_smollm2
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_decode_cpu_quick(tmp_path):
+def run_quick(tmp_path: Path, module: str, *args: str, timeout: int = 600) -> tuple[dict, str]:
+    """`python -m benchmarks.<module> --quick *args` writing under tmp_path: (its cpu/<module>_quick.json, stdout)."""
     env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.decode_cpu", "--quick", "--batches", "1,2",
-                        "--weights", "fp32,int8,bf16-matmul+kv-bf16", "--rounds", "2"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr
-    d = json.loads((tmp_path / "cpu" / "decode_cpu_quick.json").read_text())
+    return json.loads((tmp_path / "cpu" / f"{module}_quick.json").read_text()), r.stdout
+
+
+def test_decode_cpu_quick(tmp_path):
+    d, stdout = run_quick(tmp_path, "decode_cpu", "--batches", "1,2", "--weights", "fp32,int8,bf16-matmul+kv-bf16",
+                          "--rounds", "2", timeout=300)
     assert [(row["weights"], row.get("kv"), row["batch"]) for row in d["rows"]] == [
         ("fp32", None, 1), ("fp32", None, 2), ("int8", None, 1), ("int8", None, 2), ("bf16-matmul", "bf16", 1),
         ("bf16-matmul", "bf16", 2)]
-    assert d["rounds"] == 2 and r.stdout.count("round 2/2") == 6
+    assert d["rounds"] == 2 and stdout.count("round 2/2") == 6
     assert all(row["ms_per_step"] > 0 and 0 < row["matmul_ms"] < row["ms_per_step"] and 0 < row["outside_matmul"] < 1
                for row in d["rows"]) and d["env"]["device_type"] == "cpu"
     from benchmarks.report import decode_cpu_table  # the README table renders from it
@@ -39,11 +44,7 @@ def test_decode_cpu_quick(tmp_path):
 
 @requires_smollm2
 def test_quant_accuracy_quick(tmp_path):
-    env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.quant_accuracy", "--quick"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    d = json.loads((tmp_path / "cpu" / "quant_accuracy_quick.json").read_text())
+    d, _ = run_quick(tmp_path, "quant_accuracy")
     (row,) = d["rows"]
     assert row["variant"] == "gguf" and len(row["logit_diff_per_prompt"]) == 2 and d["tokens"] == 8
     assert 0 < row["max_logit_diff"] < 5 and all(0 <= a <= 8 for a in row["greedy_first_difference"])
@@ -52,11 +53,7 @@ def test_quant_accuracy_quick(tmp_path):
 
 @requires_smollm2
 def test_startup_quick(tmp_path):
-    env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--quick"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    d = json.loads((tmp_path / "cpu" / "startup_quick.json").read_text())
+    d, _ = run_quick(tmp_path, "startup")
     run = d["runs"]["after"]
     e2e, phases = run["end_to_end_s"], run["phases_s"]
     assert 0 < e2e["route"] < e2e["first_skeleton_token"]
@@ -71,11 +68,7 @@ def test_startup_quick(tmp_path):
 
 @requires_smollm2
 def test_guided_cpu_quick(tmp_path):
-    env = {**os.environ, "SOT_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.guided_cpu", "--quick"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    d = json.loads((tmp_path / "cpu" / "guided_cpu_quick.json").read_text())
+    d, _ = run_quick(tmp_path, "guided_cpu")
     cases = d["cases"]
     assert set(cases) == {"skeleton", "points", "json in 8"}
     assert cases["skeleton"]["constrained_rows"] == 1 and cases["points"]["constrained_rows"] == 8

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from sot_engine.engine import LLM, SamplingParams
-from sot_engine.engine.loader import default_model_path, load_model
+from sot_engine.engine.loader import load_model
 from sot_engine.engine.loader.repack import EXACT_TYPES, repack
 from sot_engine.kernels.weights import Int8Weight, PackedWeight, Q4Weight, check_weight_dtype, nbytes
 from tests.conftest import prompt_logits, requires_smollm2
+from tests.engine.test_weight_storage_smollm2 import CHATS  # the same 4 chats the other storages are measured on
 
 Q = gguf.GGMLQuantizationType
 
@@ -97,16 +98,9 @@ def test_smollm2_loads_the_files_own_values_in_a_fifth_of_the_memory():
 
 # measured 2026-12-07 (AMD EPYC, AVX-512 VNNI) on these chats: the file's Q4_1 weights with int8 activations move
 # the last prompt token's logits by 0.66-0.79 against float32 (the same weights widened: only the activations'
-# quantization differs), and greedy decoding keeps all 16 tokens of each (16, 16, 16, 10 in another summation order). The bounds leave room for another
-# CPU's rounding; a wrong nibble order or scale moves logits by > 10.
+# quantization differs), and greedy decoding keeps all 16 tokens of each (16, 16, 16, 10 in another summation
+# order). The bounds leave room for another CPU's rounding; a wrong nibble order or scale moves logits by > 10.
 MAX_LOGIT_DIFF = 5.0
-CHATS = [
-    [{"role": "user", "content": "What are the three primary colors?"}],
-    [{"role": "user", "content": "How can I improve my time management skills?"}],
-    [{"role": "user", "content": "Can you explain the basics of quantum computing?"}],
-    [{"role": "system", "content": "You are a terse assistant."},
-     {"role": "user", "content": "Explain why the sky is blue."}],
-]
 
 
 @requires_smollm2

@@ -382,6 +382,19 @@ def decode_step_inputs(lens: list[int], kvh: int, d: int, seed: int, pool: torch
     return kv, meta, torch.randint(0, 97, (b,), generator=g), ctx - 1
 
 
+def fused_and_loop(model, lens: list[int], kvh: int, d: int, seed: int, pool: torch.dtype = torch.float32):
+    """One decode step of random_model through the fused one-call layer loop (checked to run, built once per pool),
+    then through the model's Python loop over the same backend's kernels, on copies of the same pools: (fused hidden,
+    loop hidden, fused pools, loop pools, the fused step, (ids, positions, metadata)). The model keeps the loop."""
+    kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=seed, pool=pool)
+    kv_loop = [(k.clone(), v.clone()) for k, v in kv]
+    step = model._decode_layers(kv)
+    assert step is not None and model._decode_layers(kv) is step
+    got = model.forward(ids, pos, meta, kv)
+    model.backend = replace(model.backend, decode_layers=None)
+    return got, model.forward(ids, pos, meta, kv_loop), kv, kv_loop, step, (ids, pos, meta)
+
+
 CASES = [(4, 2, 12, [1, 7, 40]), (6, 6, 8, [5]), (9, 3, 16, [3, 17, 33, 2, 64, 9, 1, 20, 11])]
 
 
@@ -400,13 +413,7 @@ def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden
     """One C++ call for all layers == the model's Python loop over the same backend's kernels (ragged contexts,
     GQA ratios, every weight storage, float32 and bf16 pools), hidden states and the K/V written into the pool."""
     model = random_model(heads, kvh, d, storage, seed=heads + len(lens), hidden=hidden, ffn=ffn)
-    kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=d, pool=pool)
-    kv_loop = [(k.clone(), v.clone()) for k, v in kv]
-    step = model._decode_layers(kv)
-    assert step is not None and model._decode_layers(kv) is step  # built once per pool
-    got = model.forward(ids, pos, meta, kv)
-    model.backend = replace(model.backend, decode_layers=None)  # the Python loop over the same kernels
-    want = model.forward(ids, pos, meta, kv_loop)
+    got, want, kv, kv_loop, step, (ids, pos, meta) = fused_and_loop(model, lens, kvh, d, seed=d, pool=pool)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     for (k, v), (kr, vr) in zip(kv, kv_loop):
         assert k.dtype == pool

@@ -120,17 +120,11 @@ def test_storage_and_reference():
 @pytest.mark.parametrize("lens", [[5], [1, 7, 40, 3, 9, 2, 11, 20]])
 def test_decode_layers_at_int8_precision_match_the_layer_loop(lens):
     """The fused decode loop multiplies on the int8 kernel like the model's loop over `cpp.linear`."""
-    from dataclasses import replace
-    from tests.kernels.test_cpp_cpu import decode_step_inputs, random_model
+    from tests.kernels.test_cpp_cpu import fused_and_loop, random_model
     heads, kvh, d = 4, 2, 16
     model = random_model(heads, kvh, d, "int8-matmul", seed=2, hidden=64, ffn=96)
     assert all(int8_precision(w) for layer in model.layers for w in layer[1:3] + layer[4:6])
-    kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=3)
-    kv_loop = [(k.clone(), v.clone()) for k, v in kv]
-    assert model._decode_layers(kv) is not None
-    got = model.forward(ids, pos, meta, kv)
-    model.backend = replace(model.backend, decode_layers=None)
-    want = model.forward(ids, pos, meta, kv_loop)
+    got, want, *_ = fused_and_loop(model, lens, kvh, d, seed=3)
     # the same quantized products; the fused loop sums a row's groups in another order only where its threads
     # split differently, and a rounding flip of one activation's int8 value moves a layer's output by one step
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -199,8 +199,7 @@ def test_cat_rows():
 def test_decode_layers_on_gguf_layouts_match_the_layer_loop(lens, packed):
     """4-bit and int8 (per 32 and per 16) matrices mixed in one model, packed by the cpp backend or row-major: the
     fused decode loop multiplies them like the model's Python loop over `cpp.linear`."""
-    from dataclasses import replace
-    from tests.kernels.test_cpp_cpu import decode_step_inputs, random_model
+    from tests.kernels.test_cpp_cpu import fused_and_loop, random_model
     heads, kvh, d = 4, 2, 16
     model = random_model(heads, kvh, d, "gguf", seed=5, hidden=64, ffn=96, pack=packed)
     mats = [w.unpack() if isinstance(w, PackedWeight) else w
@@ -209,11 +208,6 @@ def test_decode_layers_on_gguf_layouts_match_the_layer_loop(lens, packed):
              for w in mats}
     assert kinds == {"Q4Weight", "Int8Weight", "Int8Weight16"}
     assert all(isinstance(w, PackedWeight) == packed for layer in model.layers for w in layer[1:3] + layer[4:6])
-    kv, meta, ids, pos = decode_step_inputs(lens, kvh, d, seed=6)
-    kv_loop = [(k.clone(), v.clone()) for k, v in kv]
-    assert model._decode_layers(kv) is not None
-    got = model.forward(ids, pos, meta, kv)
-    model.backend = replace(model.backend, decode_layers=None)
-    want = model.forward(ids, pos, meta, kv_loop)
+    got, want, *_ = fused_and_loop(model, lens, kvh, d, seed=6)
     # the same quantized products; a rounding flip of one activation's int8 value moves a layer by one step
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import torch
 
+from sot_engine.engine.loader.dequant import dequantize
 from sot_engine.kernels.weights import Int8Weight, Q4Weight, Weight, quantize_int8
 
 Q = gguf.GGMLQuantizationType
@@ -56,7 +57,6 @@ def repack(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> Weight:
     tensor for the float types; int8 per 32 re-quantized from the widened values for the types not listed above."""
     n, k = shape
     if qtype in FLOAT_TYPES:
-        from sot_engine.engine.loader.dequant import dequantize
         return dequantize(raw, qtype, shape)
     if qtype not in EXACT_TYPES:
         if k % 32:
@@ -94,5 +94,4 @@ def repack(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> Weight:
 
 def requantized(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> Int8Weight:
     """A type without an exact layout here, widened (gguf's dequantization) and quantized as int8 per 32."""
-    from sot_engine.engine.loader.dequant import dequantize
     return replace(quantize_int8(dequantize(raw, qtype, shape)), int8_act=True)
