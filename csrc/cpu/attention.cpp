@@ -17,7 +17,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
 namespace {
 
 #if defined(SOT_SIMD_VECTOR)
@@ -395,4 +395,4 @@ at::Tensor rope_store_decode_attention(const at::Tensor& qkv, const at::Tensor& 
   return out;
 }
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END

@@ -21,7 +21,7 @@
 #include <omp.h>
 #endif
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
 namespace {
 
 void check_f32_vector(const at::Tensor& t, int64_t n, const char* what) {
@@ -208,4 +208,4 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
   return out;
 }
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END

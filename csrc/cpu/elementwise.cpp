@@ -10,7 +10,9 @@
 
 #include <cmath>
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
+
+std::string simd_name() { return SOT_SIMD; }
 namespace {
 
 void check_f32(const at::Tensor& t, const char* what) {
@@ -169,4 +171,4 @@ at::Tensor silu_mul(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END

@@ -17,7 +17,7 @@
 #include <algorithm>
 #include <type_traits>
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
 namespace {
 
 #if defined(SOT_SIMD_VECTOR)
@@ -156,7 +156,7 @@ template <typename T>
 void dispatch(const float* x, int64_t ldx, const T* w, const float* scale, int64_t G, float* out, int64_t ldo,
               int64_t M, int64_t K, int64_t N, int part, int parts) {
   // MR * NR accumulators + NR weight (+ NR scale) vectors + 1 x vector must fit the register file
-#if defined(__AVX512F__)  // 32 registers
+#if defined(SOT_HAS_AVX512)  // 32 registers
   if (M <= 4) return run<T, 4, 4>(x, ldx, w, scale, G, out, ldo, M, K, N, part, parts);
   return run<T, 3, 8>(x, ldx, w, scale, G, out, ldo, M, K, N, part, parts);
 #else  // 16 registers
@@ -270,4 +270,4 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return at::linear(x, (w.reshape({N, G, K / G}).to(t) * scale->to(t).unsqueeze(2)).view({N, K}));
 }
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END

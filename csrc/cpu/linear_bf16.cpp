@@ -22,14 +22,14 @@
 #include <cstdlib>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#if defined(SOT_HAS_AMX) && defined(__linux__)
 #define SOT_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
 namespace {
 
 constexpr int64_t kTileN = 16;  // weight rows of an A tile
@@ -211,4 +211,4 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, bool amx) {
   return out;
 }
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END

@@ -27,9 +27,10 @@
 // stored beside the scales; AVX2 keeps the sign trick. 4-bit values sum as int16 across a group on AVX2 (8 pairs of
 // at most 2 * 15 * 127 stay below 2^15).
 //
-// The instruction set is picked at run time (int8_isa): the variants are compiled with target attributes, so one
-// build runs on an AVX2-only CPU and uses VNNI where the CPU has it; SOT_CPU_ISA=avx2|scalar, or set_int8_isa,
-// forces a lower one (tests run every variant on one machine).
+// The instruction set is picked at run time (int8_isa), up to the variant's (target.h: the avx512 variant compiles
+// VNNI, AVX2 and scalar, the avx2 variant AVX2 and scalar, generic scalar alone); the paths above the variant's own
+// are compiled with target attributes. SOT_CPU_ISA=avx2|scalar, or set_int8_isa, forces a lower one (tests run
+// every one on one machine).
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -42,12 +43,17 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// The vector paths a variant compiles (target.h): its own level and below, so that the avx2 variant is what an
+// AVX2-only machine runs, int8 kernels included; a native build compiles all and picks at run time.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(SOT_HAS_AVX2) || defined(SOT_NATIVE))
 #define SOT_X86 1
 #include <immintrin.h>
+#if defined(SOT_HAS_AVX512) || defined(SOT_NATIVE)
+#define SOT_INT8_VNNI 1
+#endif
 #endif
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
 namespace {
 
 constexpr int64_t kGroup = 32;  // activation values per scale; weight groups are 32 or 16
@@ -63,9 +69,11 @@ int detect_isa() {
   __builtin_cpu_init();
   int best = kScalar;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kAvx2;
+#if defined(SOT_INT8_VNNI)
   if (best == kAvx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw"))
     best = kAvx512Vnni;
+#endif
   if (const char* force = std::getenv("SOT_CPU_ISA"))  // only ever lower: a forced ISA the CPU lacks would fault
     for (int i = 0; i < best; ++i)
       if (std::string(force) == kIsaNames[i]) best = i;
@@ -151,9 +159,11 @@ void rows_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1,
 __attribute__((target(SOT_AVX2))) inline __m256i dot_avx2(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
+#if defined(SOT_INT8_VNNI)
 __attribute__((target(SOT_VNNI))) inline __m256i dot_vnni(__m256i u, __m256i s) {
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 }
+#endif
 
 __attribute__((target(SOT_AVX2))) inline float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -224,7 +234,9 @@ __attribute__((target(SOT_AVX2))) inline float dot_f32(const float* a, const flo
   }
 
 SOT_QUANT_TILE(tile_avx2, SOT_AVX2, dot_avx2)
+#if defined(SOT_INT8_VNNI)
 SOT_QUANT_TILE(tile_vnni, SOT_VNNI, dot_vnni)
+#endif
 #undef SOT_QUANT_TILE
 
 // rows [n0, n1) of w against all M rows of x: blocks of NR weight rows (the block re-read from L1 for each row tile
@@ -237,9 +249,11 @@ void rows_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1,
     const int8_t* xq = a.q + m * a.K;
     const uint8_t* wd = w.data + n * w.row_bytes;
     const float* ws = w.scale + n * w.scale_row;
+#if defined(SOT_INT8_VNNI)
     if constexpr (kVnni)
       tile_vnni<R, C, F>(a, xq, a.s + m * G, a.sum + m * G, wd, ws, w, out + m * ldo + n, ldo);
     else
+#endif
       tile_avx2<R, C, F>(a, xq, a.s + m * G, a.sum + m * G, wd, ws, w, out + m * ldo + n, ldo);
   };
   auto all_rows = [&](auto nr, int64_t n) {
@@ -374,7 +388,9 @@ constexpr auto kHint = SOT_PACKED_HINT;
   }
 
 SOT_PACKED_TILE(packed_avx2, SOT_AVX2, false)
+#if defined(SOT_INT8_VNNI)
 SOT_PACKED_TILE(packed_vnni, SOT_VNNI, true)
+#endif
 #undef SOT_PACKED_TILE
 
 template <int MR, int F, bool kVnni>
@@ -385,9 +401,11 @@ void packed_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
     int64_t m = 0;
     auto run = [&](auto mr) {
       constexpr int R = decltype(mr)::value;
+#if defined(SOT_INT8_VNNI)
       if constexpr (kVnni)
         packed_vnni<R, F>(a, m, q, sc, out + m * ldo + b * 8, ldo);
       else
+#endif
         packed_avx2<R, F>(a, m, q, sc, out + m * ldo + b * 8, ldo);
     };
     // tiles of MR rows, then one of each smaller power of two: 1-row tiles would each re-read the block
@@ -405,7 +423,9 @@ template <int F>
 void rows_fmt(int isa, const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   if constexpr (F >= kP8) {  // packed: 8 weight vectors a group, MR accumulators
 #if defined(SOT_X86)
+#if defined(SOT_INT8_VNNI)
     if (isa == kAvx512Vnni) return packed_vector<8, F, true>(a, M, w, n0, n1, out, ldo);
+#endif
     if (isa == kAvx2) return packed_vector<4, F, false>(a, M, w, n0, n1, out, ldo);
 #endif
     (void)isa;
@@ -414,7 +434,9 @@ void rows_fmt(int isa, const Act& a, int64_t M, const Rows& w, int64_t n0, int64
 #if defined(SOT_X86)
     // accumulators MR * NR + NR weight vectors + x, |x| and a product in the 16 ymm registers AVX2 has (32 with
     // AVX-512's EVEX encoding)
+#if defined(SOT_INT8_VNNI)
     if (isa == kAvx512Vnni) return rows_vector<4, 4, F, true>(a, M, w, n0, n1, out, ldo);
+#endif
     if (isa == kAvx2) return rows_vector<2, 4, F, false>(a, M, w, n0, n1, out, ldo);
 #endif
     (void)isa;
@@ -542,7 +564,7 @@ std::string set_int8_isa(const std::string& name) {
     current_isa().store(best);
     return before;
   }
-  TORCH_CHECK(false, "set_int8_isa: ", name, " is not one this CPU runs (up to ", kIsaNames[best], ", or auto)");
+  TORCH_CHECK(false, "set_int8_isa: ", name, " is not one this CPU and kernel variant run (up to ", kIsaNames[best], ", or auto)");
 }
 
 void linear_int8_rows(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M,
@@ -608,4 +630,4 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return run_quantized(x, weight_view(w.contiguous(), scale_min.contiguous()));
 }
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END

@@ -1,6 +1,10 @@
-// The C++ CPU kernels bound as `sot_engine.kernels._cpp` (bindings.cpp); each mirrors a function of
+// The C++ CPU kernels bound as `sot_engine.kernels._cpp` (bindings.h); each mirrors a function of
 // sot_engine/kernels/reference.py (same arguments, same result up to fp32 rounding) for float32 activations.
-#pragma once
+// Declares one variant's namespace (target.h): module.cpp includes it once per variant (#undef SOT_OPS_H between).
+#ifndef SOT_OPS_H
+#define SOT_OPS_H
+
+#include "target.h"
 
 #include <ATen/ATen.h>
 
@@ -12,7 +16,7 @@
 #include <mutex>
 #include <vector>
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
 
 // [a, b) of n items for part `part` of `parts`, in units of `unit` items (the last unit may be short)
 inline std::pair<int64_t, int64_t> share(int64_t n, int part, int parts, int64_t unit = 1) {
@@ -77,9 +81,12 @@ WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& sca
 void linear_part(const float* x, int64_t ldx, const WeightView& w, float* out, int64_t ldo, int64_t M, int part,
                  int parts);
 
+// simd.h's vector width for this variant: "avx512f", "avx2+fma" or "scalar" (elementwise.cpp)
+std::string simd_name();
+
 // linear_bf16.cpp: out = bf16(x) @ w^T for bfloat16 w, the products exact, the sums float32; on AMX where
 // compiled for it and the OS grants the tile state (amx_ready), else the float32 kernel on the rounded x.
-bool amx_compiled();  // built for AMX-BF16 (-march=native on such a CPU)
+bool amx_compiled();  // built for AMX-BF16 (the amx variant, or -march=native on such a CPU)
 bool amx_ready();     // ... and the OS granted the tile state (SOT_NO_AMX=1: never)
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, bool amx);
 // linear_int8.cpp: out = x @ w^T at int8 precision for int8 w with a scale per 32 weights of a row: x quantized per
@@ -161,4 +168,6 @@ class DecodeLayers {
   std::mutex mu_;  // one step at a time (the buffers are reused)
 };
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END
+
+#endif  // SOT_OPS_H

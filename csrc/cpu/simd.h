@@ -1,6 +1,6 @@
-// The few SIMD primitives the CPU kernels share, for the widest ISA the compiler targets
-// (-march=native: built on the machine it runs on): AVX-512F (16 lanes), else AVX2+FMA (8 lanes),
-// else none (kLanes == 0: every kernel's scalar tail loop then does all the work).
+// The few SIMD primitives the CPU kernels share, for the widest ISA this variant targets (target.h):
+// AVX-512F (16 lanes), else AVX2+FMA (8 lanes), else none (kLanes == 0: every kernel's scalar tail loop then
+// does all the work).
 //
 //   vf                    a vector of kLanes floats
 //   vload(p)              kLanes weights at p as floats: float, bf16 (exact: << 16) or int8 (exact)
@@ -10,6 +10,8 @@
 // IEEE fp32 throughout (no -ffast-math).
 #pragma once
 
+#include "target.h"
+
 #include <c10/util/BFloat16.h>
 
 #include <cmath>
@@ -17,11 +19,11 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(SOT_HAS_AVX2)
 #include <immintrin.h>
 #endif
 
-namespace sot_cpu {
+SOT_NAMESPACE_BEGIN
 
 using bf16 = c10::BFloat16;
 
@@ -29,7 +31,7 @@ inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 
-#if defined(__AVX512F__)
+#if defined(SOT_HAS_AVX512)
 #define SOT_SIMD "avx512f"
 #define SOT_SIMD_VECTOR 1
 constexpr int kLanes = 16;
@@ -74,7 +76,7 @@ inline vf vselect_lt(vf x, float lo, vf v, float fill) {  // x < lo ? fill : v
 inline vf vselect_gt(vf x, float hi, vf v, float fill) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset1(hi), _CMP_GT_OQ), v, vset1(fill));
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(SOT_HAS_AVX2)
 #define SOT_SIMD "avx2+fma"
 #define SOT_SIMD_VECTOR 1
 constexpr int kLanes = 8;
@@ -214,4 +216,4 @@ inline float exp_shift_sum(float* x, int64_t n, float m) {
   return s;
 }
 
-}  // namespace sot_cpu
+SOT_NAMESPACE_END

