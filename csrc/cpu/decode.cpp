@@ -35,6 +35,7 @@ WeightView rows(const WeightView& w, int64_t a, int64_t b) {
   WeightView r = w;
   r.data = static_cast<const char*>(w.data) + a * w.row_bytes();
   r.scale = w.scale ? w.scale + a * w.scale_row() : nullptr;
+  r.hscale = w.hscale ? w.hscale + a * w.scale_row() : nullptr;
   r.N = b - a;
   return r;
 }

@@ -184,16 +184,20 @@ bool is_storage(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16
 WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   const bool q4 = w.scalar_type() == at::kByte;
   if (w.dim() == 3) {  // packed: [N / 8, K / 32, 8 * B] with scale [N / 8, K / 32, S, 8]
+    const bool half = scale.has_value() && scale->scalar_type() == at::kHalf;
     TORCH_CHECK((q4 || w.scalar_type() == at::kChar) && w.device().is_cpu() && w.is_contiguous() &&
-                    w.size(2) == (q4 ? 128 : 256) && scale.has_value() && scale->scalar_type() == at::kFloat &&
-                    scale->dim() == 4 && scale->size(0) == w.size(0) && scale->size(1) == w.size(1) &&
-                    scale->size(3) == 8 && (scale->size(2) == 2 || (!q4 && scale->size(2) == 4)) &&
-                    scale->is_contiguous() && scale->device().is_cpu(),
+                    w.size(2) == (q4 ? 128 : 256) && scale.has_value() &&
+                    (scale->scalar_type() == at::kFloat || (q4 && half)) && scale->dim() == 4 &&
+                    scale->size(0) == w.size(0) && scale->size(1) == w.size(1) && scale->size(3) == 8 &&
+                    (scale->size(2) == 2 || (!q4 && scale->size(2) == 4)) && scale->is_contiguous() &&
+                    scale->device().is_cpu(),
                 "linear: packed weights [N / 8, K / 32, 256 int8 or 128 uint8] need scale [N / 8, K / 32, S, 8] "
-                "float32 (S = 2, or 4 for int8 with a scale per 16)");
-    WeightView v{w.data_ptr(), w.scalar_type(), scale->data_ptr<float>(), w.size(1), 8 * w.size(0), 32 * w.size(1)};
+                "float32 (S = 2, or 4 for int8 with a scale per 16; 4-bit: float16 too)");
+    WeightView v{w.data_ptr(), w.scalar_type(), half ? nullptr : scale->data_ptr<float>(), w.size(1), 8 * w.size(0),
+                 32 * w.size(1)};
     v.packed = v.int8_act = true;
     v.S = scale->size(2);
+    if (half) v.hscale = reinterpret_cast<const uint16_t*>(scale->data_ptr<at::Half>());
     return v;
   }
   TORCH_CHECK(w.dim() == 2 && (is_storage(w.scalar_type()) || q4) && w.device().is_cpu() && w.is_contiguous(),

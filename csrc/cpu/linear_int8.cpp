@@ -23,6 +23,8 @@
 // instruction against x's 4 bytes broadcast adds them into 8 int32 lanes, one per row. A group's 8 rows then end in
 // one vector: one conversion and one multiply-add by the 8 rows' scales for 256 products, where the row-major tiles
 // above spend a conversion and a multiply-add on each row's 32. What a decode step of several rows is bound by.
+// Packed 4-bit blocks keep the file's float16 scales and mins where they are float16 values (Q4_0, Q4_1; kP4F16, widened
+// by vcvtph2ps): a group's 8 rows then read 160 bytes instead of 192.
 // VNNI multiplies int8 weights as (x + 128) . w (x's bytes xor 0x80: unsigned) minus 128 times the group's weight sum,
 // stored beside the scales; AVX2 keeps the sign trick. 4-bit values sum as int16 across a group on AVX2 (8 pairs of
 // at most 2 * 15 * 127 stay below 2^15).
@@ -35,6 +37,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+#include <c10/util/Half.h>
 
 #include <atomic>
 #include <cmath>
@@ -62,7 +65,9 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512vnni"};
 
 // The weight layouts; a kernel is compiled for each
-enum Fmt : int { kI8G32 = 0, kI8G16 = 1, kQ4 = 2, kP8 = 3, kP8H = 4, kP4 = 5 };  // kP*: packed
+// kP*: packed; kP4F16: packed 4-bit with float16 scales and mins (what Q4_0 / Q4_1 files hold: 2 bytes a group less)
+enum Fmt : int { kI8G32 = 0, kI8G16 = 1, kQ4 = 2, kP8 = 3, kP8H = 4, kP4 = 5, kP4F16 = 6 };
+constexpr bool four_bit(int F) { return F == kQ4 || F == kP4 || F == kP4F16; }
 
 int detect_isa() {
 #if defined(SOT_X86)
@@ -104,15 +109,16 @@ struct Rows {
   const uint8_t* data;
   const float* scale;
   int64_t row_bytes, scale_row;
+  const uint16_t* hscale;  // kP4F16: float16 scales and mins instead
 };
 
 Fmt fmt_of(const WeightView& w) {
-  if (w.packed) return w.dtype == at::kByte ? kP4 : (w.S == 4 ? kP8H : kP8);
+  if (w.packed) return w.dtype == at::kByte ? (w.hscale ? kP4F16 : kP4) : (w.S == 4 ? kP8H : kP8);
   return w.dtype == at::kByte ? kQ4 : (w.G * kGroup == w.K ? kI8G32 : kI8G16);
 }
 
 Rows rows_of(const WeightView& w) {
-  return {static_cast<const uint8_t*>(w.data), w.scale, w.row_bytes(), w.scale_row()};
+  return {static_cast<const uint8_t*>(w.data), w.scale, w.row_bytes(), w.scale_row(), w.hscale};
 }
 
 // ---------------------------------------------------------------- scalar: the portable path
@@ -273,7 +279,7 @@ void rows_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1,
 // weight k of row r of group g in a packed block (q: the block's bytes, 8 * B a group)
 template <int F>
 inline int32_t packed_weight(const uint8_t* q, int64_t g, int r, int k) {
-  if constexpr (F == kP4) {
+  if constexpr (four_bit(F)) {
     const uint8_t b = q[g * 128 + ((k % 16) / 4) * 32 + r * 4 + k % 4];
     return k < 16 ? (b & 0x0F) : (b >> 4);
   } else {
@@ -286,7 +292,13 @@ void packed_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
   const int64_t G = a.G, S = F == kP8H ? 4 : 2;
   for (int64_t b = n0 / 8; b < n1 / 8; ++b) {
     const uint8_t* q = w.data + b * 8 * w.row_bytes;
-    const float* sc = w.scale + b * 8 * w.scale_row;  // [G, S, 8]
+    const int64_t at = b * 8 * w.scale_row;  // [G, S, 8] from here
+    auto scale = [&](int64_t i) {
+      if constexpr (F == kP4F16)
+        return c10::detail::fp16_ieee_to_fp32_value(w.hscale[at + i]);
+      else
+        return w.scale[at + i];
+    };
     for (int64_t m = 0; m < M; ++m)
       for (int r = 0; r < 8; ++r) {
         float acc = 0.f;
@@ -294,12 +306,13 @@ void packed_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
           int32_t s0 = 0, s1 = 0;
           for (int k = 0; k < kGroup; ++k)
             (k < 16 ? s0 : s1) += int32_t(a.q[m * a.K + g * kGroup + k]) * packed_weight<F>(q, g, r, k);
-          const float sx = a.s[m * G + g], *sg = sc + g * S * 8;
+          const float sx = a.s[m * G + g];
+          const int64_t sg = g * S * 8;
           if constexpr (F == kP8H)
-            acc += sx * sg[r] * static_cast<float>(s0) + sx * sg[8 + r] * static_cast<float>(s1);
+            acc += sx * scale(sg + r) * static_cast<float>(s0) + sx * scale(sg + 8 + r) * static_cast<float>(s1);
           else
-            acc += sx * sg[r] * static_cast<float>(s0 + s1);
-          if constexpr (F == kP4) acc += sg[8 + r] * a.sum[m * G + g];
+            acc += sx * scale(sg + r) * static_cast<float>(s0 + s1);
+          if constexpr (four_bit(F)) acc += scale(sg + 8 + r) * a.sum[m * G + g];
         }
         out[m * ldo + b * 8 + r] = acc;
       }
@@ -321,16 +334,18 @@ constexpr auto kHint = SOT_PACKED_HINT;
 // MR rows of x against one packed block of 8 weight rows: 8 outputs a row, stored as one vector
 #define SOT_PACKED_TILE(NAME, TARGET, VNNI)                                                                            \
   template <int MR, int F>                                                                                            \
-  __attribute__((target(TARGET))) void NAME(const Act& a, int64_t m0, const uint8_t* q, const float* sc, float* out,  \
+  __attribute__((target(TARGET))) void NAME(const Act& a, int64_t m0, const uint8_t* q, const void* sc, float* out,   \
                                             int64_t ldo) {                                                            \
     constexpr int S = F == kP8H ? 4 : 2;                                                                              \
+    constexpr bool Q4 = four_bit(F), H = F == kP4F16;                                                                 \
+    constexpr int64_t kScaleBytes = S * 8 * (H ? 2 : 4), kWeightBytes = Q4 ? 128 : 256; /* a group's */               \
     const int64_t G = a.G, K = a.K;                                                                                   \
     __m256 acc[MR];                                                                                                   \
     for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();                                                        \
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
     for (int64_t g = 0; g < G; ++g) {                                                                                 \
       __m256i wv[8];                                                                                                  \
-      if constexpr (F == kP4) {                                                                                       \
+      if constexpr (Q4) {                                                                                             \
         const uint8_t* p = q + g * 128;                                                                               \
         for (int l = 0; l < 128; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPackedAhead + l, kHint);   \
         for (int c = 0; c < 4; ++c) {                                                                                 \
@@ -343,19 +358,27 @@ constexpr auto kHint = SOT_PACKED_HINT;
         for (int l = 0; l < 256; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPackedAhead + l, kHint);   \
         for (int c = 0; c < 8; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));         \
       }                                                                                                               \
-      const float* sg = sc + g * S * 8;                                                                               \
-      _mm_prefetch(reinterpret_cast<const char*>(sg) + kPackedAhead / 2, kHint);                                      \
-      if constexpr (S == 4) _mm_prefetch(reinterpret_cast<const char*>(sg) + kPackedAhead / 2 + 64, kHint);           \
-      const __m256 d0 = _mm256_loadu_ps(sg), d1 = _mm256_loadu_ps(sg + 8);                                            \
+      /* the scales' bytes as far ahead (in groups) as the weights' */                                                \
+      const char* sgb = static_cast<const char*>(sc) + g * kScaleBytes;                                               \
+      for (int l = 0; l < kScaleBytes; l += 64)                                                                       \
+        _mm_prefetch(sgb + kPackedAhead * kScaleBytes / kWeightBytes + l, kHint);                                     \
+      const float* sg = reinterpret_cast<const float*>(sgb);                                                          \
+      __m256 d0, d1;                                                                                                  \
+      if constexpr (H) {                                                                                              \
+        d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sgb)));                                 \
+        d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sgb + 16)));                            \
+      } else {                                                                                                        \
+        d0 = _mm256_loadu_ps(sg), d1 = _mm256_loadu_ps(sg + 8);                                                       \
+      }                                                                                                               \
       __m256i corr0 = _mm256_setzero_si256(), corr1 = _mm256_setzero_si256();                                         \
-      if constexpr (VNNI && F != kP4) { /* 128 * the (half-)group's weight sums */                                   \
+      if constexpr (VNNI && !Q4) { /* 128 * the (half-)group's weight sums */                                        \
         corr0 = _mm256_slli_epi32(_mm256_cvtps_epi32(_mm256_loadu_ps(sg + (F == kP8H ? 16 : 8))), 7);                 \
         if constexpr (F == kP8H) corr1 = _mm256_slli_epi32(_mm256_cvtps_epi32(_mm256_loadu_ps(sg + 24)), 7);         \
       }                                                                                                               \
       /* c outer, rows inner: MR independent chains of multiply-adds (one row's 8 would wait on each other) */    \
       __m256i s0[MR], s1[MR];                                                                                         \
       for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm256_setzero_si256();                                            \
-      const int8_t* xg = (VNNI && F != kP4 ? reinterpret_cast<const int8_t*>(a.u) : a.q) + m0 * K + g * kGroup;       \
+      const int8_t* xg = (VNNI && !Q4 ? reinterpret_cast<const int8_t*>(a.u) : a.q) + m0 * K + g * kGroup;            \
       for (int c = 0; c < 8; ++c)                                                                                     \
         for (int i = 0; i < MR; ++i) {                                                                                \
           int32_t word;                                                                                               \
@@ -363,8 +386,8 @@ constexpr auto kHint = SOT_PACKED_HINT;
           const __m256i xb = _mm256_set1_epi32(word);                                                                 \
           __m256i& s = (F == kP8H && c >= 4) ? s1[i] : s0[i];                                                         \
           if constexpr (VNNI) {                                                                                       \
-            s = F == kP4 ? _mm256_dpbusd_epi32(s, wv[c], xb) : _mm256_dpbusd_epi32(s, xb, wv[c]);                     \
-          } else if constexpr (F == kP4) { /* int16 sums: 8 pairs of at most 2 * 15 * 127 */                         \
+            s = Q4 ? _mm256_dpbusd_epi32(s, wv[c], xb) : _mm256_dpbusd_epi32(s, xb, wv[c]);                           \
+          } else if constexpr (Q4) { /* int16 sums: 8 pairs of at most 2 * 15 * 127 */                               \
             s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], xb));                                                 \
           } else {                                                                                                    \
             s = _mm256_add_epi32(s, _mm256_madd_epi16(                                                                \
@@ -373,15 +396,15 @@ constexpr auto kHint = SOT_PACKED_HINT;
         }                                                                                                             \
       for (int i = 0; i < MR; ++i) {                                                                                  \
         __m256i t0 = s0[i], t1 = s1[i];                                                                               \
-        if constexpr (!VNNI && F == kP4) t0 = _mm256_madd_epi16(t0, ones);                                            \
-        if constexpr (VNNI && F != kP4) {                                                                             \
+        if constexpr (!VNNI && Q4) t0 = _mm256_madd_epi16(t0, ones);                                                  \
+        if constexpr (VNNI && !Q4) {                                                                                  \
           t0 = _mm256_sub_epi32(t0, corr0);                                                                           \
           if constexpr (F == kP8H) t1 = _mm256_sub_epi32(t1, corr1);                                                  \
         }                                                                                                             \
         const __m256 sx = _mm256_set1_ps(a.s[(m0 + i) * G + g]);                                                     \
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d0, sx), acc[i]);                              \
         if constexpr (F == kP8H) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(d1, sx), acc[i]);     \
-        if constexpr (F == kP4) acc[i] = _mm256_fmadd_ps(d1, _mm256_set1_ps(a.sum[(m0 + i) * G + g]), acc[i]);        \
+        if constexpr (Q4) acc[i] = _mm256_fmadd_ps(d1, _mm256_set1_ps(a.sum[(m0 + i) * G + g]), acc[i]);              \
       }                                                                                                               \
     }                                                                                                                 \
     for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + i * ldo, acc[i]);                                             \
@@ -397,7 +420,8 @@ template <int MR, int F, bool kVnni>
 void packed_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   for (int64_t b = n0 / 8; b < n1 / 8; ++b) {
     const uint8_t* q = w.data + b * 8 * w.row_bytes;
-    const float* sc = w.scale + b * 8 * w.scale_row;
+    const void* sc = F == kP4F16 ? static_cast<const void*>(w.hscale + b * 8 * w.scale_row)
+                                 : static_cast<const void*>(w.scale + b * 8 * w.scale_row);
     int64_t m = 0;
     auto run = [&](auto mr) {
       constexpr int R = decltype(mr)::value;
@@ -449,6 +473,7 @@ void rows_isa(int isa, const Act& a, int64_t M, const WeightView& wv, int64_t n0
   const Rows w = rows_of(wv);
   switch (fmt_of(wv)) {
     case kP4: return rows_fmt<kP4>(isa, a, M, w, n0, n1, out, ldo);
+    case kP4F16: return rows_fmt<kP4F16>(isa, a, M, w, n0, n1, out, ldo);
     case kP8: return rows_fmt<kP8>(isa, a, M, w, n0, n1, out, ldo);
     case kP8H: return rows_fmt<kP8H>(isa, a, M, w, n0, n1, out, ldo);
     case kQ4: return rows_fmt<kQ4>(isa, a, M, w, n0, n1, out, ldo);

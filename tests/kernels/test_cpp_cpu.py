@@ -355,14 +355,19 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
     if storage in ("bf16-matmul", "int8-matmul"):
         return LlamaModel(cfg, w, backend, None, storage.split("-")[0])
     if storage == "gguf":
-        from sot_engine.kernels.weights import quantize_int8
+        from sot_engine.kernels.weights import Q4Weight, quantize_int8
         from tests.kernels.test_quant_matmul import quantize_q4
+
+        def q4(t: torch.Tensor, f16: bool) -> Q4Weight:
+            """f16: float16 scales and mins, a Q4_1 file's (packed, they stay float16); else float32 (Q4_K's)"""
+            q = quantize_q4(t)
+            return replace(q, scale_min=q.scale_min.half().float()) if f16 else q
         for i in range(3):
             p = f"model.layers.{i}."
             for n in ("q", "k", "v"):
-                w[p + f"self_attn.{n}_proj.weight"] = quantize_q4(w[p + f"self_attn.{n}_proj.weight"])
+                w[p + f"self_attn.{n}_proj.weight"] = q4(w[p + f"self_attn.{n}_proj.weight"], i == 0)
             for n in ("gate", "up"):
-                w[p + f"mlp.{n}_proj.weight"] = quantize_q4(w[p + f"mlp.{n}_proj.weight"])
+                w[p + f"mlp.{n}_proj.weight"] = q4(w[p + f"mlp.{n}_proj.weight"], i == 0)
             w[p + "self_attn.o_proj.weight"] = replace(quantize_int8(w[p + "self_attn.o_proj.weight"]), int8_act=True)
             w[p + "mlp.down_proj.weight"] = replace(quantize_int8(w[p + "mlp.down_proj.weight"], 16), int8_act=True)
     return LlamaModel(cfg, w, backend, storage)

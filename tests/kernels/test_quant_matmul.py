@@ -38,9 +38,10 @@ def quantize_q4(w: torch.Tensor) -> Q4Weight:
     return Q4Weight((v[:, :, :16] | (v[:, :, 16:] << 4)).reshape(n, k // 2), torch.stack([d, lo], 1))
 
 
-def random_q4(n: int, k: int, g: torch.Generator) -> Q4Weight:
-    return Q4Weight(torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
-                    torch.stack([torch.rand(n, k // 32, generator=g) * 0.02, torch.randn(n, k // 32, generator=g) * 0.1], 1))
+def random_q4(n: int, k: int, g: torch.Generator, f16: bool = False) -> Q4Weight:
+    """f16: scales and mins that are float16 values, as a Q4_0 / Q4_1 file's (packed, they stay float16)."""
+    sm = torch.stack([torch.rand(n, k // 32, generator=g) * 0.02, torch.randn(n, k // 32, generator=g) * 0.1], 1)
+    return Q4Weight(torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8), sm.half().float() if f16 else sm)
 
 
 def test_q4_layout_and_reference():
@@ -118,18 +119,29 @@ def random_int8(n: int, k: int, g: torch.Generator, per16: bool = False) -> Int8
                       torch.rand(n, k // (16 if per16 else 32), generator=g) * 0.01, int8_act=True)
 
 
-@pytest.mark.parametrize("kind", ["q4", "int8", "int8/16"])
+def weight_of(kind: str, n: int, k: int, g: torch.Generator) -> Q4Weight | Int8Weight:
+    """"q4": float32 scales and mins (Q4_K's products); "q4/f16": float16 ones (Q4_0, Q4_1); "int8": a scale per 32
+    (Q8_0); "int8/16": per 16 (Q6_K)."""
+    if kind.startswith("q4"):
+        return random_q4(n, k, g, f16=kind == "q4/f16")
+    return random_int8(n, k, g, per16=kind == "int8/16")
+
+
+@pytest.mark.parametrize("kind", ["q4", "q4/f16", "int8", "int8/16"])
 def test_pack_round_trip(kind):
     g = torch.Generator().manual_seed(7)
-    w = random_q4(48, 96, g) if kind == "q4" else random_int8(48, 96, g, per16=kind == "int8/16")
+    w = weight_of(kind, 48, 96, g)
     p = pack(w)
     assert isinstance(p, PackedWeight) and p.shape == w.shape and p.q.shape[:2] == (6, 3)
+    assert p.scale.dtype == (torch.float16 if kind == "q4/f16" else torch.float32)
     u = p.unpack()
+    q4 = kind.startswith("q4")
     assert type(u) is type(w) and all(torch.equal(a, b) for a, b in zip(
-        (u.q, u.scale_min if kind == "q4" else u.scale), (w.q, w.scale_min if kind == "q4" else w.scale)))
+        (u.q, u.scale_min if q4 else u.scale), (w.q, w.scale_min if q4 else w.scale)))
+    assert (u.scale_min if q4 else u.scale).dtype == torch.float32
     rows = torch.tensor([47, 0, 9, 9, 31])
     assert torch.equal(p.dequantize(rows=rows), w.dequantize(rows=rows))
-    if kind != "q4":  # the weight sums VNNI's offset trick subtracts
+    if not q4:  # the weight sums VNNI's offset trick subtracts
         sums = p.scale[:, :, p.scale.shape[2] // 2:].permute(0, 3, 1, 2).reshape(48, -1)
         assert torch.equal(sums, w.q.view(48, sums.shape[1], -1).sum(2).float())
     # not packed: rows not in 16s, float activations, other storage
@@ -138,22 +150,27 @@ def test_pack_round_trip(kind):
 
 
 @needs_cpp
-@pytest.mark.parametrize("kind", ["q4", "int8", "int8/16"])
+@pytest.mark.parametrize("kind", ["q4", "q4/f16", "int8", "int8/16"])
 @pytest.mark.parametrize("m, n, k", [(1, 16, 32), (3, 48, 256), (8, 32, 576), (16, 16, 96)])
 def test_packed_kernels(isa, kind, m, n, k):
     """Unit scales first (the integer part, ==), then real ones against the float64 oracle."""
     g = torch.Generator().manual_seed(m * n + k)
     xi = torch.randint(-127, 128, (m, k), generator=g)
     xi.view(m, -1, 32)[:, :, 0] = 127
-    w = random_q4(n, k, g) if kind == "q4" else random_int8(n, k, g, per16=kind == "int8/16")
-    run = lambda x, p: (_cpp.linear_q4 if kind == "q4" else _cpp.linear_int8)(x, p.q, p.scale)  # noqa: E731
-    if kind == "q4":
+    w = weight_of(kind, n, k, g)
+    q4 = kind.startswith("q4")
+    run = lambda x, p: (_cpp.linear_q4 if q4 else _cpp.linear_int8)(x, p.q, p.scale)  # noqa: E731
+    if q4:
         unit = Q4Weight(w.q, torch.stack([torch.ones(n, k // 32), torch.zeros(n, k // 32)], 1))
         ints = unit.nibbles().long()
     else:
         unit = Int8Weight(w.q, torch.ones_like(w.scale), int8_act=True)
         ints = w.q.long()
-    assert torch.equal(run(xi.float(), pack(unit)), (xi.long() @ ints.T).float())
+    pu = pack(unit)
+    if q4:  # ones and zeros are float16 values: packed with float16 scales; "q4" runs the float32 ones
+        assert pu.scale.dtype == torch.float16
+        pu = pu if kind == "q4/f16" else PackedWeight(pu.q, pu.scale.float())
+    assert torch.equal(run(xi.float(), pu), (xi.long() @ ints.T).float())
     x = torch.randn(m, k, generator=g) * 3
     got, want = run(x, pack(w)), reference.linear(x.double(), w)
     xq, xs = quantize_activations_int8(x)
@@ -208,6 +225,8 @@ def test_decode_layers_on_gguf_layouts_match_the_layer_loop(lens, packed):
              for w in mats}
     assert kinds == {"Q4Weight", "Int8Weight", "Int8Weight16"}
     assert all(isinstance(w, PackedWeight) == packed for layer in model.layers for w in layer[1:3] + layer[4:6])
+    if packed:  # layer 0's 4-bit matrices have float16 scales (Q4_1), the others float32 (Q4_K)
+        assert {w.scale.dtype for w in (model.layers[0][1], model.layers[1][1])} == {torch.float16, torch.float32}
     got, want, *_ = fused_and_loop(model, lens, kvh, d, seed=6)
     # the same quantized products; a rounding flip of one activation's int8 value moves a layer by one step
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
