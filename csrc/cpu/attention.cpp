@@ -13,6 +13,7 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -299,6 +300,24 @@ void attend_task(const Paged& pg, const float* qp, const void* kp, const void* v
                  AttendScratch& scratch, int64_t window) {
   if (pg.bf16) return attend_rows<bf16>(pg, qp, kp, vp, op, sc, t, scratch, window);
   attend_rows<float>(pg, qp, kp, vp, op, sc, t, scratch, window);
+}
+
+void prefetch_task(const Paged& pg, const void* kp, const void* vp, int64_t t, int64_t window) {
+#if defined(SOT_SIMD_VECTOR)
+  static const bool off = std::getenv("SOT_NO_TASK_PREFETCH") != nullptr;
+  if (off || t >= pg.B * pg.KVH) return;
+  const int64_t s = t / pg.KVH, kh = t % pg.KVH, len = pg.lens.data_ptr<int64_t>()[s] - 1;  // the new row: not yet
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, len + 1 - window) : 0;
+  const int64_t* tp = pg.tables.data_ptr<int64_t>() + s * pg.max_blocks;
+  const int64_t es = pg.bf16 ? 2 : 4, row = pg.D * es;
+  for (int64_t p = lo; p < len; ++p) {
+    const int64_t at = ((tp[p / pg.BS] * pg.BS + p % pg.BS) * pg.KVH + kh) * pg.D * es;
+    prefetch_row(static_cast<const char*>(kp) + at, row, 1);
+    prefetch_row(static_cast<const char*>(vp) + at, row, 1);
+  }
+#else
+  (void)pg, (void)kp, (void)vp, (void)t, (void)window;
+#endif
 }
 
 void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,

@@ -174,12 +174,14 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       add_norm(l == 0 ? nullptr : xs, L.ln1);
+      if (ta < tb) prefetch_task(pg, k_[l], v_[l], ta, windows_[l]);  // streams in while the qkv matmul computes
       matmul_begin();
       linear_part(y, hidden_, L.qkv, qkv, nqkv, B, tid, parts);
       matmul_end();
       // a task's RoPE + store writes only what its own attention reads (its query heads, its sequence's slot of
       // its KV head: the last block, never shared), so one thread does both with no barrier between them
       for (int64_t t = ta; t < tb; ++t) {
+        if (t + 1 < tb) prefetch_task(pg, k_[l], v_[l], t + 1, windows_[l]);  // the next task's rows, while this runs
         rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
         attend_task(pg, q, k_[l], v_[l], o, scale_, t, ts.attn, windows_[l]);
       }

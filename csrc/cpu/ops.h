@@ -126,6 +126,9 @@ struct AttendScratch {
 // its slot of k_cache, v head kh copied into v_cache
 void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,
                      const int64_t* slots, float* q, void* k_cache, void* v_cache, int64_t s, int64_t kh);
+// task t's K/V rows of the context before the new token into L2 (the fused loop: the next task's while this one runs,
+// its first task's while the qkv matmul does); SOT_NO_TASK_PREFETCH=1 turns it off (A/B runs)
+void prefetch_task(const Paged& pg, const void* kp, const void* vp, int64_t t, int64_t window);
 // attention of row s's query heads of KV group kh (task t = s * KVH + kh): q, out [B, H, D]; over the context's
 // last `window` keys (0: all of it)
 void attend_task(const Paged& pg, const float* q, const void* k_cache, const void* v_cache, float* out, float scale,
