@@ -14,7 +14,8 @@ decode layer loop its matmul phases (each up to the barrier that ends it), which
 "gguf": the file's own Q4_1 / Q8_0 weights on integer dot products (`LLM(weight_dtype="gguf")`);
 "+kv-bf16": a bf16 K/V pool (`kv_cache_dtype="bf16"`).
 "Outside matmuls" is the share of the step spent in everything else (attention, norms, Python, sampling,
-scheduling). Each row records the instruction set the integer kernels ran on (`isa`).
+scheduling). Each row records the kernel variant and the instruction set the integer kernels ran on (`isa`;
+`SOT_CPU_VARIANT=avx2` runs what an AVX2-only machine runs).
 `--llama-cpp` adds llama.cpp on the same file and prompt ids (`sot_engine.sot.llamacpp`, the `llamacpp` extra): a step is
 one `llama_decode` of B tokens, one per parallel sequence, plus the argmaxes. Transformers (fp32 only):
 `generate` on the same left-padded batch, (time for prefill + N tokens - time for prefill + 1 token)
@@ -106,8 +107,9 @@ def transformers_ms(path, tok_chats, batch: int, steps: int) -> float | None:
 
 
 def _cpp_isa() -> str:
+    """The kernel variant the cpp backend runs (csrc/cpu/target.h) and the integer kernels' instruction set."""
     from sot_engine.kernels import _cpp
-    return _cpp.int8_isa()
+    return f"{_cpp.VARIANT} (int8: {_cpp.int8_isa()})"
 
 
 def main() -> None:

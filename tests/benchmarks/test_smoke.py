@@ -35,8 +35,9 @@ def test_decode_cpu_quick(tmp_path):
     from benchmarks.report import decode_cpu_table  # the README table renders from it
     table = decode_cpu_table(tmp_path / "cpu" / "decode_cpu_quick.json").splitlines()
     rows = [line for line in table if line.startswith("| cpp") or line.startswith("| torch")]
-    isas = {"scalar", "avx2", "avx512vnni"}
-    assert all(row["isa"] in isas for row in d["rows"])  # what the integer kernels ran on
+    from sot_engine.kernels import _cpp
+    isas = {f"{v} (int8: {i})" for v in _cpp.COMPILED_VARIANTS for i in ("scalar", "avx2", "avx512vnni")}
+    assert all(row["isa"] in isas for row in d["rows"])  # the kernel variant, what the integer kernels ran on
     cells = [[c.strip() for c in line.split("|")[2:5]] for line in rows]  # weights, isa, batch
     assert len(rows) == 6 and cells[3][0::2] == ["int8", "2"] and cells[3][1] in isas and "llama.cpp" in table[-1]
     assert cells[-1][0::2] == ["bf16-matmul, kv bf16", "2"]
