@@ -58,10 +58,11 @@ VARIANT_HAS = {"generic": [], "avx2": ["AVX2"], "avx512": ["AVX2", "AVX512"], "a
 
 
 def _is_gcc() -> bool:
+    import shlex
     import subprocess
-    cxx = os.environ.get("CXX", "c++")
+    cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
     try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return False
     return "Free Software Foundation" in out and "clang" not in out.lower()

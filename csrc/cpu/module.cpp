@@ -121,11 +121,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   if (const char* want = std::getenv("SOT_CPU_VARIANT"); want && *want) {
     if (subs.contains(want))
       name = want;
-    else
-      PyErr_WarnEx(PyExc_RuntimeWarning,
-                   ("SOT_CPU_VARIANT=" + std::string(want) + ": not a kernel variant this CPU runs; using " + name)
-                       .c_str(),
-                   1);
+    else if (PyErr_WarnEx(PyExc_RuntimeWarning,
+                          ("SOT_CPU_VARIANT=" + std::string(want) + ": not a kernel variant this CPU runs; using " +
+                           name).c_str(),
+                          1) < 0)
+      throw py::error_already_set();  // warnings turned into errors
   }
   py::module_ chosen = subs[py::str(name)];
   for (auto item : chosen.attr("__dict__").cast<py::dict>())
