@@ -116,10 +116,20 @@ class PackedWeight:
         return Int8Weight(w, sc[:, :, :halves].permute(0, 3, 1, 2).reshape(8 * b, g * halves), int8_act=True)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if rows is None:
-            return self.unpack().dequantize(dtype)
-        blocks, at = torch.unique(rows // 8, return_inverse=True)  # only the blocks the rows are in
-        return self.unpack(blocks).dequantize(dtype, rows=at * 8 + rows % 8)
+        return (self.unpack() if rows is None else self.gather(rows)).dequantize(dtype)
+
+    def gather(self, rows: torch.Tensor) -> "Int8Weight | Q4Weight":
+        """Rows `rows` (any order, repeats allowed) as a row-major weight, picked straight out of their blocks: an
+        embedding lookup reads a few rows of a large table (unpacking their whole blocks cost ~0.3 ms a step)."""
+        b, r = rows // 8, rows % 8
+        g = self.q.shape[1]
+        sc = self.scale[b, :, :, r].float()  # [R, G, S]
+        if self.q.dtype == torch.uint8:  # bytes [R, G, p, j]: weights 4p + j (low nibble) and 16 + 4p + j (high)
+            q = self.q.view(-1, g, 4, 8, 4)[b, :, :, r, :]
+            return Q4Weight(q.reshape(len(rows), g * 16), sc.permute(0, 2, 1).contiguous())
+        halves = sc.shape[2] // 2
+        q = self.q.view(-1, g, 8, 8, 4)[b, :, :, r, :]  # [R, G, c, j]: weight 4c + j
+        return Int8Weight(q.reshape(len(rows), g * 32), sc[:, :, :halves].reshape(len(rows), g * halves), int8_act=True)
 
 
 def packable(w: "Weight") -> bool:

@@ -141,6 +141,10 @@ def test_pack_round_trip(kind):
     assert (u.scale_min if q4 else u.scale).dtype == torch.float32
     rows = torch.tensor([47, 0, 9, 9, 31])
     assert torch.equal(p.dequantize(rows=rows), w.dequantize(rows=rows))
+    picked = p.gather(rows)  # an embedding lookup: the rows straight out of their blocks
+    assert type(picked) is type(w) and torch.equal(picked.q, w.q[rows])
+    assert torch.equal(picked.scale_min if q4 else picked.scale, (w.scale_min if q4 else w.scale)[rows])
+    assert p.gather(rows[:0]).shape == (0, 96)
     if not q4:  # the weight sums VNNI's offset trick subtracts
         sums = p.scale[:, :, p.scale.shape[2] // 2:].permute(0, 3, 1, 2).reshape(48, -1)
         assert torch.equal(sums, w.q.view(48, sums.shape[1], -1).sum(2).float())
