@@ -227,14 +227,31 @@ void score_rows(const float* qg, int64_t G, int64_t D, const void* const* krows,
     for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(qg + g * D, static_cast<const T*>(krows[p]), D) * sc;
 }
 
+// The first context row task (s, ·) sees: a sliding window sees the last `window` keys, the rows before are never
+// listed, so never read
+inline int64_t first_visible(int64_t len, int64_t window) {
+  return window > 0 ? std::max<int64_t>(0, len - window) : 0;
+}
+
+// f(i, at) for the rows lo..end-1 of sequence s's context in KV head kh: i = p - lo, `at` the row's element offset in a
+// pool ([blocks, BS, KVH, D]; one place for the layout), walked block by block
+template <typename F>
+inline void for_each_row(const Paged& pg, int64_t s, int64_t kh, int64_t lo, int64_t end, F&& f) {
+  const int64_t BS = pg.BS, KVH = pg.KVH, D = pg.D;
+  const int64_t* tp = pg.tables.data_ptr<int64_t>() + s * pg.max_blocks;
+  for (int64_t p = lo; p < end;) {
+    const int64_t blk = p / BS, stop = std::min((blk + 1) * BS, end);
+    const int64_t base = (tp[blk] * BS * KVH + kh) * D;
+    for (; p < stop; ++p) f(p - lo, base + (p - blk * BS) * KVH * D);
+  }
+}
+
 template <typename T>
 void attend_rows(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc, int64_t t,
                  AttendScratch& scratch, int64_t window) {
-  const int64_t H = pg.H, D = pg.D, BS = pg.BS, KVH = pg.KVH, G = pg.G, max_blocks = pg.max_blocks;
-  const int64_t* tp = pg.tables.data_ptr<int64_t>();
+  const int64_t H = pg.H, D = pg.D, KVH = pg.KVH, G = pg.G;
   const int64_t s = t / KVH, kh = t % KVH, len = pg.lens.data_ptr<int64_t>()[s];
-  // a sliding window sees the last `window` keys: the rows before are never listed, so never read
-  const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0, ctx = len - lo;
+  const int64_t lo = first_visible(len, window), ctx = len - lo;
   if (static_cast<int64_t>(scratch.krows.size()) < ctx) {
     scratch.krows.resize(ctx);
     scratch.vrows.resize(ctx);
@@ -245,14 +262,10 @@ void attend_rows(const Paged& pg, const float* qp, const void* kp, const void* v
   float* scores = scratch.scores.data();
   const float* qg = qp + (s * H + kh * G) * D;  // G consecutive query heads
   float* og = op + (s * H + kh * G) * D;
-  for (int64_t p = lo; p < len;) {  // the visible rows, block by block
-    const int64_t blk = p / BS, end = std::min((blk + 1) * BS, len);
-    const int64_t base = (tp[s * max_blocks + blk] * BS * KVH + kh) * D;
-    for (; p < end; ++p) {
-      krows[p - lo] = static_cast<const T*>(kp) + base + (p - blk * BS) * KVH * D;
-      vrows[p - lo] = static_cast<const T*>(vp) + base + (p - blk * BS) * KVH * D;
-    }
-  }
+  for_each_row(pg, s, kh, lo, len, [&](int64_t i, int64_t at) {
+    krows[i] = static_cast<const T*>(kp) + at;
+    vrows[i] = static_cast<const T*>(vp) + at;
+  });
   score_rows<T>(qg, G, D, krows, vrows, ctx, sc, scores);
   float inv[64];  // G <= 64 (checked by check_paged)
   for (int64_t g = 0; g < G; ++g) {
@@ -306,15 +319,13 @@ void prefetch_task(const Paged& pg, const void* kp, const void* vp, int64_t t, i
 #if defined(SOT_SIMD_VECTOR)
   static const bool off = std::getenv("SOT_NO_TASK_PREFETCH") != nullptr;
   if (off || t >= pg.B * pg.KVH) return;
-  const int64_t s = t / pg.KVH, kh = t % pg.KVH, len = pg.lens.data_ptr<int64_t>()[s] - 1;  // the new row: not yet
-  const int64_t lo = window > 0 ? std::max<int64_t>(0, len + 1 - window) : 0;
-  const int64_t* tp = pg.tables.data_ptr<int64_t>() + s * pg.max_blocks;
+  const int64_t s = t / pg.KVH, kh = t % pg.KVH, len = pg.lens.data_ptr<int64_t>()[s];
   const int64_t es = pg.bf16 ? 2 : 4, row = pg.D * es;
-  for (int64_t p = lo; p < len; ++p) {
-    const int64_t at = ((tp[p / pg.BS] * pg.BS + p % pg.BS) * pg.KVH + kh) * pg.D * es;
-    prefetch_row(static_cast<const char*>(kp) + at, row, 1);
-    prefetch_row(static_cast<const char*>(vp) + at, row, 1);
-  }
+  // the rows attend_rows reads but the new one (stored after this)
+  for_each_row(pg, s, kh, first_visible(len, window), len - 1, [&](int64_t, int64_t at) {
+    prefetch_row(static_cast<const char*>(kp) + at * es, row, 1);
+    prefetch_row(static_cast<const char*>(vp) + at * es, row, 1);
+  });
 #else
   (void)pg, (void)kp, (void)vp, (void)t, (void)window;
 #endif
