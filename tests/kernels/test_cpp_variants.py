@@ -10,13 +10,10 @@ import sys
 
 import pytest
 
-try:
-    from sot_engine.kernels import _cpp
-except ImportError as e:
-    _cpp, _why = None, f"C++ extension sot_engine.kernels._cpp not built ({e})"
-else:
-    _why = ""
-pytestmark = pytest.mark.skipif(_cpp is None, reason=_why or "built")
+from tests.kernels.test_cpp_cpu import MODULE as _cpp  # the module itself, not a variant's submodule
+from tests.kernels.test_cpp_cpu import needs_cpp
+
+pytestmark = needs_cpp
 
 
 def test_amx_is_used_where_the_cpu_has_it():

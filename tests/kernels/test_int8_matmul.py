@@ -81,12 +81,20 @@ def test_matches_float64_on_the_quantized_values(isa, m, n, k):
     x = torch.randn(m, k, generator=g) * 3
     w = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
     w = Int8Weight(w.q, w.scale, int8_act=True)
-    want = reference.linear(x.double(), w)  # x quantized as float32 does, then float64 sums
+    for got in (_cpp.linear_int8(x, w.q, w.scale), _cpp.linear_int8(x[:, None].expand(m, 2, k)[:, 0], w.q, w.scale)):
+        assert_within_float32_rounding(got, x, w)
+
+
+def assert_within_float32_rounding(got: torch.Tensor, x: torch.Tensor, w) -> None:
+    """got (an int8-precision kernel's x @ w^T) within 1e-6 of the float64 oracle on the same quantized values (x
+    quantized as float32 does, then float64 sums), relative to the sum of the terms' magnitudes: the scale of the
+    float32 rounding error."""
+    m, k = x.shape
+    want = reference.linear(x.double(), w)
     xq, xs = quantize_activations_int8(x)
     terms = (xq.double().view(m, -1, 32).abs() * xs.double()[:, :, None]).view(m, k) @ \
-        w.dequantize(torch.float64).abs().T  # the scale of the float32 rounding error
-    for got in (_cpp.linear_int8(x, w.q, w.scale), _cpp.linear_int8(x[:, None].expand(m, 2, k)[:, 0], w.q, w.scale)):
-        assert ((got.double() - want).abs() <= 1e-6 * terms + 1e-30).all()
+        w.dequantize(torch.float64).abs().T
+    assert ((got.double() - want).abs() <= 1e-6 * terms + 1e-30).all()
 
 
 @needs_cpp

@@ -20,7 +20,8 @@ import torch
 from sot_engine.kernels import reference
 from sot_engine.kernels.weights import (Int8Weight, PackedWeight, Q4Weight, cat_rows, pack, quantize_activations_int8,
                                         quantize_int8)
-from tests.kernels.test_int8_matmul import isa, needs_cpp  # noqa: F401 - the fixture, per instruction set
+from tests.kernels.test_int8_matmul import assert_within_float32_rounding, needs_cpp
+from tests.kernels.test_int8_matmul import isa  # noqa: F401 - the fixture, per instruction set
 
 try:
     from sot_engine.kernels import _cpp
@@ -41,7 +42,8 @@ def quantize_q4(w: torch.Tensor) -> Q4Weight:
 def random_q4(n: int, k: int, g: torch.Generator, f16: bool = False) -> Q4Weight:
     """f16: scales and mins that are float16 values, as a Q4_0 / Q4_1 file's (packed, they stay float16)."""
     sm = torch.stack([torch.rand(n, k // 32, generator=g) * 0.02, torch.randn(n, k // 32, generator=g) * 0.1], 1)
-    return Q4Weight(torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8), sm.half().float() if f16 else sm)
+    q = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    return Q4Weight(q, sm.half().float() if f16 else sm)
 
 
 def test_q4_layout_and_reference():
@@ -105,12 +107,8 @@ def test_match_float64_on_the_quantized_values(isa, m, n, k):
     w4 = random_q4(n, k, g)
     w16 = Int8Weight(torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8),
                      torch.rand(n, k // 16, generator=g) * 0.01, int8_act=True)
-    xq, xs = quantize_activations_int8(x)
-    xa = (xq.double().view(m, -1, 32).abs() * xs.double()[:, :, None]).view(m, k)
     for w, got in ((w4, _cpp.linear_q4(x, w4.q, w4.scale_min)), (w16, _cpp.linear_int8(x, w16.q, w16.scale))):
-        want = reference.linear(x.double(), w)
-        terms = xa @ w.dequantize(torch.float64).abs().T  # the scale of float32's rounding error
-        assert ((got.double() - want).abs() <= 1e-6 * terms + 1e-30).all()
+        assert_within_float32_rounding(got, x, w)
 
 
 def random_int8(n: int, k: int, g: torch.Generator, per16: bool = False) -> Int8Weight:
@@ -176,11 +174,7 @@ def test_packed_kernels(isa, kind, m, n, k):
         pu = pu if kind == "q4/f16" else PackedWeight(pu.q, pu.scale.float())
     assert torch.equal(run(xi.float(), pu), (xi.long() @ ints.T).float())
     x = torch.randn(m, k, generator=g) * 3
-    got, want = run(x, pack(w)), reference.linear(x.double(), w)
-    xq, xs = quantize_activations_int8(x)
-    terms = (xq.double().view(m, -1, 32).abs() * xs.double()[:, :, None]).view(m, k) @ \
-        w.dequantize(torch.float64).abs().T
-    assert ((got.double() - want).abs() <= 1e-6 * terms + 1e-30).all()
+    assert_within_float32_rounding(run(x, pack(w)), x, w)
 
 
 @needs_cpp
