@@ -23,8 +23,8 @@
 // instruction against x's 4 bytes broadcast adds them into 8 int32 lanes, one per row. A group's 8 rows then end in
 // one vector: one conversion and one multiply-add by the 8 rows' scales for 256 products, where the row-major tiles
 // above spend a conversion and a multiply-add on each row's 32. What a decode step of several rows is bound by.
-// Packed 4-bit blocks keep the file's float16 scales and mins where they are float16 values (Q4_0, Q4_1; kP4F16, widened
-// by vcvtph2ps): a group's 8 rows then read 160 bytes instead of 192.
+// Packed 4-bit blocks keep the file's float16 scales and mins where they are float16 values (Q4_0, Q4_1; kP4F16,
+// widened by vcvtph2ps): a group's 8 rows then read 160 bytes instead of 192.
 // VNNI multiplies int8 weights as (x + 128) . w (x's bytes xor 0x80: unsigned) minus 128 times the group's weight sum,
 // stored beside the scales; AVX2 keeps the sign trick. 4-bit values sum as int16 across a group on AVX2 (8 pairs of
 // at most 2 * 15 * 127 stay below 2^15).
