@@ -6,6 +6,12 @@
 // softmax per head, and the weighted sums of the V rows for several heads at once (weighted_all: each V row read
 // once per pass). Measured with SmolLM2's shapes (G = 3, D = 64, bf16 pool), 240 contexts of 60 tokens in L2, one
 // thread: 1.5-1.6 ms with one head's 4 chains at a time and a scalar max, 1.1-1.2 ms now.
+//
+// Where one task a (sequence, KV head) would read a shared prefix once per sequence, or leave threads idle (one
+// long sequence has KVH tasks), the batch is cut into parts instead (plan_attention): a prefix group's K/V rows once
+// against all its members' queries (cascade), long contexts in chunks, each part's output merged by log-sum-exp.
+// Prefill (paged_prefill_attention) is the same span kernel over blocks of 16 new tokens, each token's causal (and
+// window) limit a mask over the span its block reads.
 #include "ops.h"
 #include "simd.h"
 
@@ -13,13 +19,24 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 SOT_NAMESPACE_BEGIN
 namespace {
+
+// plan_attention: a prefix group shares at least this many rows (below it the plain tasks do as well on a CPU:
+// measured with SmolLM2's shapes, 8 sequences on 2 threads, the attention of a step took 1.5 / 1.1 ms with / without
+// cascade at 40 shared tokens, 1.8 / 1.7 at 130, 3.1 / 3.5 at 300, 4.7 / 6.5 at 600, 7.2 / 12.1 at 1000; the
+// threshold of kernels.cascade.cascade_pays); a chunk keeps at least kMinChunk rows; reading a row costs about as
+// much as kRowCost query rows' products with it
+constexpr int64_t kMinShared = 256, kMinChunk = 32;
+constexpr double kRowCost = 4.0;
 
 #if defined(SOT_SIMD_VECTOR)
 // out[0:NV*kLanes] = c * sum_p w[p] * (rows[p] + d0)[0:NV*kLanes], the NV accumulators in registers
@@ -233,6 +250,17 @@ inline int64_t first_visible(int64_t len, int64_t window) {
   return window > 0 ? std::max<int64_t>(0, len - window) : 0;
 }
 
+// Thread tid's run [a, b) of n items of cumulative cost cost[0..n] (cost[0] = 0): runs of about equal cost
+std::pair<int64_t, int64_t> cost_range(const std::vector<double>& cost, int tid, int threads) {
+  const int64_t n = static_cast<int64_t>(cost.size()) - 1;
+  auto at = [&](int i) {  // the first item at or after i / threads of the cost
+    if (i >= threads) return n;
+    const double c = cost.back() * i / threads;
+    return static_cast<int64_t>(std::lower_bound(cost.begin(), cost.end() - 1, c) - cost.begin());
+  };
+  return {at(tid), at(tid + 1)};
+}
+
 // f(i, at) for the rows lo..end-1 of sequence s's context in KV head kh: i = p - lo, `at` the row's element offset in a
 // pool ([blocks, BS, KVH, D]; one place for the layout), walked block by block
 template <typename F>
@@ -246,34 +274,71 @@ inline void for_each_row(const Paged& pg, int64_t s, int64_t kh, int64_t lo, int
   }
 }
 
-template <typename T>
-void attend_rows(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc, int64_t t,
-                 AttendScratch& scratch, int64_t window) {
-  const int64_t H = pg.H, D = pg.D, KVH = pg.KVH, G = pg.G;
-  const int64_t s = t / KVH, kh = t % KVH, len = pg.lens.data_ptr<int64_t>()[s];
-  const int64_t lo = first_visible(len, window), ctx = len - lo;
-  if (static_cast<int64_t>(scratch.krows.size()) < ctx) {
-    scratch.krows.resize(ctx);
-    scratch.vrows.resize(ctx);
+// Every row sees every key of the span
+struct AllVisible {
+  int64_t n;
+  std::pair<int64_t, int64_t> operator()(int64_t) const { return {0, n}; }
+};
+
+// The attention of R query rows qg [R, D] (contiguous) over rows [lo, hi) of sequence s's context in KV head kh:
+// og [R, D], row r over the keys visible(r) = [a, b) of the span (a causal or windowed mask; the others' weights
+// zero); lse[r] their log-sum-exp (for a merge), where asked for
+template <typename T, typename Visible = AllVisible>
+void attend_span(const Paged& pg, const float* qg, int64_t R, const void* kp, const void* vp, int64_t s, int64_t kh,
+                 int64_t lo, int64_t hi, float sc, float* og, float* lse, AttendScratch& scratch,
+                 Visible visible = AllVisible{0}) {
+  const int64_t D = pg.D, n = hi - lo;
+  if (static_cast<int64_t>(scratch.krows.size()) < n) {
+    scratch.krows.resize(n);
+    scratch.vrows.resize(n);
   }
-  if (static_cast<int64_t>(scratch.scores.size()) < G * ctx) scratch.scores.resize(G * ctx);
+  if (static_cast<int64_t>(scratch.scores.size()) < R * n) scratch.scores.resize(R * n);
+  if (static_cast<int64_t>(scratch.inv.size()) < R) scratch.inv.resize(R);
   const void** krows = scratch.krows.data();
   const void** vrows = scratch.vrows.data();
   float* scores = scratch.scores.data();
-  const float* qg = qp + (s * H + kh * G) * D;  // G consecutive query heads
-  float* og = op + (s * H + kh * G) * D;
-  for_each_row(pg, s, kh, lo, len, [&](int64_t i, int64_t at) {
+  float* inv = scratch.inv.data();
+  for_each_row(pg, s, kh, lo, hi, [&](int64_t i, int64_t at) {
     krows[i] = static_cast<const T*>(kp) + at;
     vrows[i] = static_cast<const T*>(vp) + at;
   });
-  score_rows<T>(qg, G, D, krows, vrows, ctx, sc, scores);
-  float inv[64];  // G <= 64 (checked by check_paged)
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * ctx;
-    const float sum = exp_shift_sum(sg, ctx, max_of(sg, ctx));
-    inv[g] = sum > 0.f ? 1.f / sum : 0.f;  // ctx == 0: zeros
+  score_rows<T>(qg, R, D, krows, vrows, n, sc, scores);
+  if constexpr (std::is_same_v<Visible, AllVisible>) visible.n = n;
+  for (int64_t r = 0; r < R; ++r) {
+    const auto [a, b] = visible(r);
+    float* sr = scores + r * n;
+    std::fill(sr, sr + a, 0.f);
+    std::fill(sr + b, sr + n, 0.f);
+    const float m = max_of(sr + a, b - a), sum = exp_shift_sum(sr + a, b - a, m);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;  // n == 0: zeros
+    if (lse) lse[r] = sum > 0.f ? m + std::log(sum) : -std::numeric_limits<float>::infinity();
   }
-  weighted_all<T>(og, scores, ctx, vrows, D, G, inv);
+  weighted_all<T>(og, scores, n, vrows, D, R, inv);
+}
+
+template <typename T>
+void attend_rows(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc, int64_t t,
+                 AttendScratch& scratch, int64_t window) {
+  const int64_t s = t / pg.KVH, kh = t % pg.KVH, len = pg.lens.data_ptr<int64_t>()[s];
+  const int64_t at = (s * pg.H + kh * pg.G) * pg.D;  // G consecutive query heads
+  attend_span<T>(pg, qp + at, pg.G, kp, vp, s, kh, first_visible(len, window), len, sc, op + at, nullptr, scratch);
+}
+
+template <typename T>
+void attend_part_rows(const Paged& pg, const AttnPlan& plan, int64_t p, const float* qp, const void* kp,
+                      const void* vp, float sc, float* part_o, float* part_lse, AttendScratch& scratch) {
+  const AttnPart& a = plan.parts[p];
+  const int64_t G = pg.G, D = pg.D, R = a.nm * G;
+  const float* qg = qp + (plan.members[a.m0] * pg.H + a.kh * G) * D;
+  if (a.nm > 1) {  // the members' query heads of this KV head, gathered into one [R, D] block
+    if (static_cast<int64_t>(scratch.q.size()) < R * D) scratch.q.resize(R * D);
+    for (int64_t i = 0; i < a.nm; ++i)
+      std::memcpy(scratch.q.data() + i * G * D, qp + (plan.members[a.m0 + i] * pg.H + a.kh * G) * D,
+                  G * D * sizeof(float));
+    qg = scratch.q.data();
+  }
+  attend_span<T>(pg, qg, R, kp, vp, a.rep, a.kh, a.lo, a.hi, sc, part_o + a.out * G * D, part_lse + a.out * G,
+                 scratch);
 }
 
 }  // namespace
@@ -313,6 +378,159 @@ void attend_task(const Paged& pg, const float* qp, const void* kp, const void* v
                  AttendScratch& scratch, int64_t window) {
   if (pg.bf16) return attend_rows<bf16>(pg, qp, kp, vp, op, sc, t, scratch, window);
   attend_rows<float>(pg, qp, kp, vp, op, sc, t, scratch, window);
+}
+
+// Shared prefixes (cascade) and chunks. A group: sequences whose block tables start with the same block ids, each
+// of those blocks full and before the block of the sequence's new token (written this step, never shared).
+AttnPlan plan_attention(const Paged& pg, int threads) {
+  AttnPlan plan;
+  if (std::getenv("SOT_NO_ATTN_PARTS")) return plan;  // one task a (sequence, KV head): A/B runs
+  const int64_t B = pg.B, KVH = pg.KVH, BS = pg.BS, G = pg.G;
+  const int64_t* tp = pg.tables.data_ptr<int64_t>();
+  const int64_t* lp = pg.lens.data_ptr<int64_t>();
+  auto table = [&](int64_t s) { return tp + s * pg.max_blocks; };
+  std::vector<int64_t> shared(B, 0);  // context rows of each sequence its group's parts read
+  std::vector<std::pair<int64_t, int64_t>> by_first;  // (first block, sequence) of those with a shareable block
+  for (int64_t s = 0; s < B; ++s)
+    if ((lp[s] - 1) / BS >= 1) by_first.emplace_back(table(s)[0], s);
+  std::sort(by_first.begin(), by_first.end());
+  struct Group {
+    int64_t m0, nm, rows;
+  };
+  std::vector<Group> groups;
+  for (size_t i = 0; i < by_first.size();) {
+    size_t j = i;
+    while (j < by_first.size() && by_first[j].first == by_first[i].first) ++j;
+    if (j - i >= 2) {
+      int64_t n = pg.max_blocks;
+      for (size_t r = i; r < j; ++r) n = std::min(n, (lp[by_first[r].second] - 1) / BS);
+      const int64_t* t0 = table(by_first[i].second);
+      int64_t k = 0;
+      for (; k < n; ++k) {
+        bool same = true;
+        for (size_t r = i + 1; r < j && same; ++r) same = table(by_first[r].second)[k] == t0[k];
+        if (!same) break;
+      }
+      if (k * BS >= kMinShared) {
+        groups.push_back({static_cast<int64_t>(plan.members.size()), static_cast<int64_t>(j - i), k * BS});
+        for (size_t r = i; r < j; ++r) {
+          plan.members.push_back(by_first[r].second);
+          shared[by_first[r].second] = k * BS;
+        }
+      }
+    }
+    i = j;
+  }
+  std::vector<int64_t> single(B);  // each sequence as a group of one, for its own parts
+  for (int64_t s = 0; s < B; ++s) {
+    single[s] = static_cast<int64_t>(plan.members.size());
+    plan.members.push_back(s);
+  }
+  // the parts before chunking; a part's cost: its rows read, and their products with its queries
+  std::vector<AttnPart> whole;
+  for (const Group& g : groups)
+    for (int64_t kh = 0; kh < KVH; ++kh) whole.push_back({plan.members[g.m0], kh, 0, g.rows, g.m0, g.nm, 0});
+  for (int64_t s = 0; s < B; ++s)
+    for (int64_t kh = 0; kh < KVH; ++kh) whole.push_back({s, kh, shared[s], lp[s], single[s], 1, 0});
+  auto cost_of = [&](const AttnPart& a) { return static_cast<double>(a.hi - a.lo) * (a.nm * G + kRowCost); };
+  double total = 0.0;
+  for (const AttnPart& a : whole) total += cost_of(a);
+  // no part above a third of a thread's share: contiguous runs of parts then balance to within that
+  const double cap = threads > 1 ? total / (3.0 * threads) : total;
+  bool split = false;
+  for (const AttnPart& a : whole) {
+    const int64_t rows = a.hi - a.lo;
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(std::ceil(cost_of(a) / cap)),
+                                                             rows / kMinChunk));
+    split = split || n > 1;
+    for (int64_t c = 0; c < n; ++c) {
+      AttnPart part = a;
+      part.lo = a.lo + rows * c / n, part.hi = a.lo + rows * (c + 1) / n;
+      plan.parts.push_back(part);
+    }
+  }
+  plan.active = !groups.empty() || split;
+  if (!plan.active) return plan;
+  // slots, then each task's list of them
+  std::vector<int64_t> count(B * KVH + 1, 0);
+  plan.cost.assign(1, 0.0);
+  for (AttnPart& a : plan.parts) {
+    a.out = plan.num_slots;
+    plan.num_slots += a.nm;
+    for (int64_t i = 0; i < a.nm; ++i) ++count[plan.members[a.m0 + i] * KVH + a.kh + 1];
+    plan.cost.push_back(plan.cost.back() + cost_of(a));
+  }
+  for (int64_t t = 0; t < B * KVH; ++t) count[t + 1] += count[t];
+  plan.first = count;
+  plan.slots.resize(plan.num_slots);
+  for (const AttnPart& a : plan.parts)
+    for (int64_t i = 0; i < a.nm; ++i) plan.slots[count[plan.members[a.m0 + i] * KVH + a.kh]++] = a.out + i;
+  return plan;
+}
+
+std::pair<int64_t, int64_t> AttnPlan::range(int tid, int threads) const { return cost_range(cost, tid, threads); }
+
+std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>>> attention_plan(
+    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size, int64_t kv_heads,
+    int64_t heads, int64_t threads) {
+  TORCH_CHECK(block_size > 0 && kv_heads > 0 && heads % kv_heads == 0 && threads > 0, "attention_plan: shapes");
+  Paged pg{context_lens.numel(), heads, 1, block_size, kv_heads, heads / kv_heads, 0};
+  pg.tables = block_tables.to(at::kLong).contiguous();
+  pg.lens = context_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(pg.tables.dim() == 2 && pg.tables.size(0) == pg.B, "attention_plan: block_tables [B, max_blocks]");
+  pg.max_blocks = pg.tables.size(1);
+  const AttnPlan plan = plan_attention(pg, static_cast<int>(threads));
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>>> out;
+  for (const AttnPart& a : plan.parts)
+    if (plan.active)
+      out.emplace_back(a.rep, a.kh, a.lo, a.hi,
+                       std::vector<int64_t>(plan.members.begin() + a.m0, plan.members.begin() + a.m0 + a.nm));
+  return out;
+}
+
+void attend_part(const Paged& pg, const AttnPlan& plan, int64_t p, const float* q, const void* kp, const void* vp,
+                 float sc, float* part_o, float* part_lse, AttendScratch& scratch) {
+  if (pg.bf16) return attend_part_rows<bf16>(pg, plan, p, q, kp, vp, sc, part_o, part_lse, scratch);
+  attend_part_rows<float>(pg, plan, p, q, kp, vp, sc, part_o, part_lse, scratch);
+}
+
+void merge_task(const Paged& pg, const AttnPlan& plan, int64_t t, const float* part_o, const float* part_lse,
+                float* out) {
+  const int64_t G = pg.G, D = pg.D, s = t / pg.KVH, kh = t % pg.KVH;
+  const int64_t* sl = plan.slots.data() + plan.first[t];
+  const int64_t n = plan.first[t + 1] - plan.first[t];
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + (s * pg.H + kh * G + g) * D;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, part_lse[sl[i] * G + g]);
+    float wsum = 0.f;
+    std::fill(o, o + D, 0.f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float lse = part_lse[sl[i] * G + g];
+      if (lse == -std::numeric_limits<float>::infinity()) continue;  // an empty part
+      const float w = std::exp(lse - m);
+      const float* po = part_o + (sl[i] * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += w * po[d];
+      wsum += w;
+    }
+    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
+}
+
+void prefetch_part(const Paged& pg, const AttnPlan& plan, int64_t p, const void* kp, const void* vp) {
+#if defined(SOT_SIMD_VECTOR)
+  static const bool off = std::getenv("SOT_NO_TASK_PREFETCH") != nullptr;
+  if (off || p >= static_cast<int64_t>(plan.parts.size())) return;
+  const AttnPart& a = plan.parts[p];
+  const int64_t es = pg.bf16 ? 2 : 4, row = pg.D * es;
+  for_each_row(pg, a.rep, a.kh, a.lo, a.hi, [&](int64_t, int64_t at) {
+    prefetch_row(static_cast<const char*>(kp) + at * es, row, 1);
+    prefetch_row(static_cast<const char*>(vp) + at * es, row, 1);
+  });
+#else
+  (void)pg, (void)plan, (void)p, (void)kp, (void)vp;
+#endif
 }
 
 void prefetch_task(const Paged& pg, const void* kp, const void* vp, int64_t t, int64_t window) {
@@ -357,6 +575,23 @@ namespace {
 
 // out [B, H, D] = attention of q [B, H, D] (contiguous) over the paged context
 void attend(const Paged& pg, const float* qp, const void* kp, const void* vp, float* op, float sc, int64_t window) {
+  const int threads = at::get_num_threads();
+  const AttnPlan plan = window > 0 ? AttnPlan{} : plan_attention(pg, threads);
+  if (plan.active) {  // each thread its run of parts (of equal cost), then each task's merge
+    std::vector<float> part_o(plan.num_slots * pg.G * pg.D), part_lse(plan.num_slots * pg.G);
+    at::parallel_for(0, threads, 1, [&](int64_t i0, int64_t i1) {
+      AttendScratch scratch;
+      for (int64_t i = i0; i < i1; ++i) {
+        const auto [p0, p1] = plan.range(static_cast<int>(i), threads);
+        for (int64_t p = p0; p < p1; ++p)
+          attend_part(pg, plan, p, qp, kp, vp, sc, part_o.data(), part_lse.data(), scratch);
+      }
+    });
+    at::parallel_for(0, pg.B * pg.KVH, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) merge_task(pg, plan, t, part_o.data(), part_lse.data(), op);
+    });
+    return;
+  }
   // one thread unless there are >= ~64 KiB of K/V rows to read per task on average
   const int64_t tasks = pg.B * pg.KVH;
   const int64_t bytes_per_task = std::max<int64_t>(1, pg.total * pg.D * (pg.bf16 ? 4 : 8) / std::max<int64_t>(1, pg.B));
@@ -383,6 +618,83 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(window >= 0, "paged_decode_attention: window >= 0");
   attend(pg, qc.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr<float>(),
          static_cast<float>(scale), window);
+  return out;
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
+                                   const at::Tensor& context_lens, double scale, int64_t window) {
+  RECORD_FUNCTION("sot_cpp::paged_prefill_attention", std::vector<c10::IValue>());
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.device().is_cpu(),
+              "paged_prefill_attention: q [T, H, D] float32 CPU");
+  TORCH_CHECK(window >= 0, "paged_prefill_attention: window >= 0");
+  const int64_t B = context_lens.numel(), T = q.size(0), H = q.size(1), D = q.size(2);
+  const Paged pg = check_paged("paged_prefill_attention", B, H, D, k_cache, v_cache, block_tables, context_lens);
+  const auto cu = cu_seqlens_q.to(at::kLong).contiguous();
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() == B + 1, "paged_prefill_attention: cu_seqlens_q [B + 1]");
+  const int64_t* cp = cu.data_ptr<int64_t>();
+  const int64_t* lp = pg.lens.data_ptr<int64_t>();
+  TORCH_CHECK(cp[0] == 0 && cp[B] == T, "paged_prefill_attention: cu_seqlens_q from 0 to the T queries");
+  for (int64_t s = 0; s < B; ++s)
+    TORCH_CHECK(cp[s + 1] >= cp[s] && cp[s + 1] - cp[s] <= lp[s],
+                "paged_prefill_attention: a sequence's new tokens are the last of its context");
+  const auto qc = q.contiguous();
+  auto out = at::empty_like(qc);
+  const float* qp = qc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t KVH = pg.KVH, G = pg.G;
+  // a task: a block of up to kQueryBlock new tokens of sequence s, KV head kh, over the keys its last token sees
+  // (each token's own causal / window limit a mask over the span): the span's rows read once for all of them
+  constexpr int64_t kQueryBlock = 16;
+  struct Task {
+    int64_t s, kh, t0, t1, lo, hi;
+  };
+  std::vector<Task> tasks;
+  std::vector<double> cost(1, 0.0);
+  for (int64_t s = 0; s < B; ++s) {
+    const int64_t first_pos = lp[s] - (cp[s + 1] - cp[s]);  // position of the sequence's first new token
+    for (int64_t t0 = cp[s]; t0 < cp[s + 1]; t0 += kQueryBlock) {
+      const int64_t t1 = std::min(t0 + kQueryBlock, cp[s + 1]);
+      const int64_t lo = first_visible(first_pos + (t0 - cp[s]) + 1, window), hi = first_pos + (t1 - cp[s]);
+      for (int64_t kh = 0; kh < KVH; ++kh) {
+        tasks.push_back({s, kh, t0, t1, lo, hi});
+        cost.push_back(cost.back() + static_cast<double>(hi - lo) * ((t1 - t0) * G + kRowCost));
+      }
+    }
+  }
+  const int threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t i0, int64_t i1) {
+    AttendScratch scratch;
+    std::vector<float> o;
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [a, b] = cost_range(cost, static_cast<int>(i), threads);
+      for (int64_t j = a; j < b; ++j) {
+        const Task& k = tasks[j];
+        const int64_t nq = k.t1 - k.t0, R = nq * G, pos0 = k.hi - nq;  // pos0: the block's first token's position
+        if (static_cast<int64_t>(scratch.q.size()) < R * D) scratch.q.resize(R * D);
+        if (static_cast<int64_t>(o.size()) < R * D) o.resize(R * D);
+        for (int64_t t = 0; t < nq; ++t)
+          std::memcpy(scratch.q.data() + t * G * D, qp + ((k.t0 + t) * H + k.kh * G) * D, G * D * sizeof(float));
+        // row r: token r / G at pos0 + r / G sees keys [first_visible(pos + 1, window), pos] of the span [lo, hi)
+        auto visible = [&](int64_t r) {
+          const int64_t pos = pos0 + r / G;
+          return std::pair<int64_t, int64_t>{first_visible(pos + 1, window) - k.lo, pos + 1 - k.lo};
+        };
+        auto attend = [&](auto t) {
+          using E = decltype(t);
+          attend_span<E>(pg, scratch.q.data(), R, k_cache.data_ptr(), v_cache.data_ptr(), k.s, k.kh, k.lo, k.hi, sc,
+                         o.data(), nullptr, scratch, visible);
+        };
+        if (pg.bf16)
+          attend(bf16{});
+        else
+          attend(float{});
+        for (int64_t t = 0; t < nq; ++t)
+          std::memcpy(op + ((k.t0 + t) * H + k.kh * G) * D, o.data() + t * G * D, G * D * sizeof(float));
+      }
+    }
+  });
   return out;
 }
 

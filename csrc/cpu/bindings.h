@@ -44,6 +44,15 @@ inline void bind(pybind11::module_& m) {
   m.def("paged_decode_attention", &paged_decode_attention, "float32 paged decode attention (GQA)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("max_context_len") = py::none(), py::arg("window") = 0);
+  m.def("attention_plan", &attention_plan,
+        "the parts decode attention cuts a batch into (rep, kv head, lo, hi, member sequences): shared prefixes "
+        "once for their group, long contexts in chunks; [] where it runs one task per (sequence, kv head)",
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("block_size"), py::arg("kv_heads"),
+        py::arg("heads"), py::arg("threads"));
+  m.def("paged_prefill_attention", &paged_prefill_attention,
+        "float32 causal attention of packed new tokens over their sequences' paged contexts (GQA)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("cu_seqlens_q"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("window") = 0);
   m.def("rope_store_decode_attention", &rope_store_decode_attention,
         "RoPE on the q/k heads of qkv [B, (H + 2 kv_heads) * D], k/v stored at slot_mapping, then paged decode "
         "attention -> [B, H * D]",
@@ -72,7 +81,9 @@ inline void bind(pybind11::module_& m) {
            py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),
            py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
       .def_readwrite("matmul_seconds", &DecodeLayers::matmul_seconds,
-                     "wall time in the weight-matmul phases, summed over calls (benchmarks)");
+                     "wall time in the weight-matmul phases, summed over calls (benchmarks)")
+      .def_readwrite("attention_seconds", &DecodeLayers::attention_seconds,
+                     "wall time in the RoPE + KV store + attention phases, summed over calls (benchmarks)");
   m.def("build_info", &build_info);
   m.attr("MAX_ROWS") = linear_max_rows();
   m.attr("AMX_COMPILED") = amx_compiled();

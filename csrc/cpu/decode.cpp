@@ -135,7 +135,11 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
   float *qkv = qkv_.data(), *q = q_.data(), *o = o_.data(), *xs = x_.data(), *act = act_.data();
   float* outp = out.data_ptr<float>();
   const int64_t tasks = B * KVH_;
-  double matmul = 0.0;
+  // shared prefixes and long contexts: parts, then a merge (window-0 layers; a sliding window keeps the tasks)
+  const AttnPlan plan = plan_attention(pg, nt);
+  if (plan.active) grow(part_o_, plan.num_slots * H_ / KVH_ * D_), grow(part_lse_, plan.num_slots * H_ / KVH_);
+  float *part_o = part_o_.data(), *part_lse = part_lse_.data();
+  double matmul = 0.0, attention = 0.0;
   using clock = std::chrono::steady_clock;
 
 #ifdef _OPENMP
@@ -153,6 +157,7 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
     grow(ts.g, B * std::max<int64_t>(1, fb - fa)), grow(ts.u, B * std::max<int64_t>(1, fb - fa));
     float *h = ts.h.data(), *y = ts.y.data();
     const auto [ta, tb] = share(tasks, tid, parts);
+    const auto [pa, pb] = plan.active ? plan.range(tid, parts) : std::pair<int64_t, int64_t>{0, 0};
     clock::time_point t0;
     // the residual stream (private copy) += the last matmul's output, then y = its norm
     auto add_norm = [&](const float* add, const float* w) {
@@ -174,18 +179,35 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       add_norm(l == 0 ? nullptr : xs, L.ln1);
-      if (ta < tb) prefetch_task(pg, k_[l], v_[l], ta, windows_[l]);  // streams in while the qkv matmul computes
+      const bool parted = plan.active && windows_[l] == 0;
+      if (parted && pa < pb)  // streams in while the qkv matmul computes
+        prefetch_part(pg, plan, pa, k_[l], v_[l]);
+      else if (!parted && ta < tb)
+        prefetch_task(pg, k_[l], v_[l], ta, windows_[l]);
       matmul_begin();
       linear_part(y, hidden_, L.qkv, qkv, nqkv, B, tid, parts);
       matmul_end();
-      // a task's RoPE + store writes only what its own attention reads (its query heads, its sequence's slot of
-      // its KV head: the last block, never shared), so one thread does both with no barrier between them
-      for (int64_t t = ta; t < tb; ++t) {
-        if (t + 1 < tb) prefetch_task(pg, k_[l], v_[l], t + 1, windows_[l]);  // the next task's rows, while this runs
-        rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
-        attend_task(pg, q, k_[l], v_[l], o, scale_, t, ts.attn, windows_[l]);
+      if (tid == 0) t0 = clock::now();
+      if (parted) {  // a part reads other sequences' queries and rows: every RoPE + store first, the merge last
+        for (int64_t t = ta; t < tb; ++t) rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
+        barrier();
+        for (int64_t p = pa; p < pb; ++p) {
+          if (p + 1 < pb) prefetch_part(pg, plan, p + 1, k_[l], v_[l]);
+          attend_part(pg, plan, p, q, k_[l], v_[l], scale_, part_o, part_lse, ts.attn);
+        }
+        barrier();
+        for (int64_t t = ta; t < tb; ++t) merge_task(pg, plan, t, part_o, part_lse, o);
+      } else {
+        // a task's RoPE + store writes only what its own attention reads (its query heads, its sequence's slot of
+        // its KV head: the last block, never shared), so one thread does both with no barrier between them
+        for (int64_t t = ta; t < tb; ++t) {
+          if (t + 1 < tb) prefetch_task(pg, k_[l], v_[l], t + 1, windows_[l]);  // the next task's rows, meanwhile
+          rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
+          attend_task(pg, q, k_[l], v_[l], o, scale_, t, ts.attn, windows_[l]);
+        }
       }
       barrier();
+      if (tid == 0) attention += std::chrono::duration<double>(clock::now() - t0).count();
       matmul_begin();
       linear_part(o, H_ * D_, L.o, xs, hidden_, B, tid, parts);
       matmul_end();
@@ -208,6 +230,7 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
     }
   }
   matmul_seconds += matmul;
+  attention_seconds += attention;
   return out;
 }
 

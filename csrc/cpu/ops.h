@@ -31,6 +31,10 @@ bool linear_kernel_applies(const at::Tensor& x, const at::Tensor& w, const std::
 int64_t linear_max_rows();
 
 // attention.cpp
+// causal attention of the packed new tokens q [T, H, D] of each sequence over its paged context (cu_seqlens_q [B + 1])
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
+                                   const at::Tensor& context_lens, double scale, int64_t window);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   std::optional<int64_t> max_context_len, int64_t window = 0);
@@ -117,10 +121,10 @@ struct Paged {
 };
 Paged check_paged(const char* what, int64_t B, int64_t H, int64_t D, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens);
-// per-thread scratch of attend_task, grown as contexts grow
+// per-thread scratch of attend_task / attend_part, grown as contexts grow
 struct AttendScratch {
   std::vector<const void*> krows, vrows;
-  std::vector<float> scores;
+  std::vector<float> scores, inv, q;
 };
 // RoPE of the q heads of KV group kh of row s of qkv [B, (H + 2 KVH) D] into q [B, H, D]; k head kh rotated into
 // its slot of k_cache, v head kh copied into v_cache
@@ -133,6 +137,39 @@ void prefetch_task(const Paged& pg, const void* kp, const void* vp, int64_t t, i
 // last `window` keys (0: all of it)
 void attend_task(const Paged& pg, const float* q, const void* k_cache, const void* v_cache, float* out, float scale,
                  int64_t t, AttendScratch& scratch, int64_t window = 0);
+
+// A decode batch's attention cut into parts where one task a (sequence, KV head) would read a shared prefix once per
+// sequence, or leave threads idle (plan_attention). A part: rows [lo, hi) of sequence rep's context in KV head kh
+// against the queries of sequences members[m0 .. m0 + nm): a prefix group's members over the blocks they all share
+// (those K/V rows read once for all of them: cascade attention), or one sequence over a chunk of its own rows. It
+// writes each member's normalized partial output and log-sum-exp (slots out .. out + nm - 1); merge_task combines
+// a task's slots exactly (the merge of FlashInfer's cascade). Inactive where plain tasks do as well, and with
+// SOT_NO_ATTN_PARTS set (A/B runs: benchmarks.attention_cpu).
+struct AttnPart {
+  int64_t rep, kh, lo, hi, m0, nm, out;
+};
+struct AttnPlan {
+  bool active = false;
+  std::vector<AttnPart> parts;
+  std::vector<int64_t> members;  // sequences, a group's consecutive
+  std::vector<double> cost;  // cumulative cost of parts [0, i): threads take contiguous runs of equal cost
+  std::vector<int64_t> first, slots;  // task t's slots: slots[first[t] .. first[t + 1])
+  int64_t num_slots = 0;
+  // this thread's parts [a, b) of `threads`
+  std::pair<int64_t, int64_t> range(int tid, int threads) const;
+};
+AttnPlan plan_attention(const Paged& pg, int threads);
+// the plan's parts (rep, kh, lo, hi, members) for a batch's block tables; empty where inactive (tests, study)
+std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>>> attention_plan(
+    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size, int64_t kv_heads,
+    int64_t heads, int64_t threads);
+// part p: its slots' outputs into part_o [slots, G, D] and log-sum-exps into part_lse [slots, G]
+void attend_part(const Paged& pg, const AttnPlan& plan, int64_t p, const float* q, const void* k_cache,
+                 const void* v_cache, float scale, float* part_o, float* part_lse, AttendScratch& scratch);
+void prefetch_part(const Paged& pg, const AttnPlan& plan, int64_t p, const void* k_cache, const void* v_cache);
+// task t's (s, kh) G heads of out [B, H, D] from its slots
+void merge_task(const Paged& pg, const AttnPlan& plan, int64_t t, const float* part_o, const float* part_lse,
+                float* out);
 
 
 // decode.cpp: a decode step's whole layer loop in one call (bound as _cpp.DecodeLayers). Built once per model
@@ -150,6 +187,7 @@ class DecodeLayers {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
                      const at::Tensor& block_tables, const at::Tensor& context_lens);
   double matmul_seconds = 0.0;  // wall time in the weight-matmul phases (each up to its barrier), summed over calls
+  double attention_seconds = 0.0;  // the same for the RoPE + store + attention phases
 
  private:
   struct Layer {
@@ -168,7 +206,7 @@ class DecodeLayers {
   const float* final_norm_;
   int64_t hidden_, H_, KVH_, D_, F_;
   float eps_, scale_;
-  std::vector<float> qkv_, q_, o_, x_, act_;  // shared between the threads, grown with B
+  std::vector<float> qkv_, q_, o_, x_, act_, part_o_, part_lse_;  // shared between the threads, grown with B
   std::vector<ThreadScratch> scratch_;
   std::mutex mu_;  // one step at a time (the buffers are reused)
 };

@@ -103,7 +103,8 @@ class LLMEngine:
                  tensor_parallel_timeout: float = 60.0, tensor_parallel_lm_head: str = "whole") -> None:
         """`cascade`: shared-prefix decode attention for sequences that share prefix blocks (fork children, SoT
         points). "auto": on CUDA, for the groups the cost model accepts (`kernels.cascade.cascade_pays`);
-        "on": for every group found (tests); "off": never.
+        "on": for every group found (tests); "off": never. On the CPU the C++ decode attention finds the groups
+        itself, from the block tables, and reads a prefix of 256+ tokens once for its group (csrc/cpu/attention.cpp).
 
         `enable_prefix_caching`: a request whose prompt starts with full blocks already computed (a system
         prompt, SoT's question + skeleton sent again) takes their KV from the pool instead of prefilling it;
@@ -191,7 +192,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                                    enable_chunked_prefill), self.block_manager)
         if (cascade == "auto" and self.device.type != "cuda") or tp > 1:
-            cascade = "off"  # it pays where decode is bound by K/V reads (a GPU); the CPU path is torch's
+            cascade = "off"  # the torch path's gathers cost more than they save; the C++ path does its own
         if tp > 1:
             self.workers = Workers(tp, spec, self.device)
             self._finalizer = weakref.finalize(self, self.workers.close)  # and at exit: no orphan workers

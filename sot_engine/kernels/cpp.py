@@ -1,10 +1,10 @@
 """The "cpp" backend: C++ CPU kernels from csrc/cpu (module `sot_engine.kernels._cpp`, built by setup.py).
 
 Weight matmuls (`linear`, for float32 / bfloat16 / int8 weight storage, and bf16 precision on AMX), paged
-decode attention over float32 or bfloat16 pools (also fused with RoPE and the KV store), RMSNorm, RoPE, the KV store and the SwiGLU activation run in C++
-for float32 activations, and a plain decode step runs its whole layer loop in one call (`decode_layers`);
-prefill and cascade attention, and any other dtype, are the torch reference. Importing this module
-raises BackendUnavailable when the extension was not built.
+decode and prefill attention over float32 or bfloat16 pools (decode also fused with RoPE and the KV store; shared
+prefixes read once for all their sequences), RMSNorm, RoPE, the KV store and the SwiGLU activation run in C++ for
+float32 activations, and a plain decode step runs its whole layer loop in one call (`decode_layers`); any other
+dtype is the torch reference. Importing this module raises BackendUnavailable when the extension was not built.
 """
 from __future__ import annotations
 
@@ -89,6 +89,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                             max_context_len, window)
 
 
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                            scale: float, window: int = 0) -> torch.Tensor:
+    """`kernels.reference.paged_prefill_attention`, in C++ for float32 queries over float32 or bfloat16 pools:
+    no per-sequence gather of the context and no repeated K/V heads."""
+    if q.dtype == F32 and _pools_ok(k_cache, v_cache):
+        return _cpp.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                            window)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                             window)
+
+
 def rope_store_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                                 context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
@@ -113,6 +125,11 @@ class DecodeStep:
     def matmul_seconds(self) -> float:
         """Wall time spent in its weight matmuls so far (benchmarks.decode_cpu reads it)."""
         return self.fused.matmul_seconds
+
+    @property
+    def attention_seconds(self) -> float:
+        """Wall time spent in its RoPE + KV store + attention phases so far (benchmarks.attention_cpu reads it)."""
+        return self.fused.attention_seconds
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor | None:
@@ -164,5 +181,5 @@ def cpp_backend() -> Backend:
     return replace(BACKENDS["torch"]("cpu"), name="cpp", linear=linear, pack_weight=pack, silu_mul=silu_mul,
                    rms_norm=rms_norm,
                    add_rms_norm=add_rms_norm, apply_rope=apply_rope, store_kv=store_kv,
-                   paged_decode_attention=paged_decode_attention,
+                   paged_decode_attention=paged_decode_attention, paged_prefill_attention=paged_prefill_attention,
                    rope_store_decode_attention=rope_store_decode_attention, decode_layers=decode_layers)

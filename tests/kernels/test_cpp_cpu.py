@@ -329,9 +329,113 @@ def test_rope_store_decode_attention_matches_float64(heads, kvh, d, pool):
         _cpp.rope_store_decode_attention(qkv[:, :-1], ang.cos(), ang.sin(), kc, vc, slots, tables, ctx, 0.3)
 
 
+# ----------------------------------------------------------- shared prefixes, long contexts, prefill
+def shared_tables(lens: list[int], groups: list[tuple[list[int], int]], bs: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Block tables in which each group's members start with the same `k` block ids (a fork's children), every
+    other block a sequence's own, all scattered through the pool: (tables, pool blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    nblk = [(n + bs - 1) // bs for n in lens]
+    total = sum(nblk) + 3
+    ids = iter(torch.randperm(total, generator=g).tolist())
+    tables = torch.zeros(len(lens), max(nblk), dtype=torch.int64)
+    for members, k in groups:
+        common = [next(ids) for _ in range(k)]
+        for s in members:
+            tables[s, :k] = torch.tensor(common)
+    for s, nb in enumerate(nblk):
+        k = max([k for members, k in groups if s in members], default=0)
+        for i in range(k, nb):
+            tables[s, i] = next(ids)
+    return tables, total
+
+
+# two fork groups (17 and 16 shared blocks of 16: 272 and 256 rows, at and above the CPU's cascade threshold) and
+# a sequence of its own
+SHARED_LENS, SHARED_GROUPS = [290, 260, 300, 273, 257, 40], [([0, 2, 3], 17), ([1, 4], 16)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("pool", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (4, 4, 40), (8, 2, 16)])
+def test_decode_reads_shared_prefixes_once_and_matches_float64(heads, kvh, d, pool):
+    """Sequences that share prefix blocks: the prefix attended once for all of a group's queries, each sequence's
+    own rows apart, the parts merged by their log-sum-exps; == the float64 oracle, which attends each sequence
+    over its whole context."""
+    bs = 16
+    tables, total = shared_tables(SHARED_LENS, SHARED_GROUPS, bs, seed=heads + d)
+    g = torch.Generator().manual_seed(d)
+    kc = torch.randn(total, bs, kvh, d, generator=g).to(pool)
+    vc = torch.randn(total, bs, kvh, d, generator=g).to(pool)
+    q = torch.randn(len(SHARED_LENS), heads, d, generator=g)
+    ctx = torch.tensor(SHARED_LENS)
+    plan = _cpp.attention_plan(tables, ctx, bs, kvh, heads, 2)
+    shared = {(tuple(m), kh, lo, hi) for rep, kh, lo, hi, m in plan if len(m) > 1}
+    rows = {m: max(hi for mm, _, _, hi in shared if mm == m) for m, *_ in shared}
+    assert rows == {(0, 2, 3): 17 * bs, (1, 4): 16 * bs}  # each group's shared blocks, once for all its members
+    for s, n in enumerate(SHARED_LENS):  # and every (sequence, KV head) covers its context once, in order
+        for kh in range(kvh):
+            spans = sorted((lo, hi) for rep, k, lo, hi, m in plan if k == kh and s in m)
+            assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, ctx, 0.21)
+    got = _cpp.paged_decode_attention(q, kc, vc, tables, ctx, 0.21, max(SHARED_LENS))
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_long_context_is_split_across_threads_and_merged(threads):
+    """One sequence of 700 tokens: 3 tasks (KV heads) would leave threads idle, so each is cut into chunks of
+    rows (merged exactly); one thread keeps the plain tasks."""
+    q, kc, vc, tables, ctx = make_pool([700], 9, 3, 64, 16, seed=7)
+    plan = _cpp.attention_plan(tables, ctx, 16, 3, 9, threads)
+    assert (len(plan) > 3) == (threads > 1)
+    want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, ctx, 0.125)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _cpp.paged_decode_attention(q, kc, vc, tables, ctx, 0.125, 700)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("pool", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (4, 4, 16), (6, 2, 40), (10, 2, 8)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_paged_prefill_matches_float64(heads, kvh, d, pool, window):
+    """New tokens after a cached prefix (none, some, one block's worth, more than a block of queries), one sequence
+    with no new token; causal, and within a sliding window."""
+    bs = 4
+    lens, new = [1, 9, 40, 37, 50, 23], [1, 9, 3, 20, 0, 17]
+    q, kc, vc, tables, ctx = make_pool(lens, heads, kvh, d, bs, seed=heads + d + window)
+    kc, vc = kc.to(pool), vc.to(pool)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()])
+    q = torch.randn(int(cu[-1]), heads, d, generator=torch.Generator().manual_seed(d))
+    want = reference.paged_prefill_attention(q.double(), kc.double(), vc.double(), tables, cu, ctx, 0.19, window)
+    got = _cpp.paged_prefill_attention(q, kc, vc, tables, cu, ctx, 0.19, window)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=max(2e-6, 3e-8 * d))
+    from sot_engine.kernels.cpp import paged_prefill_attention  # the backend's wrapper: int32 metadata, float64
+    got = paged_prefill_attention(q, kc, vc, tables.int(), cu.int(), ctx.int(), 0.19, window)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=max(2e-6, 3e-8 * d))
+    torch.testing.assert_close(paged_prefill_attention(q.double(), kc.double(), vc.double(), tables, cu, ctx, 0.19,
+                                                       window), want)
+
+
+@needs_cpp
+def test_paged_prefill_rejects_inconsistent_metadata():
+    q, kc, vc, tables, ctx = make_pool([5, 8], 4, 2, 16, 4, seed=3)
+    q = torch.randn(6, 4, 16)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q"):
+        _cpp.paged_prefill_attention(q, kc, vc, tables, torch.tensor([0, 2]), ctx, 0.25, 0)
+    with pytest.raises(RuntimeError, match="last of its context"):
+        _cpp.paged_prefill_attention(q, kc, vc, tables, torch.tensor([0, 6, 6]), ctx, 0.25, 0)  # 6 new of 5
+
+
 # ------------------------------------------------------------------------------------ fused decode layers
 def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, hidden: int = 48, ffn: int = 80,
-                 pack: bool = True):
+                 pack: bool = True, max_positions: int = 256):
     """A random 3-layer LlamaModel on the cpp backend (norm weights away from 1, so a skipped norm shows).
     storage "bf16-matmul" / "int8-matmul": bf16 / int8 weights at that matmul precision; "gguf": the layouts a GGUF's
     own types load into (q/k/v and gate/up 4-bit, o int8 per 32, down int8 per 16), at int8 precision. `pack`: the
@@ -339,7 +443,7 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
     from sot_engine.engine.config import ModelConfig
     from sot_engine.engine.model import LlamaModel
     cfg = ModelConfig(vocab_size=97, hidden_size=hidden, intermediate_size=ffn, num_layers=3, num_heads=heads,
-                      num_kv_heads=kvh, head_dim=d, max_position_embeddings=256)
+                      num_kv_heads=kvh, head_dim=d, max_position_embeddings=max_positions)
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
     h = hidden
@@ -439,6 +543,37 @@ def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden
 
 
 @needs_cpp
+@pytest.mark.parametrize("lens,groups", [(SHARED_LENS, SHARED_GROUPS), ([700], [])])
+def test_decode_layers_with_shared_prefixes_and_long_contexts_match_torch(lens, groups):
+    """The fused loop's parted attention (shared prefixes once per group, a lone long context in chunks, every
+    RoPE + store before and the merge after) == the torch backend's layer loop, an independent oracle."""
+    from sot_engine.engine.model import AttnMetadata
+    heads, kvh, d, bs = 9, 3, 16, 16
+    model = random_model(heads, kvh, d, None, seed=5, max_positions=1024)
+    tables, total = shared_tables(lens, groups, bs, seed=11)
+    g = torch.Generator().manual_seed(3)
+    kv = [(torch.randn(total, bs, kvh, d, generator=g), torch.randn(total, bs, kvh, d, generator=g))
+          for _ in range(3)]
+    ctx = torch.tensor(lens)
+    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
+    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
+                        cu_seqlens_q=None, logits_indices=torch.arange(len(lens)), max_context_len=max(lens))
+    ids, pos = torch.randint(0, 97, (len(lens),), generator=g), ctx - 1
+    assert len(_cpp.attention_plan(tables, ctx, bs, kvh, heads, torch.get_num_threads())) > len(lens) * kvh or \
+        torch.get_num_threads() == 1
+    kv_ref = [(k.clone(), v.clone()) for k, v in kv]
+    assert model._decode_layers(kv) is not None
+    got = model.forward(ids, pos, meta, kv)
+    model.backend = get_backend("torch", "cpu")
+    model.linear = reference.linear
+    want = model.forward(ids, pos, meta, kv_ref)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    for (k, v), (kr, vr) in zip(kv, kv_ref):
+        torch.testing.assert_close(k, kr, rtol=0, atol=2e-5)
+        torch.testing.assert_close(v, vr, rtol=0, atol=2e-5)
+
+
+@needs_cpp
 def test_decode_layers_decline_what_they_do_not_run():
     model = random_model(4, 2, 12, None, seed=1)
     kv = [(torch.randn(40, 4, 2, 12), torch.randn(40, 4, 2, 12)) for _ in range(3)]
@@ -462,9 +597,8 @@ def test_backend_registry():
     b = get_backend("cpp", "cpu")
     assert b.name == "cpp"
     for f in ("linear", "silu_mul", "rms_norm", "add_rms_norm", "apply_rope", "store_kv", "paged_decode_attention",
-              "rope_store_decode_attention"):
+              "rope_store_decode_attention", "paged_prefill_attention"):
         assert getattr(b, f).__module__ == "sot_engine.kernels.cpp", f
-    assert b.paged_prefill_attention is reference.paged_prefill_attention
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # built: the CPU default, picked without a warning
         assert get_backend(None, "cpu").name == "cpp"
