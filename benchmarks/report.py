@@ -321,6 +321,22 @@ def guided_cpu_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def attention_cpu_table(path: Path) -> str:
+    """`benchmarks.attention_cpu`: decode steps against context length, the C++ attention in parts or per task."""
+    d = json.loads(path.read_text())
+    lines = [f"CPU decode against context length, {d['model']} ({d['weights']} weights), {_env_line(d['env'])}, fastest "
+             f"of {d['rounds']} (`python -m benchmarks.attention_cpu`): B sequences sharing a prompt of `context` "
+             "tokens (a fork, as SoT's points); each step alternates between the attention in parts (a shared prefix "
+             "of 256+ tokens once for its group, long contexts in chunks) and one task a (sequence, KV head) "
+             "(`SOT_NO_ATTN_PARTS=1`); attention = the fused loop's RoPE + store + attention phases. Medians, ms.", "",
+             "| batch | context | step, parts | step, tasks | attention, parts | attention, tasks |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['batch']} | {r['context']} | {r['ms_per_step_parts']:.2f} | {r['ms_per_step_tasks']:.2f} "
+                     f"| {r['attention_ms_parts']:.2f} | {r['attention_ms_tasks']:.2f} |")
+    return "\n".join(lines)
+
+
 def _latest(pattern: str, device: str) -> list[Path]:
     return sorted(p for p in (common.RESULTS / device).glob(pattern) if not p.stem.endswith("_quick"))
 
@@ -341,6 +357,9 @@ def render() -> str:
     p = common.RESULTS / "cpu" / "decode_cpu.json"
     if p.exists():
         parts.append(decode_cpu_table(p))
+    p = common.RESULTS / "cpu" / "attention_cpu.json"
+    if p.exists():
+        parts.append(attention_cpu_table(p))
     for device in ("cuda", "cpu"):
         paths = _latest("latency_*.json", device)
         if paths:

@@ -426,16 +426,17 @@ AttnPlan plan_attention(const Paged& pg, int threads) {
     single[s] = static_cast<int64_t>(plan.members.size());
     plan.members.push_back(s);
   }
-  // the parts before chunking; a part's cost: its rows read, and their products with its queries
+  // the spans before chunking, each for every KV head; a part's cost: its rows read, and their products with its
+  // queries
   std::vector<AttnPart> whole;
-  for (const Group& g : groups)
-    for (int64_t kh = 0; kh < KVH; ++kh) whole.push_back({plan.members[g.m0], kh, 0, g.rows, g.m0, g.nm, 0});
-  for (int64_t s = 0; s < B; ++s)
-    for (int64_t kh = 0; kh < KVH; ++kh) whole.push_back({s, kh, shared[s], lp[s], single[s], 1, 0});
+  for (const Group& g : groups) whole.push_back({plan.members[g.m0], 0, 0, g.rows, g.m0, g.nm, 0});
+  for (int64_t s = 0; s < B; ++s) whole.push_back({s, 0, shared[s], lp[s], single[s], 1, 0});
   auto cost_of = [&](const AttnPart& a) { return static_cast<double>(a.hi - a.lo) * (a.nm * G + kRowCost); };
   double total = 0.0;
-  for (const AttnPart& a : whole) total += cost_of(a);
-  // no part above a third of a thread's share: contiguous runs of parts then balance to within that
+  for (const AttnPart& a : whole) total += KVH * cost_of(a);
+  // no part above a third of a thread's share: contiguous runs of parts then balance to within that. A chunk's
+  // KV heads are consecutive parts, so that a thread reads its rows' whole pool rows (every head's, side by side
+  // in the pool), not one head's 1 / KVH of each
   const double cap = threads > 1 ? total / (3.0 * threads) : total;
   bool split = false;
   for (const AttnPart& a : whole) {
@@ -443,11 +444,12 @@ AttnPlan plan_attention(const Paged& pg, int threads) {
     const int64_t n = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(std::ceil(cost_of(a) / cap)),
                                                              rows / kMinChunk));
     split = split || n > 1;
-    for (int64_t c = 0; c < n; ++c) {
-      AttnPart part = a;
-      part.lo = a.lo + rows * c / n, part.hi = a.lo + rows * (c + 1) / n;
-      plan.parts.push_back(part);
-    }
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t kh = 0; kh < KVH; ++kh) {
+        AttnPart part = a;
+        part.kh = kh, part.lo = a.lo + rows * c / n, part.hi = a.lo + rows * (c + 1) / n;
+        plan.parts.push_back(part);
+      }
   }
   plan.active = !groups.empty() || split;
   if (!plan.active) return plan;

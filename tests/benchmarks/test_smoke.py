@@ -43,6 +43,18 @@ def test_decode_cpu_quick(tmp_path):
     assert cells[-1][0::2] == ["bf16-matmul, kv bf16", "2"]
 
 
+def test_attention_cpu_quick(tmp_path):
+    pytest.importorskip("sot_engine.kernels._cpp")
+    d, stdout = run_quick(tmp_path, "attention_cpu", "--rounds", "1", "--steps", "6", timeout=300)
+    assert [(r["batch"], r["context"]) for r in d["rows"]] == [(1, 64), (1, 256), (8, 64), (8, 256)]
+    for r in d["rows"]:  # both settings ran, each timed by the fused loop's own attention timer
+        for k in ("parts", "tasks"):
+            assert 0 < r[f"attention_ms_{k}"] < r[f"ms_per_step_{k}"]
+    from benchmarks.report import attention_cpu_table
+    table = attention_cpu_table(tmp_path / "cpu" / "attention_cpu_quick.json").splitlines()
+    assert table[-1].startswith("| 8 | 256 |") and len(table) == 8
+
+
 @requires_smollm2
 def test_quant_accuracy_quick(tmp_path):
     d, _ = run_quick(tmp_path, "quant_accuracy")
