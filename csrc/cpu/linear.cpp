@@ -187,12 +187,12 @@ WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& sca
     const bool half = scale.has_value() && scale->scalar_type() == at::kHalf;
     TORCH_CHECK((q4 || w.scalar_type() == at::kChar) && w.device().is_cpu() && w.is_contiguous() &&
                     w.size(2) == (q4 ? 128 : 256) && scale.has_value() &&
-                    (scale->scalar_type() == at::kFloat || (q4 && half)) && scale->dim() == 4 &&
+                    (scale->scalar_type() == at::kFloat || (half && (q4 || scale->size(2) == 2))) && scale->dim() == 4 &&
                     scale->size(0) == w.size(0) && scale->size(1) == w.size(1) && scale->size(3) == 8 &&
                     (scale->size(2) == 2 || (!q4 && scale->size(2) == 4)) && scale->is_contiguous() &&
                     scale->device().is_cpu(),
                 "linear: packed weights [N / 8, K / 32, 256 int8 or 128 uint8] need scale [N / 8, K / 32, S, 8] "
-                "float32 (S = 2, or 4 for int8 with a scale per 16; 4-bit: float16 too)");
+                "float32 (S = 2, or 4 for int8 with a scale per 16; float16 too, but for S = 4)");
     WeightView v{w.data_ptr(), w.scalar_type(), half ? nullptr : scale->data_ptr<float>(), w.size(1), 8 * w.size(0),
                  32 * w.size(1)};
     v.packed = v.int8_act = true;

@@ -24,7 +24,9 @@
 // one vector: one conversion and one multiply-add by the 8 rows' scales for 256 products, where the row-major tiles
 // above spend a conversion and a multiply-add on each row's 32. What a decode step of several rows is bound by.
 // Packed 4-bit blocks keep the file's float16 scales and mins where they are float16 values (Q4_0, Q4_1; kP4F16,
-// widened by vcvtph2ps): a group's 8 rows then read 160 bytes instead of 192.
+// widened by vcvtph2ps): a group's 8 rows then read 160 bytes instead of 192. Packed int8 blocks with a scale per 32
+// do the same with their scales and weight sums where those are float16 values (kP8F16: a Q8_0 file's scales; any
+// sum within +-2048): 288 bytes instead of 320.
 // VNNI multiplies int8 weights as (x + 128) . w (x's bytes xor 0x80: unsigned) minus 128 times the group's weight sum,
 // stored beside the scales; AVX2 keeps the sign trick. 4-bit values sum as int16 across a group on AVX2 (8 pairs of
 // at most 2 * 15 * 127 stay below 2^15).
@@ -65,8 +67,10 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512vnni"};
 
 // The weight layouts; a kernel is compiled for each
-// kP*: packed; kP4F16: packed 4-bit with float16 scales and mins (what Q4_0 / Q4_1 files hold: 2 bytes a group less)
-enum Fmt : int { kI8G32 = 0, kI8G16 = 1, kQ4 = 2, kP8 = 3, kP8H = 4, kP4 = 5, kP4F16 = 6 };
+// kP*: packed; kP4F16: packed 4-bit with float16 scales and mins (what Q4_0 / Q4_1 files hold: 2 bytes a group less);
+// kP8F16: packed int8 (a scale per 32) with float16 scales and weight sums (a Q8_0 file's)
+enum Fmt : int { kI8G32 = 0, kI8G16 = 1, kQ4 = 2, kP8 = 3, kP8H = 4, kP4 = 5, kP4F16 = 6, kP8F16 = 7 };
+constexpr bool half_scales(int F) { return F == kP4F16 || F == kP8F16; }
 constexpr bool four_bit(int F) { return F == kQ4 || F == kP4 || F == kP4F16; }
 
 int detect_isa() {
@@ -109,11 +113,11 @@ struct Rows {
   const uint8_t* data;
   const float* scale;
   int64_t row_bytes, scale_row;
-  const uint16_t* hscale;  // kP4F16: float16 scales and mins instead
+  const uint16_t* hscale;  // kP4F16, kP8F16: float16 scales and mins (sums) instead
 };
 
 Fmt fmt_of(const WeightView& w) {
-  if (w.packed) return w.dtype == at::kByte ? (w.hscale ? kP4F16 : kP4) : (w.S == 4 ? kP8H : kP8);
+  if (w.packed) return w.dtype == at::kByte ? (w.hscale ? kP4F16 : kP4) : (w.S == 4 ? kP8H : w.hscale ? kP8F16 : kP8);
   return w.dtype == at::kByte ? kQ4 : (w.G * kGroup == w.K ? kI8G32 : kI8G16);
 }
 
@@ -294,7 +298,7 @@ void packed_scalar(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n
     const uint8_t* q = w.data + b * 8 * w.row_bytes;
     const int64_t at = b * 8 * w.scale_row;  // [G, S, 8] from here
     auto scale = [&](int64_t i) {
-      if constexpr (F == kP4F16)
+      if constexpr (half_scales(F))
         return c10::detail::fp16_ieee_to_fp32_value(w.hscale[at + i]);
       else
         return w.scale[at + i];
@@ -337,7 +341,7 @@ constexpr auto kHint = SOT_PACKED_HINT;
   __attribute__((target(TARGET))) void NAME(const Act& a, int64_t m0, const uint8_t* q, const void* sc, float* out,   \
                                             int64_t ldo) {                                                            \
     constexpr int S = F == kP8H ? 4 : 2;                                                                              \
-    constexpr bool Q4 = four_bit(F), H = F == kP4F16;                                                                 \
+    constexpr bool Q4 = four_bit(F), H = half_scales(F);                                                             \
     constexpr int64_t kScaleBytes = S * 8 * (H ? 2 : 4), kWeightBytes = Q4 ? 128 : 256; /* a group's */               \
     const int64_t G = a.G, K = a.K;                                                                                   \
     __m256 acc[MR];                                                                                                   \
@@ -372,7 +376,7 @@ constexpr auto kHint = SOT_PACKED_HINT;
       }                                                                                                               \
       __m256i corr0 = _mm256_setzero_si256(), corr1 = _mm256_setzero_si256();                                         \
       if constexpr (VNNI && !Q4) { /* 128 * the (half-)group's weight sums */                                        \
-        corr0 = _mm256_slli_epi32(_mm256_cvtps_epi32(_mm256_loadu_ps(sg + (F == kP8H ? 16 : 8))), 7);                 \
+        corr0 = _mm256_slli_epi32(_mm256_cvtps_epi32(F == kP8H ? _mm256_loadu_ps(sg + 16) : d1), 7);                 \
         if constexpr (F == kP8H) corr1 = _mm256_slli_epi32(_mm256_cvtps_epi32(_mm256_loadu_ps(sg + 24)), 7);         \
       }                                                                                                               \
       /* c outer, rows inner: MR independent chains of multiply-adds (one row's 8 would wait on each other) */    \
@@ -420,7 +424,7 @@ template <int MR, int F, bool kVnni>
 void packed_vector(const Act& a, int64_t M, const Rows& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   for (int64_t b = n0 / 8; b < n1 / 8; ++b) {
     const uint8_t* q = w.data + b * 8 * w.row_bytes;
-    const void* sc = F == kP4F16 ? static_cast<const void*>(w.hscale + b * 8 * w.scale_row)
+    const void* sc = half_scales(F) ? static_cast<const void*>(w.hscale + b * 8 * w.scale_row)
                                  : static_cast<const void*>(w.scale + b * 8 * w.scale_row);
     int64_t m = 0;
     auto run = [&](auto mr) {
@@ -475,6 +479,7 @@ void rows_isa(int isa, const Act& a, int64_t M, const WeightView& wv, int64_t n0
     case kP4: return rows_fmt<kP4>(isa, a, M, w, n0, n1, out, ldo);
     case kP4F16: return rows_fmt<kP4F16>(isa, a, M, w, n0, n1, out, ldo);
     case kP8: return rows_fmt<kP8>(isa, a, M, w, n0, n1, out, ldo);
+    case kP8F16: return rows_fmt<kP8F16>(isa, a, M, w, n0, n1, out, ldo);
     case kP8H: return rows_fmt<kP8H>(isa, a, M, w, n0, n1, out, ldo);
     case kQ4: return rows_fmt<kQ4>(isa, a, M, w, n0, n1, out, ldo);
     case kI8G16: return rows_fmt<kI8G16>(isa, a, M, w, n0, n1, out, ldo);

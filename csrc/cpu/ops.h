@@ -75,7 +75,8 @@ struct WeightView {
   // or 8 * 16 (4-bit) bytes], scale [N / 8, K / 32, S, 8] (linear_int8.cpp); G is then K / 32
   bool packed = false;
   int64_t S = 1;
-  // packed 4-bit with float16 scales and mins (what a Q4_0 / Q4_1 file holds): hscale instead of scale, same shape
+  // packed with float16 scales and mins / weight sums (what a Q4_0 / Q4_1 / Q8_0 file holds): hscale instead of
+  // scale, same shape
   const uint16_t* hscale = nullptr;
   int64_t row_bytes() const { return dtype == at::kByte ? K / 2 : K * int64_t(c10::elementSize(dtype)); }
   // floats of scale per weight row (a packed block's 8 rows at 8 times it)

@@ -472,7 +472,10 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
                 w[p + f"self_attn.{n}_proj.weight"] = q4(w[p + f"self_attn.{n}_proj.weight"], i == 0)
             for n in ("gate", "up"):
                 w[p + f"mlp.{n}_proj.weight"] = q4(w[p + f"mlp.{n}_proj.weight"], i == 0)
-            w[p + "self_attn.o_proj.weight"] = replace(quantize_int8(w[p + "self_attn.o_proj.weight"]), int8_act=True)
+            o = quantize_int8(w[p + "self_attn.o_proj.weight"])
+            if i == 0:  # a Q8_0 file's: float16 scales, every group's sum within 2048 (packed, both stay float16)
+                o = replace(o, q=o.q.clamp(-63, 63), scale=o.scale.half().float())
+            w[p + "self_attn.o_proj.weight"] = replace(o, int8_act=True)
             w[p + "mlp.down_proj.weight"] = replace(quantize_int8(w[p + "mlp.down_proj.weight"], 16), int8_act=True)
     return LlamaModel(cfg, w, backend, storage)
 

@@ -111,27 +111,34 @@ def test_match_float64_on_the_quantized_values(isa, m, n, k):
         assert_within_float32_rounding(got, x, w)
 
 
-def random_int8(n: int, k: int, g: torch.Generator, per16: bool = False) -> Int8Weight:
-    lim = 32 if per16 else 128
+def random_int8(n: int, k: int, g: torch.Generator, per16: bool = False, f16: bool = False) -> Int8Weight:
+    """f16: scales that are float16 values and weights within +-63 (every group's sum within 2048: packed, the
+    scales and sums stay float16, as a Q8_0 file's)."""
+    lim = 32 if per16 else 64 if f16 else 128
+    scale = torch.rand(n, k // (16 if per16 else 32), generator=g) * 0.01
     return Int8Weight(torch.randint(-lim + 1, lim, (n, k), generator=g, dtype=torch.int8),
-                      torch.rand(n, k // (16 if per16 else 32), generator=g) * 0.01, int8_act=True)
+                      scale.half().float() if f16 else scale, int8_act=True)
+
+
+KINDS = ["q4", "q4/f16", "int8", "int8/f16", "int8/16"]
+HALF = {"q4/f16", "int8/f16"}  # the kinds packed with float16 scales
 
 
 def weight_of(kind: str, n: int, k: int, g: torch.Generator) -> Q4Weight | Int8Weight:
-    """"q4": float32 scales and mins (Q4_K's products); "q4/f16": float16 ones (Q4_0, Q4_1); "int8": a scale per 32
-    (Q8_0); "int8/16": per 16 (Q6_K)."""
+    """"q4": float32 scales and mins (Q4_K's products); "q4/f16": float16 ones (Q4_0, Q4_1); "int8": a scale per 32,
+    float32 (int8 matmul precision's own quantization); "int8/f16": float16 (Q8_0); "int8/16": per 16 (Q6_K)."""
     if kind.startswith("q4"):
         return random_q4(n, k, g, f16=kind == "q4/f16")
-    return random_int8(n, k, g, per16=kind == "int8/16")
+    return random_int8(n, k, g, per16=kind == "int8/16", f16=kind == "int8/f16")
 
 
-@pytest.mark.parametrize("kind", ["q4", "q4/f16", "int8", "int8/16"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pack_round_trip(kind):
     g = torch.Generator().manual_seed(7)
     w = weight_of(kind, 48, 96, g)
     p = pack(w)
     assert isinstance(p, PackedWeight) and p.shape == w.shape and p.q.shape[:2] == (6, 3)
-    assert p.scale.dtype == (torch.float16 if kind == "q4/f16" else torch.float32)
+    assert p.scale.dtype == (torch.float16 if kind in HALF else torch.float32)
     u = p.unpack()
     q4 = kind.startswith("q4")
     assert type(u) is type(w) and all(torch.equal(a, b) for a, b in zip(
@@ -145,14 +152,24 @@ def test_pack_round_trip(kind):
     assert p.gather(rows[:0]).shape == (0, 96)
     if not q4:  # the weight sums VNNI's offset trick subtracts
         sums = p.scale[:, :, p.scale.shape[2] // 2:].permute(0, 3, 1, 2).reshape(48, -1)
-        assert torch.equal(sums, w.q.view(48, sums.shape[1], -1).sum(2).float())
+        assert torch.equal(sums.float(), w.q.view(48, sums.shape[1], -1).sum(2).float())
     # not packed: rows not in 16s, float activations, other storage
     for other in (random_q4(24, 96, g), quantize_int8(torch.randn(16, 64)), torch.randn(16, 64)):
         assert pack(other) is other
 
 
+def test_int8_sums_beyond_float16_keep_float32():
+    """float16 scales, but one group's weight sum (31 * 127 + 126, odd and above 2048) is no float16 value: scales
+    and sums stay float32."""
+    w = random_int8(16, 64, torch.Generator().manual_seed(1), f16=True)
+    w.q[3, 32:] = 127
+    w.q[3, 63] = 126
+    p = pack(w)
+    assert p.scale.dtype == torch.float32 and torch.equal(p.unpack().q, w.q)
+
+
 @needs_cpp
-@pytest.mark.parametrize("kind", ["q4", "q4/f16", "int8", "int8/16"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m, n, k", [(1, 16, 32), (3, 48, 256), (8, 32, 576), (16, 16, 96)])
 def test_packed_kernels(isa, kind, m, n, k):
     """Unit scales first (the integer part, ==), then real ones against the float64 oracle."""
@@ -169,9 +186,10 @@ def test_packed_kernels(isa, kind, m, n, k):
         unit = Int8Weight(w.q, torch.ones_like(w.scale), int8_act=True)
         ints = w.q.long()
     pu = pack(unit)
-    if q4:  # ones and zeros are float16 values: packed with float16 scales; "q4" runs the float32 ones
+    if kind in HALF:  # ones (and zeros, the sums) are float16 values: packed with float16 scales
         assert pu.scale.dtype == torch.float16
-        pu = pu if kind == "q4/f16" else PackedWeight(pu.q, pu.scale.float())
+    else:  # the other kinds run the float32 ones
+        pu = PackedWeight(pu.q, pu.scale.float())
     assert torch.equal(run(xi.float(), pu), (xi.long() @ ints.T).float())
     x = torch.randn(m, k, generator=g) * 3
     assert_within_float32_rounding(run(x, pack(w)), x, w)
@@ -223,8 +241,9 @@ def test_decode_layers_on_gguf_layouts_match_the_layer_loop(lens, packed):
              for w in mats}
     assert kinds == {"Q4Weight", "Int8Weight", "Int8Weight16"}
     assert all(isinstance(w, PackedWeight) == packed for layer in model.layers for w in layer[1:3] + layer[4:6])
-    if packed:  # layer 0's 4-bit matrices have float16 scales (Q4_1), the others float32 (Q4_K)
-        assert {w.scale.dtype for w in (model.layers[0][1], model.layers[1][1])} == {torch.float16, torch.float32}
+    if packed:  # layer 0's 4-bit matrices and o have float16 scales (Q4_1, Q8_0), the others float32 (Q4_K, int8)
+        for i in (1, 2):
+            assert [layer[i].scale.dtype for layer in model.layers] == [torch.float16, torch.float32, torch.float32]
     got, want, *_ = fused_and_loop(model, lens, kvh, d, seed=6)
     # the same quantized products; a rounding flip of one activation's int8 value moves a layer by one step
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
