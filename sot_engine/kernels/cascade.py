@@ -1,4 +1,5 @@
-"""Shared-prefix (cascade) decode attention, plain torch: the oracle for a fast kernel and the CPU path.
+"""Shared-prefix (cascade) decode attention, plain torch: the oracle for the fast kernels (Triton's; the C++ CPU
+attention finds and attends its groups itself, csrc/cpu/attention.cpp).
 
 The B points of one SoT answer share their prompt's prefix blocks (a fork shares full blocks by reference).
 Plain paged decode reads that prefix once per sequence: B matrix-vector products over the same K/V. Cascade
