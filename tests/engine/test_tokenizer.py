@@ -184,6 +184,9 @@ def _check_sp(tok: Tokenizer, sp) -> None:
     # the vocabulary as bytes (what a grammar library reads): a fragment's pieces spell exactly its UTF-8 bytes
     pieces = tok.piece_bytes()
     assert len(pieces) == sp.get_piece_size() and tok.hf_tokenizer is None
+    # each id's own text, computed in one batched call: what decoding it alone gives, special pieces included
+    assert tok.token_texts() == [tok.decode([i], skip_special_tokens=False) for i in range(tok.vocab_size)]
+    assert tok.token_texts()[1] == "<s>" and tok.ids_containing("<s>") == [1]
     for text in SP_TEXTS[1:]:
         ids = tok.encode_fragment(text)
         assert b"".join(pieces[i] for i in ids) == text.encode(), text
