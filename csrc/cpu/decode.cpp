@@ -3,7 +3,8 @@
 //
 // Why: called op by op from Python, the ~10 calls a layer cost their dispatch, allocations and a fork/join
 // of the thread pool each, a third of a SmolLM2 step on 2 cores. Here the threads enter one OpenMP region
-// per step and meet at a barrier after each phase whose output every thread reads (5 a layer). The small
+// per step and meet at a barrier after each phase whose output every thread reads (5 a layer; 7 where attention
+// runs in parts, attention.cpp's plan_attention). The small
 // per-row work is split or duplicated so that no phase needs more: every thread keeps its own copy of the
 // residual stream and normalizes it itself (a few KiB); each matmul is split by weight rows, SwiGLU rides
 // with its gate/up slice, RoPE + store + attention is split by (sequence, KV head). Same arithmetic as
@@ -189,7 +190,8 @@ at::Tensor DecodeLayers::forward(const at::Tensor& x, const at::Tensor& cos, con
       matmul_end();
       if (tid == 0) t0 = clock::now();
       if (parted) {  // a part reads other sequences' queries and rows: every RoPE + store first, the merge last
-        for (int64_t t = ta; t < tb; ++t) rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
+        for (int64_t t = ta; t < tb; ++t)
+          rope_store_task(pg, qkv, nqkv, cp, snp, sp, q, k_[l], v_[l], t / KVH_, t % KVH_);
         barrier();
         for (int64_t p = pa; p < pb; ++p) {
           if (p + 1 < pb) prefetch_part(pg, plan, p + 1, k_[l], v_[l]);

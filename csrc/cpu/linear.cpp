@@ -187,7 +187,8 @@ WeightView weight_view(const at::Tensor& w, const std::optional<at::Tensor>& sca
     const bool half = scale.has_value() && scale->scalar_type() == at::kHalf;
     TORCH_CHECK((q4 || w.scalar_type() == at::kChar) && w.device().is_cpu() && w.is_contiguous() &&
                     w.size(2) == (q4 ? 128 : 256) && scale.has_value() &&
-                    (scale->scalar_type() == at::kFloat || (half && (q4 || scale->size(2) == 2))) && scale->dim() == 4 &&
+                    (scale->scalar_type() == at::kFloat || (half && (q4 || scale->size(2) == 2))) &&
+                    scale->dim() == 4 &&
                     scale->size(0) == w.size(0) && scale->size(1) == w.size(1) && scale->size(3) == 8 &&
                     (scale->size(2) == 2 || (!q4 && scale->size(2) == 4)) && scale->is_contiguous() &&
                     scale->device().is_cpu(),
