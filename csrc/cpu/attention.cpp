@@ -274,6 +274,21 @@ inline void for_each_row(const Paged& pg, int64_t s, int64_t kh, int64_t lo, int
   }
 }
 
+// rows [lo, end) of sequence s's context in KV head kh, K and V, into L2 (SOT_NO_TASK_PREFETCH=1: not, for A/B runs)
+void prefetch_rows(const Paged& pg, const void* kp, const void* vp, int64_t s, int64_t kh, int64_t lo, int64_t end) {
+#if defined(SOT_SIMD_VECTOR)
+  static const bool off = std::getenv("SOT_NO_TASK_PREFETCH") != nullptr;
+  if (off) return;
+  const int64_t es = pg.bf16 ? 2 : 4, row = pg.D * es;
+  for_each_row(pg, s, kh, lo, end, [&](int64_t, int64_t at) {
+    prefetch_row(static_cast<const char*>(kp) + at * es, row, 1);
+    prefetch_row(static_cast<const char*>(vp) + at * es, row, 1);
+  });
+#else
+  (void)pg, (void)kp, (void)vp, (void)s, (void)kh, (void)lo, (void)end;
+#endif
+}
+
 // Every row sees every key of the span
 struct AllVisible {
   int64_t n;
@@ -483,10 +498,10 @@ std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>>
   pg.max_blocks = pg.tables.size(1);
   const AttnPlan plan = plan_attention(pg, static_cast<int>(threads));
   std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>>> out;
+  if (!plan.active) return out;
   for (const AttnPart& a : plan.parts)
-    if (plan.active)
-      out.emplace_back(a.rep, a.kh, a.lo, a.hi,
-                       std::vector<int64_t>(plan.members.begin() + a.m0, plan.members.begin() + a.m0 + a.nm));
+    out.emplace_back(a.rep, a.kh, a.lo, a.hi,
+                     std::vector<int64_t>(plan.members.begin() + a.m0, plan.members.begin() + a.m0 + a.nm));
   return out;
 }
 
@@ -521,34 +536,16 @@ void merge_task(const Paged& pg, const AttnPlan& plan, int64_t t, const float* p
 }
 
 void prefetch_part(const Paged& pg, const AttnPlan& plan, int64_t p, const void* kp, const void* vp) {
-#if defined(SOT_SIMD_VECTOR)
-  static const bool off = std::getenv("SOT_NO_TASK_PREFETCH") != nullptr;
-  if (off || p >= static_cast<int64_t>(plan.parts.size())) return;
+  if (p >= static_cast<int64_t>(plan.parts.size())) return;
   const AttnPart& a = plan.parts[p];
-  const int64_t es = pg.bf16 ? 2 : 4, row = pg.D * es;
-  for_each_row(pg, a.rep, a.kh, a.lo, a.hi, [&](int64_t, int64_t at) {
-    prefetch_row(static_cast<const char*>(kp) + at * es, row, 1);
-    prefetch_row(static_cast<const char*>(vp) + at * es, row, 1);
-  });
-#else
-  (void)pg, (void)plan, (void)p, (void)kp, (void)vp;
-#endif
+  prefetch_rows(pg, kp, vp, a.rep, a.kh, a.lo, a.hi);
 }
 
 void prefetch_task(const Paged& pg, const void* kp, const void* vp, int64_t t, int64_t window) {
-#if defined(SOT_SIMD_VECTOR)
-  static const bool off = std::getenv("SOT_NO_TASK_PREFETCH") != nullptr;
-  if (off || t >= pg.B * pg.KVH) return;
-  const int64_t s = t / pg.KVH, kh = t % pg.KVH, len = pg.lens.data_ptr<int64_t>()[s];
-  const int64_t es = pg.bf16 ? 2 : 4, row = pg.D * es;
+  if (t >= pg.B * pg.KVH) return;
+  const int64_t s = t / pg.KVH, len = pg.lens.data_ptr<int64_t>()[s];
   // the rows attend_rows reads but the new one (stored after this)
-  for_each_row(pg, s, kh, first_visible(len, window), len - 1, [&](int64_t, int64_t at) {
-    prefetch_row(static_cast<const char*>(kp) + at * es, row, 1);
-    prefetch_row(static_cast<const char*>(vp) + at * es, row, 1);
-  });
-#else
-  (void)pg, (void)kp, (void)vp, (void)t, (void)window;
-#endif
+  prefetch_rows(pg, kp, vp, s, t % pg.KVH, first_visible(len, window), len - 1);
 }
 
 void rope_store_task(const Paged& pg, const float* qkv, int64_t ldqkv, const float* cos, const float* sin,

@@ -141,19 +141,23 @@ def pack(w: "Weight") -> "Weight":
         byte = v[..., :16] | (v[..., 16:] << 4)  # [b, r, g, 16]: weights j and 16 + j of chunk p = j // 4
         q = byte.view(b, 8, g, 4, 4).permute(0, 2, 3, 1, 4).reshape(b, g, 128)
         sm = w.scale_min.view(b, 8, 2, g).permute(0, 3, 2, 1).contiguous()
-        half = sm.half()
         # a Q4_0 / Q4_1 file's scales and mins are float16: kept so, a step reads 1 / 9 fewer bytes (Q4_K's products
         # of two scales are not, and stay float32)
-        return PackedWeight(q.contiguous(), half if torch.equal(half.float(), sm) else sm)
+        return PackedWeight(q.contiguous(), _float16_if_exact(sm))
     q = w.q.view(b, 8, g, 8, 4).permute(0, 2, 3, 1, 4).reshape(b, g, 256)
     halves = w.scale.shape[1] // g  # 1: a scale per 32, 2: per 16
     scale = w.scale.view(b, 8, g, halves).permute(0, 2, 3, 1)
     sums = w.q.view(b, 8, g, halves, 32 // halves).sum(-1, dtype=torch.int32).float().permute(0, 2, 3, 1)
     both = torch.cat([scale, sums], dim=2).contiguous()
-    half = both.half()
     # a Q8_0 file's scales are float16, and so is a group's weight sum (an integer, at most 32 * 127) in practice
     # (any within 2048 is): kept so, a step reads 1 / 10 fewer bytes of such a matrix (per 16, Q6_K, stays float32)
-    return PackedWeight(q.contiguous(), half if halves == 1 and torch.equal(half.float(), both) else both)
+    return PackedWeight(q.contiguous(), _float16_if_exact(both) if halves == 1 else both)
+
+
+def _float16_if_exact(t: torch.Tensor) -> torch.Tensor:
+    """t as float16 where every value is a float16 value (the packed kernels widen them exactly), else t."""
+    half = t.half()
+    return half if torch.equal(half.float(), t) else t
 
 
 @dataclass(frozen=True, slots=True)

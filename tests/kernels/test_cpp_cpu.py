@@ -480,20 +480,25 @@ def random_model(heads: int, kvh: int, d: int, storage: str | None, seed: int, h
     return LlamaModel(cfg, w, backend, storage)
 
 
+def decode_meta(tables: torch.Tensor, lens: list[int], bs: int):
+    """A decode step's metadata over these block tables: one new token per sequence, at position lens[s] - 1."""
+    from sot_engine.engine.model import AttnMetadata
+    ctx = torch.tensor(lens)
+    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
+    return AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
+                        cu_seqlens_q=None, logits_indices=torch.arange(len(lens)), max_context_len=max(lens))
+
+
 def decode_step_inputs(lens: list[int], kvh: int, d: int, seed: int, pool: torch.dtype = torch.float32, bs: int = 4):
     """A decode step for random_model: its 3 layers' K/V pools (random, each sequence's blocks scattered, none
-    shared), the batch's metadata (one new token per sequence, at position lens[s] - 1), token ids and positions."""
-    from sot_engine.engine.model import AttnMetadata
+    shared), the batch's metadata (decode_meta), token ids and positions."""
     b, g = len(lens), torch.Generator().manual_seed(seed)
     n = b * 16 + 3
     kv = [(torch.randn(n, bs, kvh, d, generator=g).to(pool), torch.randn(n, bs, kvh, d, generator=g).to(pool))
           for _ in range(3)]
     tables = torch.randperm(n, generator=g)[:b * 16].view(b, 16)
-    ctx = torch.tensor(lens)
-    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
-    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
-                        cu_seqlens_q=None, logits_indices=torch.arange(b), max_context_len=max(lens))
-    return kv, meta, torch.randint(0, 97, (b,), generator=g), ctx - 1
+    meta = decode_meta(tables, lens, bs)
+    return kv, meta, torch.randint(0, 97, (b,), generator=g), meta.context_lens - 1
 
 
 def fused_and_loop(model, lens: list[int], kvh: int, d: int, seed: int, pool: torch.dtype = torch.float32):
@@ -550,17 +555,14 @@ def test_decode_layers_match_the_layer_loop(storage, heads, kvh, d, lens, hidden
 def test_decode_layers_with_shared_prefixes_and_long_contexts_match_torch(lens, groups):
     """The fused loop's parted attention (shared prefixes once per group, a lone long context in chunks, every
     RoPE + store before and the merge after) == the torch backend's layer loop, an independent oracle."""
-    from sot_engine.engine.model import AttnMetadata
     heads, kvh, d, bs = 9, 3, 16, 16
     model = random_model(heads, kvh, d, None, seed=5, max_positions=1024)
     tables, total = shared_tables(lens, groups, bs, seed=11)
     g = torch.Generator().manual_seed(3)
     kv = [(torch.randn(total, bs, kvh, d, generator=g), torch.randn(total, bs, kvh, d, generator=g))
           for _ in range(3)]
-    ctx = torch.tensor(lens)
-    slots = tables.gather(1, ((ctx - 1) // bs)[:, None])[:, 0] * bs + (ctx - 1) % bs
-    meta = AttnMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=ctx,
-                        cu_seqlens_q=None, logits_indices=torch.arange(len(lens)), max_context_len=max(lens))
+    meta = decode_meta(tables, lens, bs)
+    ctx = meta.context_lens
     ids, pos = torch.randint(0, 97, (len(lens),), generator=g), ctx - 1
     assert len(_cpp.attention_plan(tables, ctx, bs, kvh, heads, torch.get_num_threads())) > len(lens) * kvh or \
         torch.get_num_threads() == 1
