@@ -352,11 +352,12 @@ constexpr auto kHint = SOT_PACKED_HINT;
       if constexpr (Q4) {                                                                                             \
         const uint8_t* p = q + g * 128;                                                                               \
         for (int l = 0; l < 128; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPackedAhead + l, kHint);   \
-        for (int c = 0; c < 4; ++c) {                                                                                 \
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));                          \
-          wv[c] = _mm256_and_si256(v, low4);                                                                          \
-          wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                                                \
-        }                                                                                                             \
+        if constexpr (VNNI) /* AVX2 (16 registers) unpacks each chunk as it multiplies it, below */                   \
+          for (int c = 0; c < 4; ++c) {                                                                               \
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));                        \
+            wv[c] = _mm256_and_si256(v, low4);                                                                        \
+            wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                                              \
+          }                                                                                                           \
       } else {                                                                                                        \
         const uint8_t* p = q + g * 256;                                                                               \
         for (int l = 0; l < 256; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPackedAhead + l, kHint);   \
@@ -383,6 +384,20 @@ constexpr auto kHint = SOT_PACKED_HINT;
       __m256i s0[MR], s1[MR];                                                                                         \
       for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm256_setzero_si256();                                            \
       const int8_t* xg = (VNNI && !Q4 ? reinterpret_cast<const int8_t*>(a.u) : a.q) + m0 * K + g * kGroup;            \
+      if constexpr (!VNNI && Q4) { /* int16 sums: 8 pairs of at most 2 * 15 * 127 */                                 \
+        /* a chunk's two halves unpacked, multiplied by every row, dropped: 8 rows' sums fit in the 16 registers */   \
+        for (int c = 0; c < 4; ++c) {                                                                                 \
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 128 + 32 * c));               \
+          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);         \
+          for (int i = 0; i < MR; ++i) {                                                                              \
+            int32_t w0, w1;                                                                                           \
+            std::memcpy(&w0, xg + i * K + 4 * c, 4);                                                                  \
+            std::memcpy(&w1, xg + i * K + 16 + 4 * c, 4);                                                             \
+            s0[i] = _mm256_add_epi16(s0[i], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(w0)));                         \
+            s0[i] = _mm256_add_epi16(s0[i], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(w1)));                         \
+          }                                                                                                           \
+        }                                                                                                             \
+      } else                                                                                                          \
       for (int c = 0; c < 8; ++c)                                                                                     \
         for (int i = 0; i < MR; ++i) {                                                                                \
           int32_t word;                                                                                               \
@@ -391,8 +406,6 @@ constexpr auto kHint = SOT_PACKED_HINT;
           __m256i& s = (F == kP8H && c >= 4) ? s1[i] : s0[i];                                                         \
           if constexpr (VNNI) {                                                                                       \
             s = Q4 ? _mm256_dpbusd_epi32(s, wv[c], xb) : _mm256_dpbusd_epi32(s, xb, wv[c]);                           \
-          } else if constexpr (Q4) { /* int16 sums: 8 pairs of at most 2 * 15 * 127 */                               \
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], xb));                                                 \
           } else {                                                                                                    \
             s = _mm256_add_epi32(s, _mm256_madd_epi16(                                                                \
                 _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(wv[c], xb)), ones));                  \
@@ -454,7 +467,9 @@ void rows_fmt(int isa, const Act& a, int64_t M, const Rows& w, int64_t n0, int64
 #if defined(SOT_INT8_VNNI)
     if (isa == kAvx512Vnni) return packed_vector<8, F, true>(a, M, w, n0, n1, out, ldo);
 #endif
-    if (isa == kAvx2) return packed_vector<4, F, false>(a, M, w, n0, n1, out, ldo);
+    // AVX2: 8 rows a tile for 4-bit weights (their chunks unpacked as multiplied: ~25% faster than 4 on Zen 3),
+    // 4 for int8 ones (the sign trick's registers)
+    if (isa == kAvx2) return packed_vector<four_bit(F) ? 8 : 4, F, false>(a, M, w, n0, n1, out, ldo);
 #endif
     (void)isa;
     return packed_scalar<F>(a, M, w, n0, n1, out, ldo);

@@ -170,9 +170,10 @@ def test_int8_sums_beyond_float16_keep_float32():
 
 @needs_cpp
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("m, n, k", [(1, 16, 32), (3, 48, 256), (8, 32, 576), (16, 16, 96)])
+@pytest.mark.parametrize("m, n, k", [(1, 16, 32), (3, 48, 256), (8, 32, 576), (15, 32, 160), (16, 16, 96)])
 def test_packed_kernels(isa, kind, m, n, k):
-    """Unit scales first (the integer part, ==), then real ones against the float64 oracle."""
+    """Unit scales first (the integer part, ==), then real ones against the float64 oracle. 15 rows: a tile of 8, 4, 2
+    and 1 (AVX2 4-bit; 4, 2 and 1 otherwise)."""
     g = torch.Generator().manual_seed(m * n + k)
     xi = torch.randint(-127, 128, (m, k), generator=g)
     xi.view(m, -1, 32)[:, :, 0] = 127
