@@ -15,12 +15,17 @@ from benchmarks import common
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def machine(env: dict) -> str:
+    """The device, with the CPU's vector instructions where the run recorded them."""
+    return env["device"] + (f" ({env['cpu_isa']})" if env.get("cpu_isa") else "")
+
+
 def decode_cpu_table(path: Path) -> str:
     d = json.loads(path.read_text())
     env = d["env"]
     rows = d["rows"]
     lc = {r["batch"]: r["ms_per_step"] for r in rows if r.get("backend") == "llama.cpp"}
-    lines = [f"CPU decode, {d['model']}, fp32 activations, {env['device']}, {env['threads']} threads, "
+    lines = [f"CPU decode, {d['model']}, fp32 activations, {machine(env)}, {env['threads']} threads, "
              f"torch {env['torch']}, {env['date']} (`python -m benchmarks.decode_cpu"
              f"{' --llama-cpp' if lc else ''}`); weights: storage of the matrices (bf16; int8 with a scale per 32 "
              "weights; bf16-matmul: bf16 weights and activations rounded to bf16 in the matmuls, on AMX where the CPU "
@@ -74,7 +79,7 @@ def sot_table(path: Path) -> str:
     head = (f"End-to-end SoT ({d['mode']} mode, {d['expansion']} expansion) vs normal decoding on {d['dataset']}, "
             f"{d['model']} {d['dtype'].replace('torch.', '')}"
             + "".join(f", {k.lstrip('-')} {v}" for k, v in narrow)
-            + f", {env['device']}, {env['threads']} threads, "
+            + f", {machine(env)}, {env['threads']} threads, "
             f"{env['date']}; greedy, normal capped at {cfg['normal_max_tokens']} tokens, points at "
             f"{cfg['point_max_tokens']} (`sot bench --dataset {d['dataset']} "
             f"--normal-max-tokens {cfg['normal_max_tokens']}"
@@ -138,7 +143,7 @@ def sot_comparison_table(paths: list[Path]) -> str:
             + (f", at most {cap} sentences" if cap else "")
         router = d.get("router") or "rules"  # runs before the trained router had the rules
         model = d.get("model", "SmolLM2 135M").replace("Smollm2 135M 8k Lc100K Mix1 Ep2", "SmolLM2 135M")
-        lines.append(f"| {d['env']['date']} | {d['env']['device']} | {model} | {prec} | {router} | {sk} "
+        lines.append(f"| {d['env']['date']} | {machine(d['env'])} | {model} | {prec} | {router} | {sk} "
                      f"| {suited['sot_used']}/{suited['n']} | {allq['sot_used']}/{allq['n']} | {suited['fallbacks']} | {allq['points_per_skeleton']:.1f} | {allq['empty_points']} "
                      f"| {100 * d['points_with_sentence']:.0f}% "
                      f"| {suited['speedup']:.2f}x | {ran['speedup']:.2f}x | {allq['speedup']:.2f}x "
@@ -171,7 +176,7 @@ def _env_line(env: dict) -> str:
     soft = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("triton") else "")
     n = env["threads"]
     threads = f", {n} thread{'s' * (n != 1)}" if env["device_type"] == "cpu" else ""
-    return f"{env['device']}{threads}, {soft}, {env['date']}"
+    return f"{machine(env)}{threads}, {soft}, {env['date']}"
 
 
 def _f(x, fmt: str, suffix: str = "") -> str:
@@ -348,15 +353,17 @@ def render() -> str:
     runs.sort(key=lambda p: (json.loads(p.read_text())["env"]["date"], p.stem))
     if runs:
         parts.append(sot_comparison_table(runs))
-    # the per-category tables of the newest runs with the grammar (and of the continuation run)
+    # the per-category tables of the newest runs with the grammar (the default fp32, Gemma, gguf on each machine kind;
+    # and the continuation run)
     latest = [p for p in runs if json.loads(p.read_text())["config"].get("constrained_skeleton")]
-    parts += [sot_table(p) for p in latest[-3:]]
+    parts += [sot_table(p) for p in latest[-4:]]
     parts += [sot_table(p) for p in sorted((common.RESULTS / "cpu").glob("sot_vicuna80_auto_continuation*.json"))]
     if (common.RESULTS / "router_agreement.json").exists():
         parts.append(router_table(common.RESULTS / "router_agreement.json"))
-    p = common.RESULTS / "cpu" / "decode_cpu.json"
-    if p.exists():
-        parts.append(decode_cpu_table(p))
+    # the main machine's table, then an AVX2-only machine's (what CI's other CPU kind runs)
+    for p in (common.RESULTS / "cpu" / "decode_cpu.json", common.RESULTS / "cpu" / "decode_cpu_avx2_zen3.json"):
+        if p.exists():
+            parts.append(decode_cpu_table(p))
     p = common.RESULTS / "cpu" / "attention_cpu.json"
     if p.exists():
         parts.append(attention_cpu_table(p))

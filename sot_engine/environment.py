@@ -19,6 +19,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown cpu"
 
 
+def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The widest vector instructions the CPU has, as the kernels dispatch on them (two machines both named
+    "AMD EPYC" may be a Zen 3 with AVX2 only and a Zen 4 with AVX-512 VNNI)."""
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in open(cpuinfo) if line.startswith("flags")), set())
+    except OSError:
+        return None
+    if "avx512f" in flags:
+        isa = "AVX-512" + (" VNNI" if "avx512_vnni" in flags else "")
+        return isa + (", AMX" if "amx_tile" in flags else "")
+    return "AVX2" if "avx2" in flags else None
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
@@ -39,4 +52,5 @@ def environment(device: torch.device) -> dict:
         "triton": version("triton"),
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
+        **({"cpu_isa": cpu_isa()} if device.type == "cpu" else {}),
     }
