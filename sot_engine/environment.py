@@ -9,23 +9,22 @@ import platform
 import torch
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str, path: str = "/proc/cpuinfo") -> str | None:
+    """The first `field` line's value in /proc/cpuinfo (None: no such line, or no such file)."""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return next((line.split(":", 1)[1].strip() for line in open(path) if line.startswith(field)), None)
     except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
+        return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown cpu"
 
 
 def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The widest vector instructions the CPU has, as the kernels dispatch on them (two machines both named
     "AMD EPYC" may be a Zen 3 with AVX2 only and a Zen 4 with AVX-512 VNNI)."""
-    try:
-        flags = next((set(line.split(":", 1)[1].split()) for line in open(cpuinfo) if line.startswith("flags")), set())
-    except OSError:
-        return None
+    flags = set((_cpuinfo("flags", cpuinfo) or "").split())
     if "avx512f" in flags:
         isa = "AVX-512" + (" VNNI" if "avx512_vnni" in flags else "")
         return isa + (", AMX" if "amx_tile" in flags else "")
