@@ -28,7 +28,8 @@
 // do the same with their scales and weight sums where those are float16 values (kP8F16: a Q8_0 file's scales; any
 // sum within +-2048): 288 bytes instead of 320.
 // VNNI multiplies int8 weights as (x + 128) . w (x's bytes xor 0x80: unsigned) minus 128 times the group's weight sum,
-// stored beside the scales; AVX2 keeps the sign trick. 4-bit values sum as int16 across a group on AVX2 (8 pairs of
+// stored beside the scales; AVX2 keeps the sign trick, with |x| from the quantizer (Act::u: one vpabsb a group and
+// row instead of one per block of 8 weight rows, ~5% of an int8 matmul at batch 8 on Zen 3). 4-bit values sum as int16 across a group on AVX2 (8 pairs of
 // at most 2 * 15 * 127 stay below 2^15).
 //
 // The instruction set is picked at run time (int8_isa), up to the variant's (target.h: the avx512 variant compiles
@@ -104,7 +105,9 @@ struct Act {
   const float* s;
   const float* sum;
   int64_t K, G;
-  const uint8_t* u;  // q xor 0x80: x + 128 as unsigned bytes (VNNI's operand against signed weights)
+  // int8 weights' unsigned operand: VNNI's x + 128 (q xor 0x80), AVX2's |x| (the sign trick's; one abs a row and
+  // group here instead of one per weight row block)
+  const uint8_t* u;
 };
 
 // A run of weight rows: row n's values at data + n * row_bytes, its float32 scales at scale + n * scale_row
@@ -351,14 +354,14 @@ constexpr auto kHint = SOT_PACKED_HINT;
       const uint8_t* p = q + g * kWeightBytes;                                                                        \
       for (int l = 0; l < kWeightBytes; l += 64)                                                                      \
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPackedAhead + l, kHint);                                     \
-      __m256i wv[8]; /* AVX2 4-bit: none, each chunk unpacked as it is multiplied, below */                           \
+      __m256i wv[8]; /* AVX2: none, each chunk loaded (unpacked) as it is multiplied, below */                         \
       if constexpr (Q4 && VNNI)                                                                                       \
         for (int c = 0; c < 4; ++c) {                                                                                 \
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));                         \
           wv[c] = _mm256_and_si256(v, low4);                                                                          \
           wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                                                \
         }                                                                                                             \
-      else if constexpr (!Q4)                                                                                         \
+      else if constexpr (VNNI)                                                                                        \
         for (int c = 0; c < 8; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));         \
       /* the scales' bytes as far ahead (in groups) as the weights' */                                                \
       const char* sgb = static_cast<const char*>(sc) + g * kScaleBytes;                                               \
@@ -381,6 +384,7 @@ constexpr auto kHint = SOT_PACKED_HINT;
       __m256i s0[MR], s1[MR];                                                                                         \
       for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm256_setzero_si256();                                            \
       const int8_t* xg = (VNNI && !Q4 ? reinterpret_cast<const int8_t*>(a.u) : a.q) + m0 * K + g * kGroup;            \
+      const uint8_t* ug = a.u + m0 * K + g * kGroup; /* AVX2: |x| */                                                  \
       if constexpr (!VNNI && Q4) { /* int16 sums: 8 pairs of at most 2 * 15 * 127 */                                 \
         /* a chunk's two halves unpacked, multiplied by every row, dropped: 8 rows' sums fit in the 16 registers */   \
         for (int c = 0; c < 4; ++c) {                                                                                 \
@@ -394,6 +398,18 @@ constexpr auto kHint = SOT_PACKED_HINT;
             s0[i] = _mm256_add_epi16(s0[i], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(w1)));                         \
           }                                                                                                           \
         }                                                                                                             \
+      } else if constexpr (!VNNI) { /* int8: |x| . (w sign(x)), |x| from the quantizer; a chunk at a time too */      \
+        for (int c = 0; c < 8; ++c) {                                                                                 \
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));                         \
+          for (int i = 0; i < MR; ++i) {                                                                              \
+            int32_t xw, uw;                                                                                           \
+            std::memcpy(&xw, xg + i * K + 4 * c, 4);                                                                  \
+            std::memcpy(&uw, ug + i * K + 4 * c, 4);                                                                  \
+            __m256i& s = (F == kP8H && c >= 4) ? s1[i] : s0[i];                                                       \
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(                                                                \
+                _mm256_maddubs_epi16(_mm256_set1_epi32(uw), _mm256_sign_epi8(v, _mm256_set1_epi32(xw))), ones));      \
+          }                                                                                                           \
+        }                                                                                                             \
       } else                                                                                                          \
       for (int c = 0; c < 8; ++c)                                                                                     \
         for (int i = 0; i < MR; ++i) {                                                                                \
@@ -401,12 +417,7 @@ constexpr auto kHint = SOT_PACKED_HINT;
           std::memcpy(&word, xg + i * K + 4 * c, 4);                                                                  \
           const __m256i xb = _mm256_set1_epi32(word);                                                                 \
           __m256i& s = (F == kP8H && c >= 4) ? s1[i] : s0[i];                                                         \
-          if constexpr (VNNI) {                                                                                       \
-            s = Q4 ? _mm256_dpbusd_epi32(s, wv[c], xb) : _mm256_dpbusd_epi32(s, xb, wv[c]);                           \
-          } else {                                                                                                    \
-            s = _mm256_add_epi32(s, _mm256_madd_epi16(                                                                \
-                _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(wv[c], xb)), ones));                  \
-          }                                                                                                           \
+          s = Q4 ? _mm256_dpbusd_epi32(s, wv[c], xb) : _mm256_dpbusd_epi32(s, xb, wv[c]);                             \
         }                                                                                                             \
       for (int i = 0; i < MR; ++i) {                                                                                  \
         __m256i t0 = s0[i], t1 = s1[i];                                                                               \
@@ -465,7 +476,7 @@ void rows_fmt(int isa, const Act& a, int64_t M, const Rows& w, int64_t n0, int64
     if (isa == kAvx512Vnni) return packed_vector<8, F, true>(a, M, w, n0, n1, out, ldo);
 #endif
     // AVX2: 8 rows a tile for 4-bit weights (their chunks unpacked as multiplied: ~1.2x faster than 4 on Zen 3),
-    // 4 for int8 ones (the sign trick's registers)
+    // 4 for int8 ones (8 measured no faster there)
     if (isa == kAvx2) return packed_vector<four_bit(F) ? 8 : 4, F, false>(a, M, w, n0, n1, out, ldo);
 #endif
     (void)isa;
@@ -501,13 +512,13 @@ void rows_isa(int isa, const Act& a, int64_t M, const WeightView& wv, int64_t n0
 
 // One group of 32: what weights.quantize_activations_int8 computes: scale amax / 127, values round(x * (127 / amax))
 // clamped to +-127, half to even (the default rounding mode); an all-zero group stays zero with scale 0. Returns the
-// sum of the values; u (if given) gets them xor 0x80.
-int32_t quantize_group_scalar(const float* v, int8_t* q, uint8_t* u, float inv) {
+// sum of the values; u (if given) gets Act::u's operand for the ISA: |q| on AVX2, q xor 0x80 on VNNI.
+int32_t quantize_group_scalar(const float* v, int8_t* q, uint8_t* u, float inv, int isa) {
   int32_t sum = 0;
   for (int64_t k = 0; k < kGroup; ++k) {
     q[k] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, v[k] * inv))));
     sum += q[k];
-    if (u) u[k] = static_cast<uint8_t>(q[k]) ^ 0x80;
+    if (u) u[k] = isa == kAvx2 ? static_cast<uint8_t>(std::abs(q[k])) : static_cast<uint8_t>(q[k]) ^ 0x80;
   }
   return sum;
 }
@@ -525,7 +536,8 @@ __attribute__((target(SOT_AVX2))) float amax_avx2(const float* v) {
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
-__attribute__((target(SOT_AVX2))) int32_t quantize_group_avx2(const float* v, int8_t* q, uint8_t* u, float inv) {
+__attribute__((target(SOT_AVX2))) int32_t quantize_group_avx2(const float* v, int8_t* q, uint8_t* u, float inv,
+                                                              int isa) {
   const __m256 s = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
   __m256i r[4];
   for (int j = 0; j < 4; ++j)
@@ -539,16 +551,18 @@ __attribute__((target(SOT_AVX2))) int32_t quantize_group_avx2(const float* v, in
       _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3])),
       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), b);
-  if (u) _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), _mm256_xor_si256(b, _mm256_set1_epi8(char(0x80))));
+  if (u)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u),
+                        isa == kAvx2 ? _mm256_abs_epi8(b) : _mm256_xor_si256(b, _mm256_set1_epi8(char(0x80))));
   return _mm_cvtsi128_si32(h);
 }
 #endif
 
 void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum,
-                        uint8_t* xu = nullptr) {
+                        int isa, uint8_t* xu = nullptr) {
   const int64_t G = K / kGroup;
 #if defined(SOT_X86)
-  const bool vec = current_isa().load() >= kAvx2;
+  const bool vec = isa >= kAvx2;
 #else
   const bool vec = false;
 #endif
@@ -567,10 +581,10 @@ void quantize_rows_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int8_
       int32_t sum;
 #if defined(SOT_X86)
       if (vec)
-        sum = quantize_group_avx2(v, xq + at, xu ? xu + at : nullptr, inv);
+        sum = quantize_group_avx2(v, xq + at, xu ? xu + at : nullptr, inv, isa);
       else
 #endif
-        sum = quantize_group_scalar(v, xq + at, xu ? xu + at : nullptr, inv);
+        sum = quantize_group_scalar(v, xq + at, xu ? xu + at : nullptr, inv, isa);
       xs[m * G + g] = s;
       xsum[m * G + g] = s * static_cast<float>(sum);
     }
@@ -581,11 +595,11 @@ struct ActBuffers {
   std::vector<int8_t> q;
   std::vector<uint8_t> u;
   std::vector<float> s, sum;
-  Act quantize(const float* x, int64_t ldx, int64_t M, int64_t K) {
+  Act quantize(const float* x, int64_t ldx, int64_t M, int64_t K, int isa) {
     const int64_t G = K / kGroup;
     if (static_cast<int64_t>(q.size()) < M * K) q.resize(M * K), u.resize(M * K);
     if (static_cast<int64_t>(s.size()) < M * G) s.resize(M * G), sum.resize(M * G);
-    quantize_rows_int8(x, ldx, M, K, q.data(), s.data(), sum.data(), u.data());
+    quantize_rows_int8(x, ldx, M, K, q.data(), s.data(), sum.data(), isa, u.data());
     return {q.data(), s.data(), sum.data(), K, G, u.data()};
   }
 };
@@ -613,8 +627,9 @@ void linear_int8_rows(const float* x, int64_t ldx, const WeightView& w, float* o
                       int64_t n0, int64_t n1) {
   if (n1 <= n0 || M == 0) return;
   thread_local ActBuffers buf;  // a few KiB a thread: quantizing here is cheaper than a barrier
-  const Act a = buf.quantize(x, ldx, M, w.K);
-  rows_isa(current_isa().load(), a, M, w, n0, n1, out, ldo);
+  const int isa = current_isa().load();  // one read: the activations' operand is the kernel's
+  const Act a = buf.quantize(x, ldx, M, w.K, isa);
+  rows_isa(isa, a, M, w, n0, n1, out, ldo);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_activations(const at::Tensor& x) {
@@ -625,7 +640,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_activations(const a
   auto s = at::empty({xc.size(0), xc.size(1) / kGroup}, xc.options());
   auto sum = at::empty_like(s);
   quantize_rows_int8(xc.data_ptr<float>(), xc.size(1), xc.size(0), xc.size(1), q.data_ptr<int8_t>(),
-                     s.data_ptr<float>(), sum.data_ptr<float>());
+                     s.data_ptr<float>(), sum.data_ptr<float>(), current_isa().load());
   return {q, s, sum};
 }
 
@@ -638,8 +653,8 @@ at::Tensor run_quantized(const at::Tensor& x, const WeightView& wv) {
   // x quantized once for all threads (a prefill's rows too); the fused decode loop's threads each quantize their
   // own few rows instead (linear_int8_rows), which costs less than a barrier
   ActBuffers buf;
-  const Act a = buf.quantize(xc.data_ptr<float>(), xc.stride(0), M, wv.K);
   const int isa = current_isa().load();
+  const Act a = buf.quantize(xc.data_ptr<float>(), xc.stride(0), M, wv.K, isa);
   // >= ~32 KiB of weights a task
   const int64_t unit = wv.row_unit();  // a packed block's 8 rows go to one thread
   const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / std::max<int64_t>(1, wv.row_bytes() * unit));
