@@ -42,7 +42,7 @@ class AttnMetadata:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (float32), with llama3-style or linear scaling from the config."""
+    """Inverse frequencies (float32), with linear, llama3 or YaRN scaling from the config (the HF dict's keys)."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     sc = cfg.rope_scaling or {}
@@ -60,7 +60,33 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+    if kind == "yarn":  # YaRN (Peng et al.): interpolate the slow dims, keep the fast ones, a ramp between
+        factor, orig = sc["factor"], sc["original_max_position_embeddings"]
+        fast, slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+        def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
+            return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        lo, hi = dim_of(fast), dim_of(slow)
+        if sc.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / ((hi - lo) or 0.001)).clamp(0, 1)
+        return inv / factor * ramp + inv * (1 - ramp)
+    raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3, yarn)")
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What cos and sin are multiplied by: YaRN's attention temperature (so q.k by its square), else 1."""
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type", sc.get("type")) != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    factor = sc["factor"]
+    mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+    if sc.get("mscale") and sc.get("mscale_all_dim"):
+        return mscale(sc["mscale"]) / mscale(sc["mscale_all_dim"])
+    return mscale(1.0)
 
 
 class LlamaModel:
@@ -122,7 +148,8 @@ class LlamaModel:
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(cfg))
         dev = self.norm.device
-        self.cos, self.sin = freqs.cos().to(dev), freqs.sin().to(dev)
+        mscale = rope_attention_factor(cfg)
+        self.cos, self.sin = (freqs.cos() * mscale).to(dev), (freqs.sin() * mscale).to(dev)
         self.local_rope = None  # Gemma 3's local layers: their own RoPE base, unscaled
         if cfg.rope_local_theta is not None:
             local = torch.outer(positions, rope_inv_freq(replace(cfg, rope_theta=cfg.rope_local_theta,

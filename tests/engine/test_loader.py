@@ -183,6 +183,11 @@ def test_gguf_rope_scaling_keys(tiny_hf, tmp_path):
              lambda w: w.add_rope_scaling_factor(4.0)]
     m = load_model(str(write_gguf(tmp_path / "s.gguf", model, {}, extra=extra)))
     assert m.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    yarn = [lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN), lambda w: w.add_rope_scaling_factor(4.0),
+            lambda w: w.add_rope_scaling_orig_ctx_len(32), lambda w: w.add_rope_scaling_yarn_beta_fast(16.0)]
+    m = load_model(str(write_gguf(tmp_path / "y.gguf", model, {}, extra=yarn)))
+    assert m.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                     "beta_fast": 16.0}
 
 
 def test_llama3_rope_freqs_fit():

@@ -30,12 +30,19 @@ def engine_logits(eng: LLMEngine, prompts: list[list[int]], steps: int) -> list[
     return out
 
 
+# YaRN's original context (32) is shorter than the prompts (up to 60 + 20 tokens): both its ramp and its attention
+# factor (~1.14 at factor 4; the mscale pair's ratio below) show in the logits
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+YARN_MSCALE = YARN | {"beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False}
+
+
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}],
-                         ids=["rope", "llama3-rope"])
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                          YARN, YARN_MSCALE],
+                         ids=["rope", "llama3-rope", "yarn-rope", "yarn-mscale-rope"])
 def test_logits_match_transformers(tiny_hf, rope_scaling, tmp_path):
     hf, folder = tiny_hf
-    if rope_scaling is not None:  # same weights, llama3 RoPE scaling in both configs
+    if rope_scaling is not None:  # same weights, the same RoPE scaling in both configs
         cfg = shape("tiny", tie_word_embeddings=hf.config.tie_word_embeddings, rope_scaling=rope_scaling)
         hf = make_hf_model(cfg, seed=99)
         folder = save_hf(hf, tmp_path / "m")
@@ -52,6 +59,23 @@ def test_logits_match_transformers(tiny_hf, rope_scaling, tmp_path):
         for step, l in enumerate(logits):
             pos = len(p) - 1 + step
             assert rel_err(l, ref[pos]) < 1e-4, f"step {step}: rel err {rel_err(l, ref[pos]):.2e}"
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    YARN, YARN_MSCALE, YARN | {"attention_factor": 0.9}, YARN | {"factor": 1.0},
+    YARN | {"factor": 16.0, "original_max_position_embeddings": 256},
+    {"rope_type": "linear", "factor": 2.0}, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_tables_match_transformers(rope_scaling):
+    """Inverse frequencies and attention factor against transformers' own RoPE initializers, head_dim 64 and 128."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from sot_engine.engine.model import rope_attention_factor, rope_inv_freq
+    for head_dim, theta in ((64, 10000.0), (128, 500000.0)):
+        cfg = shape("tiny", head_dim=head_dim, rope_theta=theta, rope_scaling=rope_scaling)
+        ref, factor = ROPE_INIT_FUNCTIONS[rope_scaling["rope_type"]](LlamaConfig(**cfg.to_hf()), "cpu")
+        torch.testing.assert_close(rope_inv_freq(cfg), ref.float(), rtol=1e-6, atol=0)
+        assert rope_attention_factor(cfg) == pytest.approx(factor, rel=1e-12)
 
 
 def test_embed_matches_transformers_mean_hidden(tiny_hf):

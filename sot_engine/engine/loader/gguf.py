@@ -195,6 +195,9 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         scaling = {"rope_type": kind, "factor": float(meta("llama.rope.scaling.factor", 1.0))}
         if (o := meta("llama.rope.scaling.original_context_length")) is not None:
             scaling["original_max_position_embeddings"] = int(o)
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):  # YaRN's ramp, if set
+            if (v := meta(f"llama.rope.scaling.{key}")) is not None:
+                scaling[name] = float(v)
     elif "rope_freqs.weight" in tensors:
         freqs = gguf.quants.dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type)
         orig = meta("llama.rope.scaling.original_context_length", 8192)
