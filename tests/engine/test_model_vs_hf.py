@@ -78,6 +78,12 @@ def test_rope_tables_match_transformers(rope_scaling):
         assert rope_attention_factor(cfg) == pytest.approx(factor, rel=1e-12)
 
 
+def test_unsupported_rope_scaling_is_refused_by_name():
+    from sot_engine.engine.model import rope_inv_freq
+    with pytest.raises(ValueError, match="unsupported rope scaling 'dynamic'"):
+        rope_inv_freq(shape("tiny", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+
+
 def test_embed_matches_transformers_mean_hidden(tiny_hf):
     """`LLM.embed`: the mean over the prompt of HF's last hidden state (after the final norm), for ragged prompts
     prefilled together, and the same with a prefix of them cached (an embedding takes no cache hit)."""
