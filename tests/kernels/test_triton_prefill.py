@@ -63,6 +63,8 @@ CASES = {
     "single_block": ([3], [9], 8, 1, 64, 16, {}),
     "ragged": ([0, 37, 20, 100], [70, 5, 0, 1], 8, 2, 128, 32, {}),  # one sequence with no new tokens
     "ragged_small_tiles": ([0, 37, 20, 100], [70, 5, 0, 1], 8, 2, 128, 32, dict(block_m=64, block_n=32)),
+    # Gemma 3's 4 heads on one KV head at head_dim 256, key tiles half a page (float32 on sm_8x launches so)
+    "tiles_inside_pages": ([20, 0], [30, 7], 4, 1, 256, 32, dict(block_m=32, block_n=16)),
 }
 
 

@@ -164,12 +164,14 @@ def _launch_config(head_dim: int, group: int, block_size: int, fp32: bool,
       shared memory a block on sm_86), where those spill: 8 warps at every head_dim (4 spill at head_dim 64),
       128 x 32 tiles at head_dim 128 (48 KB: two blocks an SM on sm_86, still 128 rows a K/V read), 64 x 32
       at head_dim 256 (every 128-row tile spills); float32 (exact comparisons: it spills at any size) in
-      64 x 32 tiles with 4 warps, 72 KB of shared memory at head_dim 128 where 128 x 64 needs 160 KB.
+      64 x 32 tiles with 4 warps, 72 KB of shared memory at head_dim 128 where 128 x 64 needs 160 KB, and
+      32 x 16 at head_dim 256 (66 KB; 64 x 32 needs 136 KB), whatever the page size.
     Registers, shared memory and spills of each: `python tests/kernels/test_triton_compile.py --table`."""
     rows, keys, warps = 128, 32 if head_dim >= 256 else 64, 4 if head_dim <= 64 else 8
     if arch.is_sm8x(cap):
-        if fp32:
-            rows, keys, warps = 64, 32, 4
+        if fp32:  # exact comparisons, not speed: tiles that fit whatever the page size
+            rows, keys, warps = (32, 16, 4) if head_dim >= 256 else (64, 32, 4)
+            return max(rows, triton.next_power_of_2(group)), keys, warps
         else:
             rows, keys, warps = 64 if head_dim >= 256 else 128, 32 if head_dim >= 128 else 64, 8
     block_m = max(rows, triton.next_power_of_2(group))
