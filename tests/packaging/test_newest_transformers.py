@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,12 @@ def test_newest_transformers_and_sot_engine_in_one_process(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
+    # --system-site-packages layers over the base interpreter's packages only: where the tests run in a venv
+    # themselves, its site dirs (and their .pth files: an editable install's finder) are added after the new one's
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    Path(purelib, "_test_env.pth").write_text(
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()))
     keep = tmp_path / "keep-torch.txt"  # the newest transformers must not drag in another torch
     keep.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
     r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--upgrade", "transformers",
