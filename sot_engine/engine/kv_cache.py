@@ -9,7 +9,9 @@ Automatic prefix caching (vLLM's design): a full block whose KV is computed is r
 hash chained over its tokens and every token before it, so a later sequence starting with the same
 full blocks takes them by reference instead of prefilling them. A registered block is full and never
 written again; when its last reference goes it stays free *and* cached until an allocation needs a
-fresh block (never-cached free blocks go first, then the least recently freed cached ones).
+fresh block (never-cached free blocks go first, the most recently freed of them first: on CPU a block whose
+memory was never written costs page faults, ~20% of a 273-token SmolLM2 prefill; then the least recently freed
+cached ones).
 """
 from __future__ import annotations
 
@@ -81,8 +83,8 @@ class BlockManager:
         assert self.ref_counts[b] > 0, f"double free of block {b}"
         self.ref_counts[b] -= 1
         if self.ref_counts[b] == 0:
-            if self.block_hash[b] is None:
-                self.free_ids.append(b)
+            if self.block_hash[b] is None:  # holds nothing to keep: reused first (warm, its pages committed)
+                self.free_ids.appendleft(b)
             else:
                 self.cached_free[b] = None
 

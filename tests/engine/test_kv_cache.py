@@ -158,8 +158,9 @@ def _computed(bm: BlockManager, tokens: list[int]) -> Sequence:
 
 
 def test_cache_eviction_order_and_hits():
-    """Never-cached free blocks go first, then cached ones least recently freed first; a sequence's tail
-    block is freed before its head, so the head of a prefix outlives its tail."""
+    """Never-cached free blocks go first, the most recently freed of them first (warm, its memory committed),
+    then cached ones least recently freed first; a sequence's tail block is freed before its head, so the head
+    of a prefix outlives its tail."""
     bm = BlockManager(8, 2)
     a = _computed(bm, [1, 2, 3, 4, 5])  # blocks 0, 1 full and registered, 2 partial
     assert a.block_table == [0, 1, 2] and len(bm.cached) == 2
@@ -169,7 +170,7 @@ def test_cache_eviction_order_and_hits():
     e = Sequence(list(range(30, 36)), SamplingParams())
     bm.allocate(b)
     bm.allocate(e)
-    assert b.block_table + e.block_table == [3, 4, 5, 6, 7, 2], "a cached block was taken before an uncached one"
+    assert b.block_table + e.block_table == [2, 3, 4, 5, 6, 7], "a cached block was taken before an uncached one"
     assert len(bm.cached) == 2
     d = Sequence([40, 41], SamplingParams())
     bm.allocate(d)
