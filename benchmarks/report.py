@@ -80,12 +80,15 @@ def sot_table(path: Path) -> str:
             f"{d['model']} {d['dtype'].replace('torch.', '')}"
             + "".join(f", {k.lstrip('-')} {v}" for k, v in narrow)
             + f", {machine(env)}, {env['threads']} threads, "
-            f"{env['date']}; greedy, normal capped at {cfg['normal_max_tokens']} tokens, points at "
+            f"{env['date']}; greedy, "
+            + ("each answer timed warm, right after an SoT answer to an unrelated question (the templates' prefix "
+               "cached, as in a running server), " if d.get("warm") else "")
+            + f"normal capped at {cfg['normal_max_tokens']} tokens, points at "
             f"{cfg['point_max_tokens']} (`sot bench --dataset {d['dataset']} "
             f"--normal-max-tokens {cfg['normal_max_tokens']}"
             + (f" --expansion {d['expansion']}" if d["expansion"] != "paper" else "")
             + (f" --categories {' '.join(d['categories'])}" if d.get("categories") else "")
-            + "".join(f" {k} {v}" for k, v in narrow) + "`):")
+            + "".join(f" {k} {v}" for k, v in narrow) + (" --warm" if d.get("warm") else "") + "`):")
     return head + "\n\n" + d["table"]
 
 
@@ -124,11 +127,13 @@ def sot_comparison_table(paths: list[Path]) -> str:
              "skeleton had too few usable points, so the question paid the skeleton and then decoded normally. "
              "*Points opening with a whole sentence*: expansions whose text starts with a complete sentence of 4+ "
              "words (the rest are empty, cut mid-clause like \"The answer to this question is\", or a fragment). "
-             "*Speed-up*: mean normal latency / mean SoT latency.", "",
-             "| date | machine | model | precision | router | skeleton, points | SoT ran: SoT-suited | all 80 | fell back (SoT-suited) "
+             "*Speed-up*: mean normal latency / mean SoT latency. *Prefix cache*: none, each answer alone (as the "
+             "paper measures), or warm (`--warm`: each answer right after an SoT answer to an unrelated question, "
+             "the templates' prefix cached, as in a running server).", "",
+             "| date | machine | model | precision | prefix cache | router | skeleton, points | SoT ran: SoT-suited | all 80 | fell back (SoT-suited) "
              "| points per skeleton | empty points | points opening with a whole sentence | speed-up SoT-suited "
              "| where SoT ran | all | tokens SoT-suited: normal / SoT |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for path in paths:
         d = _sot_run(path)
         cfg, sm = d["config"], d["summary"]
@@ -143,7 +148,8 @@ def sot_comparison_table(paths: list[Path]) -> str:
             + (f", at most {cap} sentences" if cap else "")
         router = d.get("router") or "rules"  # runs before the trained router had the rules
         model = d.get("model", "SmolLM2 135M").replace("Smollm2 135M 8k Lc100K Mix1 Ep2", "SmolLM2 135M")
-        lines.append(f"| {d['env']['date']} | {machine(d['env'])} | {model} | {prec} | {router} | {sk} "
+        cache = "warm" if d.get("warm") else "none"
+        lines.append(f"| {d['env']['date']} | {machine(d['env'])} | {model} | {prec} | {cache} | {router} | {sk} "
                      f"| {suited['sot_used']}/{suited['n']} | {allq['sot_used']}/{allq['n']} | {suited['fallbacks']} | {allq['points_per_skeleton']:.1f} | {allq['empty_points']} "
                      f"| {100 * d['points_with_sentence']:.0f}% "
                      f"| {suited['speedup']:.2f}x | {ran['speedup']:.2f}x | {allq['speedup']:.2f}x "

@@ -160,14 +160,24 @@ def _commit() -> str | None:
         return None
 
 
+# `sot bench --warm`'s unrelated question (not in Vicuna-80): answered before each timed answer
+WARM_QUESTION = "How do bees make honey?"
+
+
 def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
               categories: list[str] | None = None, mode: str = "auto", name: str | None = None,
               out_dir: Path | None = None, ids: list[int] | None = None, log=print,
               on_row: Callable[[dict], None] | None = None,
-              baseline: Callable[[str], dict] | None = None) -> tuple[Path, dict]:
+              baseline: Callable[[str], dict] | None = None, warm: str | None = None) -> tuple[Path, dict]:
     """Run, write `<name>.jsonl` (a line per question) and `<name>.json` (summary), return the summary.
     `ids`: only these question ids, in this order; `on_row`: called with each question's record once written;
-    `baseline`: another engine's normal decoding (`question -> {seconds, tokens, ...}`, llama.cpp's), timed too."""
+    `baseline`: another engine's normal decoding (`question -> {seconds, tokens, ...}`, llama.cpp's), timed too;
+    `warm`: time each answer as a running server gives it, right after an SoT answer to this unrelated question
+    (its prompts' shared prefixes, the templates and the system prompt, in the prefix cache, nothing else: the
+    cache is emptied first, so no answer reuses another answer to the same question). Needs prefix caching on;
+    None (the paper's way) needs it off: each answer costs what it costs alone."""
+    if (warm is not None) != sot.llm.engine.block_manager.enable_caching:
+        raise ValueError("warm needs an engine with prefix caching, and no warm needs one without")
     qs = load_dataset(dataset)
     if ids is not None:
         by_id = {q.id: q for q in qs}
@@ -185,20 +195,27 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     device = sot.llm.engine.device
     out_dir = out_dir or default_out_dir(device.type)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = name or f"sot_{Path(dataset).stem}_{mode}_{sot.config.expansion}"
+    name = name or f"sot_{Path(dataset).stem}_{mode}_{sot.config.expansion}" + ("_warm" if warm else "")
     jsonl = out_dir / f"{name}.jsonl"
     rows = []
     t0 = time.perf_counter()
+    def timed(text: str, m: str) -> tuple[Answer, dict, float]:
+        """An answer, the engine's work counters it spent, and this process's CPU seconds (on a shared CPU,
+        steadier than wall time for comparing runs)."""
+        if warm is not None:
+            if not sot.llm.reset_prefix_cache():
+                raise RuntimeError("a request still holds KV blocks between benchmark answers")
+            sot.answer(warm, mode="sot")
+        c, p = dict(sot.llm.engine.counters), time.process_time()
+        a = sot.answer(text, mode=m)
+        return a, _delta(c, dict(sot.llm.engine.counters)), time.process_time() - p
+
     with jsonl.open("w") as f:
         for i, q in enumerate(qs):
-            c0, p0 = dict(sot.llm.engine.counters), time.process_time()
-            normal = sot.answer(q.text, mode="normal")
-            c1, p1 = dict(sot.llm.engine.counters), time.process_time()
-            ans = sot.answer(q.text, mode=mode)
-            c2, p2 = dict(sot.llm.engine.counters), time.process_time()
-            row = _row(q, normal, ans, {"normal": _delta(c0, c1), "sot": _delta(c1, c2)})
-            # CPU seconds of this process: on a shared CPU, steadier than wall time for comparing runs
-            row["cpu_time"] = {"normal": p1 - p0, "sot": p2 - p1}
+            normal, c_normal, p_normal = timed(q.text, "normal")
+            ans, c_sot, p_sot = timed(q.text, mode)
+            row = _row(q, normal, ans, {"normal": c_normal, "sot": c_sot})
+            row["cpu_time"] = {"normal": p_normal, "sot": p_sot}
             if baseline is not None:
                 b = baseline(q.text)
                 row |= {"llama_cpp_latency": b["seconds"], "llama_cpp_tokens": b["tokens"],
@@ -219,7 +236,7 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
                "router": getattr(sot.router, "name", "rules") if mode == "auto" else None,
                "dataset": dataset, "mode": mode, "expansion": cfg.expansion, "limit": limit, "ids": ids,
                "categories": categories, "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
-               "point_prefill": cfg.prompts.point_prefill, "wall_seconds": time.perf_counter() - t0,
+               "point_prefill": cfg.prompts.point_prefill, "warm": warm, "wall_seconds": time.perf_counter() - t0,
                "summary": summary, "table": table(summary)}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -93,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--against", choices=AGAINST, default="engine",
                    help="llama.cpp: also time llama.cpp's normal decoding of each question on the same GGUF file "
                         "(greedy, the same token cap; the llamacpp extra) and report SoT against it per category")
+    b.add_argument("--warm", action="store_true",
+                   help="time each answer as a running server gives it: right after an SoT answer to an unrelated "
+                        "question (the prompt templates' prefix cached, nothing else). Default: each answer alone, "
+                        "no prefix cache (as the paper measures)")
     v = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
@@ -243,14 +247,15 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from sot_engine.sot.bench import load_dataset, run_bench
+    from sot_engine.sot.bench import WARM_QUESTION, load_dataset, run_bench
     load_dataset(args.dataset)  # a bad name fails before the model loads
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    sot = build(args, enable_prefix_caching=False)  # each question costs what it costs alone (as the paper measures)
+    # without --warm each question costs what it costs alone (as the paper measures): no prefix cache
+    sot = build(args, enable_prefix_caching=args.warm)
     path, _ = run_bench(sot, args.dataset, limit=args.limit, categories=args.categories, mode=args.mode,
                         name=args.name, out_dir=Path(args.out) if args.out else None,
-                        baseline=llama_cpp_normal(args, sot))
+                        baseline=llama_cpp_normal(args, sot), warm=WARM_QUESTION if args.warm else None)
     print(f"wrote {path.with_suffix('.jsonl')} (one line per question) and {path} (summary)")
     return 0
 

@@ -99,6 +99,36 @@ def test_bench(capsys, model, tmp_path):
     assert f"wrote {tmp_path / 't.jsonl'}" in out and "| category |" in out
 
 
+def test_bench_warm(capsys, model, tmp_path):
+    """--warm: each timed answer right after an SoT answer to an unrelated question, its prefix cache emptied first;
+    so the templates' blocks are hits, and a second answer to the same question reuses nothing of the first."""
+    from sot_engine.sot.bench import WARM_QUESTION
+    data = tmp_path / "qs.jsonl"
+    long = "Why is the sky blue in the day and red at sunset, and what does the air have to do with it? " * 3
+    data.write_text(json.dumps({"text": long, "category": "generic"}) + "\n")
+    for mode in ("sot", "normal"):
+        rc, _, _ = run(capsys, "bench", "--dataset", str(data), "--out", str(tmp_path), "--warm", "--mode", mode,
+                       *model)
+        assert rc == 0
+        stem = tmp_path / f"sot_qs_{mode}_paper_warm"
+        assert json.loads(stem.with_suffix(".json").read_text())["warm"] == WARM_QUESTION
+        row = json.loads(stem.with_suffix(".jsonl").read_text())
+        hits = {k: row["counters"][k]["prefix_cache_hit_tokens"] for k in ("normal", "sot")}
+        if mode == "sot" and row["mode"] == "sot":
+            assert hits["sot"] > 0  # the skeleton template's blocks, from the warm-up answer
+        if mode == "normal":  # the same prompt twice: the second is no warmer than the first
+            assert hits["sot"] == hits["normal"] and row["tokens"]["normal_prompt"] > hits["normal"] + 16
+
+
+def test_bench_warm_needs_prefix_caching(tiny_chat_dir, tmp_path):
+    from sot_engine.engine import LLM
+    from sot_engine.sot.bench import run_bench
+    from sot_engine.sot.driver import SoT
+    sot = SoT(LLM(str(tiny_chat_dir), enable_prefix_caching=False))
+    with pytest.raises(ValueError, match="warm needs an engine with prefix caching"):
+        run_bench(sot, "vicuna80", limit=1, out_dir=tmp_path, warm="Hi?")
+
+
 def test_empty_question(capsys, model):
     rc, out, err = run(capsys, "ask", "   ", *model)
     assert rc == 2 and out == "" and err.startswith("error: empty question")
