@@ -359,10 +359,10 @@ def render() -> str:
     runs.sort(key=lambda p: (json.loads(p.read_text())["env"]["date"], p.stem))
     if runs:
         parts.append(sot_comparison_table(runs))
-    # the per-category tables of the newest runs with the grammar (the default fp32, Gemma, gguf on each machine kind;
-    # and the continuation run)
+    # the per-category tables of the newest runs with the grammar (the default fp32, Gemma, gguf on each machine kind,
+    # gguf warm; and the continuation run)
     latest = [p for p in runs if json.loads(p.read_text())["config"].get("constrained_skeleton")]
-    parts += [sot_table(p) for p in latest[-4:]]
+    parts += [sot_table(p) for p in latest[-5:]]
     parts += [sot_table(p) for p in sorted((common.RESULTS / "cpu").glob("sot_vicuna80_auto_continuation*.json"))]
     if (common.RESULTS / "router_agreement.json").exists():
         parts.append(router_table(common.RESULTS / "router_agreement.json"))
