@@ -199,6 +199,7 @@ def run_bench(sot: SoT, dataset: str = "vicuna80", *, limit: int | None = None,
     jsonl = out_dir / f"{name}.jsonl"
     rows = []
     t0 = time.perf_counter()
+
     def timed(text: str, m: str) -> tuple[Answer, dict, float]:
         """An answer, the engine's work counters it spent, and this process's CPU seconds (on a shared CPU,
         steadier than wall time for comparing runs)."""
