@@ -12,7 +12,8 @@ import torch
 def _cpuinfo(field: str, path: str = "/proc/cpuinfo") -> str | None:
     """The first `field` line's value in /proc/cpuinfo (None: no such line, or no such file)."""
     try:
-        return next((line.split(":", 1)[1].strip() for line in open(path) if line.startswith(field)), None)
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     except OSError:
         return None
 

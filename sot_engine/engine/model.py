@@ -41,12 +41,18 @@ class AttnMetadata:
                             self.max_context_len, None)
 
 
+def rope_kind(cfg: ModelConfig) -> str:
+    """The RoPE scaling's type (the HF dict's `rope_type`, or the older `type`), "default" for none."""
+    sc = cfg.rope_scaling or {}
+    return sc.get("rope_type", sc.get("type", "default"))
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (float32), with linear, llama3 or YaRN scaling from the config (the HF dict's keys)."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     sc = cfg.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
+    kind = rope_kind(cfg)
     if kind == "default":
         return inv
     if kind == "linear":
@@ -77,9 +83,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """What cos and sin are multiplied by: YaRN's attention temperature (so q.k by its square), else 1."""
-    sc = cfg.rope_scaling or {}
-    if sc.get("rope_type", sc.get("type")) != "yarn":
+    if rope_kind(cfg) != "yarn":
         return 1.0
+    sc = cfg.rope_scaling
     if sc.get("attention_factor") is not None:
         return float(sc["attention_factor"])
     factor = sc["factor"]
